@@ -1,0 +1,34 @@
+"""Every default and limit policyd uses, in one place, each with the reason for its value."""
+
+# Replies (postfix-policy.md §B2). Postfix prefixes "<SENDER>: Sender address rejected: "
+# itself, so policyd sends only the tail and the client sees the native reply byte for byte.
+REJECT_NOT_OWNED = "553 5.7.1 not owned by user {login}"
+REJECT_NOT_LOGGED_IN = "553 5.7.1 not logged in"
+# Native Postfix answers "451 4.3.0 <SENDER>: Temporary lookup failure" when a map fails.
+# A policy reply cannot drop the "Sender address rejected: " prefix, so this is the closest.
+TEMPFAIL_ACTION = "451 4.3.0 Temporary lookup failure"
+OWNED_ACTION = "OK"
+
+# Listening. Loopback by default: the policy port carries no authentication of its own.
+LISTEN = ("inet:127.0.0.1:10040",)
+
+# Postfix closes an idle policy connection after smtpd_policy_service_max_idle (300 s) and
+# any connection after smtpd_policy_service_max_ttl (1000 s). If policyd closed first, the
+# next request on that connection would pay Postfix's 1 s retry_delay, so outlast both.
+IDLE_TIMEOUT = 1800.0
+
+# Postfix writes a whole request at once, so a request that has started but not finished
+# within this time is a broken or hostile client.
+REQUEST_TIMEOUT = 30.0
+
+# A real request is about 700 bytes and 29 attributes (reference/postfix-3.7-request.txt).
+# Postfix's own documented line limit is 4 * line_length_limit = 8192 bytes.
+MAX_LINE_BYTES = 8192
+MAX_REQUEST_BYTES = 65536
+MAX_ATTRIBUTES = 256
+
+# Postfix's recipient_delimiter as docker-mailserver sets it. Set "" when Postfix's is empty.
+RECIPIENT_DELIMITER = "+"
+
+# How often file stores look for changed files. SIGHUP reloads at once.
+RELOAD_INTERVAL = 5.0
