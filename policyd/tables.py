@@ -1,0 +1,411 @@
+"""Postfix lookup tables read the way Postfix reads them: texthash, pcre and regexp. Pure.
+
+Each parser takes the file's text and its display name and returns a table, or raises
+TableError listing every problem with ``file:line``. The rules follow Postfix's own parsers
+(util/readlline.c, dict_thash.c, dict_pcre.c, dict_regexp.c); the exceptions are named where
+they occur.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from policyd.address import fold
+
+# Owners in a lookup result are separated by commas and whitespace (smtpd_check.c, CHARS_COMMA_SP).
+_OWNER_SEPARATORS = re.compile(r"[,\s]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an ownership fact comes from: a file and line, or a built-in rule."""
+
+    source: str
+    line: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}" if self.line else self.source
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One table's answer: the logins (folded) that own the key, and the line that says so."""
+
+    owners: tuple[str, ...]
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A line Postfix would warn about or refuse."""
+
+    source: str
+    line: int
+    message: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.message}"
+
+
+class TableError(Exception):
+    """A table that cannot be used; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+def split_owners(value: str) -> tuple[str, ...]:
+    """A lookup result as folded owner names; empty tokens are ignored, as Postfix does."""
+    return tuple(sys.intern(fold(token)) for token in _OWNER_SEPARATORS.split(value) if token)
+
+
+def logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(first line number, logical line) pairs, as util/readlline.c forms them.
+
+    Blank lines and lines whose first non-blank character is ``#`` are skipped. A line that
+    starts with whitespace continues the previous logical line, even across skipped lines.
+    A trailing ``# text`` is not a comment: it is part of the value. CR before LF is dropped.
+    """
+    current: list[str] = []
+    first = 0
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r")
+        stripped = line.lstrip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace() and current:
+            current.append(line)
+            continue
+        if current:
+            yield first, "".join(current)
+        current, first = [line], number
+    if current:
+        yield first, "".join(current)
+
+
+class FixedTable:
+    """An exact-key table (texthash, or docker-mailserver's postfix-virtual.cf).
+
+    Keys are folded, like Postfix's DICT_FLAG_FOLD_FIX. Values are kept as (owners, line) and an
+    Entry is built only when a key is found, so a million-line table stays compact.
+    """
+
+    pattern = False
+
+    def __init__(self, source: str, entries: dict[str, tuple[tuple[str, ...], int]]) -> None:
+        self.source = source
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Entry | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        owners, line = found
+        return Entry(owners, Origin(self.source, line))
+
+
+def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
+    """A texthash table: ``key whitespace value``, like postmap(1) input; and its warnings.
+
+    Duplicate keys: the first entry wins and the duplicate is a warning, as smtpd sees it.
+    """
+    entries: dict[str, tuple[tuple[str, ...], int]] = {}
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    owner_lists: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for number, line in logical_lines(text):
+        key, value, error = _split_key_value(line)
+        if error:
+            problems.append(Problem(source, number, error))
+            continue
+        key = fold(key)
+        if key in entries:
+            first = entries[key][1]
+            warnings.append(
+                Problem(source, number, f'duplicate entry "{key}": line {first} wins', fatal=False)
+            )
+            continue
+        owners = split_owners(value)
+        # Many aliases share one target list; keep one copy of each (issue 5: memory).
+        owners = owner_lists.setdefault(owners, owners)
+        entries[sys.intern(key)] = (owners, number)
+    if problems:
+        raise TableError(problems)
+    return FixedTable(source, entries), warnings
+
+
+def _split_key_value(line: str) -> tuple[str, str, str]:
+    """Split at the first whitespace outside double quotes, as dict_thash.c does."""
+    if '"' not in line and "\\" not in line:
+        # The common case, at C speed: a million-line alias file must load in seconds.
+        parts = line.split(None, 1)
+        if len(parts) < 2:  # noqa: PLR2004
+            return "", "", "expected format: key whitespace value"
+        return parts[0], parts[1].strip(), ""
+    in_quotes = False
+    index = 0
+    while index < len(line):
+        ch = line[index]
+        if ch == "\\":
+            index += 1
+        elif ch.isspace() and not in_quotes:
+            break
+        elif ch == '"':
+            in_quotes = not in_quotes
+        index += 1
+    if in_quotes:
+        return "", "", f"unbalanced '\"' in {line!r}"
+    key, value = line[:index], line[index:].strip()
+    if not key or not value:
+        return "", "", "expected format: key whitespace value"
+    return key, value, ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    regex: re.Pattern[str]
+    negate: bool
+    anchored: bool
+
+    def matches(self, key: str) -> re.Match[str] | None | bool:
+        found = self.regex.match(key) if self.anchored else self.regex.search(key)
+        if self.negate:
+            return found is None
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    line: int
+    conditions: tuple[_Match, ...]
+    replacement: str  # "" for if/endif rules
+    kind: str  # "match", "if" or "endif"
+    endif_index: int = -1
+
+
+class PatternTable:
+    """A pcre or regexp table: rules tried in order, the first match answers.
+
+    Pattern tables only ever see full addresses (Postfix skips them for partial keys).
+    """
+
+    pattern = True
+
+    def __init__(self, source: str, rules: list[_Rule]) -> None:
+        self.source = source
+        self._rules = rules
+
+    def __len__(self) -> int:
+        return sum(1 for rule in self._rules if rule.kind == "match")
+
+    def get(self, key: str) -> Entry | None:
+        rules = self._rules
+        index = 0
+        while index < len(rules):
+            rule = rules[index]
+            index += 1
+            if rule.kind == "endif":
+                continue
+            found = _all_match(rule.conditions, key)
+            if rule.kind == "if":
+                if not found:
+                    if rule.endif_index < 0:
+                        return None
+                    index = rule.endif_index + 1
+                continue
+            if found:
+                value = _expand(rule.replacement, found)
+                return Entry(split_owners(value), Origin(self.source, rule.line))
+        return None
+
+
+def _all_match(conditions: tuple[_Match, ...], key: str) -> re.Match[str] | bool | None:
+    """The first condition's match object (for $n substitution) if every condition holds."""
+    first = conditions[0].matches(key)
+    if not first:
+        return None
+    for condition in conditions[1:]:
+        if not condition.matches(key):
+            return None
+    return first
+
+
+_SUBSTITUTION = re.compile(r"\$(?:\$|(\d+)|\{(\d+)\}|\((\d+)\))")
+
+
+def _expand(replacement: str, found: re.Match[str] | bool | None) -> str:
+    """Replace $n, ${n}, $(n) with captured text and $$ with $; an unset group is empty."""
+    if "$" not in replacement:
+        return replacement
+
+    def substitute(m: re.Match[str]) -> str:
+        number = m.group(1) or m.group(2) or m.group(3)
+        if number is None:
+            return "$"
+        if not isinstance(found, re.Match):
+            return ""
+        return found.group(int(number)) or ""
+
+    return _SUBSTITUTION.sub(substitute, replacement)
+
+
+# POSIX bracket classes that Python's re lacks, for regexp: tables.
+_POSIX_CLASSES = {
+    "[:alpha:]": "a-zA-Z",
+    "[:digit:]": "0-9",
+    "[:alnum:]": "a-zA-Z0-9",
+    "[:upper:]": "A-Z",
+    "[:lower:]": "a-z",
+    "[:space:]": r"\s",
+    "[:blank:]": r" \t",
+    "[:punct:]": r"!-/:-@\[-`{-~",
+    "[:xdigit:]": "0-9A-Fa-f",
+}
+
+
+def parse_pcre(text: str, source: str) -> PatternTable:
+    """A pcre table (pcre_table(5)), compiled with Python's re.
+
+    Postfix's defaults hold: case-insensitive and dot-matches-newline unless a flag toggles them.
+    Flag U (ungreedy) has no Python equivalent and is refused rather than silently ignored.
+    """
+    return _parse_patterns(text, source, dialect="pcre")
+
+
+def parse_regexp(text: str, source: str) -> PatternTable:
+    """A regexp table (regexp_table(5)): POSIX extended regular expressions.
+
+    POSIX bracket classes such as [[:alpha:]] are translated; basic (non-extended) syntax,
+    the ``x`` flag, is refused.
+    """
+    return _parse_patterns(text, source, dialect="regexp")
+
+
+def _parse_patterns(text: str, source: str, dialect: str) -> PatternTable:
+    rules: list[_Rule] = []
+    problems: list[Problem] = []
+    open_ifs: list[int] = []
+    for number, line in logical_lines(text):
+        try:
+            rule = _parse_rule(line.strip(), number, dialect)
+        except ValueError as error:
+            problems.append(Problem(source, number, str(error)))
+            continue
+        if rule.kind == "if":
+            open_ifs.append(len(rules))
+        elif rule.kind == "endif":
+            if not open_ifs:
+                problems.append(Problem(source, number, "ignoring ENDIF without matching IF"))
+                continue
+            opening = open_ifs.pop()
+            rules[opening] = _Rule(
+                rules[opening].line, rules[opening].conditions, "", "if", endif_index=len(rules)
+            )
+        rules.append(rule)
+    for opening in open_ifs:
+        problems.append(Problem(source, rules[opening].line, "IF has no matching ENDIF"))
+    if problems:
+        raise TableError(problems)
+    return PatternTable(source, rules)
+
+
+def _parse_rule(line: str, number: int, dialect: str) -> _Rule:
+    word = re.match(r"[A-Za-z0-9]+", line)
+    if word:
+        keyword = word.group(0).lower()
+        rest = line[word.end() :]
+        if keyword == "endif":
+            if rest.strip():
+                raise ValueError("ignoring extra text after ENDIF")
+            return _Rule(number, (), "", "endif")
+        if keyword == "if":
+            conditions, rest = _parse_conditions(rest, dialect)
+            if rest.strip():
+                raise ValueError("ignoring extra text after IF statement")
+            return _Rule(number, conditions, "", "if")
+        raise ValueError(f'unknown command "{word.group(0)}"')
+    conditions, rest = _parse_conditions(line, dialect)
+    replacement = rest.strip()
+    if not replacement:
+        raise ValueError("no replacement text")
+    for m in _SUBSTITUTION.finditer(replacement):
+        number_text = m.group(1) or m.group(2) or m.group(3)
+        if number_text is None:
+            continue
+        if conditions[0].negate:
+            raise ValueError("$number found in negative match replacement text")
+        if int(number_text) < 1 or int(number_text) > conditions[0].regex.groups:
+            raise ValueError(f'out of range replacement index "{number_text}"')
+    return _Rule(number, conditions, replacement, "match")
+
+
+def _parse_conditions(text: str, dialect: str) -> tuple[tuple[_Match, ...], str]:
+    first, rest = _parse_pattern(text, dialect)
+    if dialect == "regexp" and rest.startswith("!"):
+        # regexp_table(5): /pattern1/!/pattern2/ matches when 1 matches and 2 does not.
+        second, rest = _parse_pattern(rest, dialect)
+        return (first, second), rest
+    return (first,), rest
+
+
+def _parse_pattern(text: str, dialect: str) -> tuple[_Match, str]:
+    index = 0
+    negate = False
+    while index < len(text) and (text[index] == "!" or text[index].isspace()):
+        if text[index] == "!":
+            negate = not negate
+        index += 1
+    if index >= len(text):
+        raise ValueError("no regexp")
+    delimiter = text[index]
+    index += 1
+    start = index
+    while index < len(text):
+        if text[index] == "\\":
+            index += 1
+        elif text[index] == delimiter:
+            break
+        index += 1
+    if index >= len(text):
+        raise ValueError(f'no closing regexp delimiter "{delimiter}"')
+    body = text[start:index]
+    index += 1
+    flags = re.IGNORECASE | re.DOTALL if dialect == "pcre" else re.IGNORECASE
+    anchored = False
+    allowed = "imsxAEUX" if dialect == "pcre" else "imx"
+    while index < len(text) and not text[index].isspace() and text[index] != "!":
+        option = text[index]
+        if option not in allowed:
+            raise ValueError(f'unknown regexp option "{option}"')
+        if option == "i":
+            flags ^= re.IGNORECASE
+        elif option == "m":
+            flags ^= re.MULTILINE
+        elif option == "s":
+            flags ^= re.DOTALL
+        elif option == "x" and dialect == "pcre":
+            flags ^= re.VERBOSE
+        elif option == "x":
+            raise ValueError("basic (non-extended) POSIX regular expressions are not supported")
+        elif option == "A":
+            anchored = not anchored
+        elif option == "U":
+            raise ValueError('regexp option "U" (ungreedy) is not supported')
+        index += 1
+    if dialect == "regexp":
+        for posix, python in _POSIX_CLASSES.items():
+            body = body.replace(posix, python)
+    try:
+        regex = re.compile(body, flags)
+    except re.error as error:
+        raise ValueError(f"error in regex at offset {error.pos}: {error.msg}") from None
+    return _Match(regex, negate, anchored), text[index:]

@@ -1,0 +1,117 @@
+"""Postfix table files parsed the way Postfix parses them."""
+
+from __future__ import annotations
+
+import pytest
+
+from policyd.tables import (
+    Origin,
+    TableError,
+    logical_lines,
+    parse_pcre,
+    parse_regexp,
+    parse_texthash,
+    split_owners,
+)
+
+
+def test_logical_lines_join_continuations_across_comments_and_blanks() -> None:
+    text = "a  b,\n\n# note\n   c\nd e # not a comment\r\n  # indented comment\n"
+    assert list(logical_lines(text)) == [(1, "a  b,   c"), (5, "d e # not a comment")]
+
+
+def test_logical_lines_without_final_newline() -> None:
+    assert list(logical_lines("a b")) == [(1, "a b")]
+
+
+def test_split_owners() -> None:
+    assert split_owners(" A@x, b@x\tc@x,,d@x ") == ("a@x", "b@x", "c@x", "d@x")
+
+
+def test_texthash_entries_and_lines() -> None:
+    table, warnings = parse_texthash("# c\nAlias@X  U1@x,u2@x\n@d  u3@x\n", "virtual")
+    assert warnings == []
+    entry = table.get("alias@x")
+    assert entry is not None
+    assert entry.owners == ("u1@x", "u2@x")
+    assert entry.origin == Origin("virtual", 2)
+    assert table.get("Alias@X") is None  # callers look up folded keys
+    assert len(table) == 2
+
+
+def test_texthash_first_duplicate_wins_with_a_warning() -> None:
+    table, warnings = parse_texthash("a@x u1@x\nA@X u2@x\n", "virtual")
+    entry = table.get("a@x")
+    assert entry is not None and entry.owners == ("u1@x",)
+    assert [str(w) for w in warnings] == ['virtual:2: duplicate entry "a@x": line 1 wins']
+
+
+def test_texthash_errors_name_every_bad_line() -> None:
+    with pytest.raises(TableError) as raised:
+        parse_texthash("good@x u@x\nlonely\nalso@x u@x\n\"open@x u@x\n", "virtual")
+    assert [str(p) for p in raised.value.problems] == [
+        "virtual:2: expected format: key whitespace value",
+        "virtual:4: unbalanced '\"' in '\"open@x u@x'",
+    ]
+
+
+def test_texthash_quoted_key_with_space() -> None:
+    table, _ = parse_texthash('"a b"@x u@x\n', "t")
+    assert table.get('"a b"@x') is not None
+
+
+def test_pcre_identity_and_substitution() -> None:
+    table = parse_pcre("/^(.*)$/   ${1}\n", "identity")
+    entry = table.get("someone@x")
+    assert entry is not None and entry.owners == ("someone@x",)
+
+
+def test_pcre_first_match_wins_and_is_case_insensitive_by_default() -> None:
+    table = parse_pcre("/^TEST[0-9]+@x$/ a@x\n/^test/ b@x\n/^Case@/i c@x\n", "regexp")
+    first = table.get("test42@x")
+    assert first is not None and first.owners == ("a@x",)
+    assert first.origin == Origin("regexp", 1)
+    assert table.get("case@x") is None  # the i flag toggles case-insensitivity off
+
+
+def test_pcre_negation_and_if_endif() -> None:
+    text = "if /@example\\.com$/\n!/^admin@/ users@x\nendif\n/^admin@/ root@x\n"
+    table = parse_pcre(text, "t")
+    assert table.get("bob@example.com").owners == ("users@x",)  # type: ignore[union-attr]
+    assert table.get("bob@other.com") is None
+    assert table.get("admin@example.com").owners == ("root@x",)  # type: ignore[union-attr]
+
+
+def test_pcre_other_delimiter_and_dollar_escape() -> None:
+    table = parse_pcre("#comment\n|^a@x$| pay$$@x\n", "t")
+    assert table.get("a@x").owners == ("pay$@x",)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("/unclosed a@x", 'no closing regexp delimiter "/"'),
+        ("/a/ ", "no replacement text"),
+        ("/a(/ x", "error in regex"),
+        ("/a/Q x", 'unknown regexp option "Q"'),
+        ("/(a)/ $2", 'out of range replacement index "2"'),
+        ("!/(a)/ $1", "$number found in negative match"),
+        ("foo /a/ x", 'unknown command "foo"'),
+        ("endif", "ENDIF without matching IF"),
+        ("if /a/", "IF has no matching ENDIF"),
+    ],
+)
+def test_pcre_errors(line: str, message: str) -> None:
+    with pytest.raises(TableError) as raised:
+        parse_pcre(f"# first\n{line}\n", "regexp")
+    assert len(raised.value.problems) == 1
+    problem = raised.value.problems[0]
+    assert (problem.source, problem.line) == ("regexp", 2)
+    assert message in problem.message
+
+
+def test_regexp_posix_classes_and_double_pattern() -> None:
+    table = parse_regexp("/^[[:alpha:]]+@x$/!/^root@/ users@x\n", "t")
+    assert table.get("bob@x") is not None
+    assert table.get("root@x") is None
+    assert table.get("bob1@x") is None
