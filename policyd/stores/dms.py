@@ -1,0 +1,140 @@
+"""docker-mailserver's config directory as a store, with SPOOF_PROTECTION=1's exact verdicts.
+
+docker-mailserver (FILE provisioner) sets
+``smtpd_sender_login_maps = unionmap:{texthash:virtual, hash:aliases, pcre:identity, pcre:regexp}``
+(reference/dms.md §1.2). A union answers with every member's result, and its identity member
+``/^(.*)$/ ${1}`` answers every address, so the owners of sender S are:
+
+* the targets of S in postfix-virtual.cf,
+* S itself,
+* the targets of the first postfix-regexp.cf rule that matches S.
+
+Because the identity always answers, Postfix never gets to its partial keys (S without
++extension, @domain): plus-addresses and catch-alls grant nothing. /etc/aliases is keyed by
+local part, so for a full address it contributes nothing either (docker-mailserver #4228).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from policyd.address import fold
+from policyd.stores.base import Hit, StoreError
+from policyd.stores.files import FileStore, read_text
+from policyd.tables import (
+    Entry,
+    FixedTable,
+    Origin,
+    PatternTable,
+    Problem,
+    TableError,
+    parse_pcre,
+    parse_texthash,
+)
+
+if TYPE_CHECKING:
+    from policyd.config import DmsMap, Settings
+
+ACCOUNTS = "postfix-accounts.cf"
+VIRTUAL = "postfix-virtual.cf"
+REGEXP = "postfix-regexp.cf"
+
+#: docker-mailserver's /etc/postfix/maps/sender_login_maps.pcre: every address owns itself.
+IDENTITY = Origin("identity (docker-mailserver sender_login_maps.pcre)")
+
+
+@dataclass(frozen=True, slots=True)
+class DmsMaps:
+    """One consistent version of the three files."""
+
+    accounts: dict[str, int]  # folded address -> line in postfix-accounts.cf
+    virtual: FixedTable
+    regexp: PatternTable | None
+
+
+def parse_accounts(text: str, source: str) -> dict[str, int]:
+    """postfix-accounts.cf: ``address|{SCHEME}hash[|dovecot fields]``, one per line.
+
+    docker-mailserver ignores blank lines and ``#`` comments (leading whitespace allowed) and
+    strips CR. Only the address matters here; the password hash is never kept.
+    """
+    accounts: dict[str, int] = {}
+    problems: list[Problem] = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        address = line.split("|", 1)[0].strip()
+        if "@" not in address or "|" not in line:
+            problems.append(Problem(source, number, "expected ADDRESS|{SCHEME}HASH"))
+            continue
+        accounts.setdefault(fold(address), number)
+    if problems:
+        raise TableError(problems)
+    return accounts
+
+
+class DmsStore(FileStore[DmsMaps]):
+    """``dms:DIR``: postfix-accounts.cf, postfix-virtual.cf and postfix-regexp.cf in DIR."""
+
+    def __init__(self, name: str, directory: Path, reload_interval: float) -> None:
+        super().__init__(name, reload_interval)
+        self.directory = directory
+
+    @classmethod
+    def from_config(cls, spec: DmsMap, settings: Settings) -> DmsStore:
+        return cls(f"dms:{spec.path}", spec.path, settings.reload_interval)
+
+    def watched(self) -> list[Path]:
+        return [self.directory / name for name in (ACCOUNTS, VIRTUAL, REGEXP)]
+
+    def load(self) -> tuple[DmsMaps, int, list[Problem]]:
+        if not self.directory.is_dir():
+            raise StoreError([Problem(str(self.directory), 0, "not a directory")])
+        accounts_path, virtual_path, regexp_path = self.watched()
+        present = [path for path in (accounts_path, virtual_path, regexp_path) if path.exists()]
+        if not present:
+            raise StoreError(
+                [Problem(str(self.directory), 0, f"none of {ACCOUNTS}, {VIRTUAL}, {REGEXP} found")]
+            )
+        problems: list[Problem] = []
+        warnings: list[Problem] = []
+        accounts: dict[str, int] = {}
+        virtual = FixedTable(str(virtual_path), {})
+        regexp = None
+        try:
+            if accounts_path.exists():
+                accounts = parse_accounts(read_text(accounts_path), str(accounts_path))
+        except TableError as error:
+            problems += error.problems
+        try:
+            if virtual_path.exists():
+                virtual, warnings = parse_texthash(read_text(virtual_path), str(virtual_path))
+        except TableError as error:
+            problems += error.problems
+        try:
+            if regexp_path.exists():
+                regexp = parse_pcre(read_text(regexp_path), str(regexp_path))
+        except TableError as error:
+            problems += error.problems
+        if problems:
+            raise StoreError(problems)
+        count = len(accounts) + len(virtual) + (len(regexp) if regexp else 0)
+        return DmsMaps(accounts, virtual, regexp), count, warnings
+
+    def find(self, snapshot: DmsMaps, key: str) -> Hit:
+        entries = []
+        alias = snapshot.virtual.get(key)
+        if alias is not None:
+            entries.append(alias)
+        line = snapshot.accounts.get(key)
+        origin = Origin(f"{self.directory / ACCOUNTS}", line) if line else IDENTITY
+        entries.append(Entry((key,), origin))
+        if snapshot.regexp is not None:
+            rule = snapshot.regexp.get(key)
+            if rule is not None:
+                entries.append(rule)
+        return Hit(key, tuple(entries))
+

@@ -1,0 +1,192 @@
+"""Stores read from files: reloading that is atomic and survives bad files, and the plain
+Postfix table types (texthash, pcre, regexp).
+
+A file store holds one immutable snapshot of its files. A reload builds a complete new
+snapshot in a worker thread and replaces the reference in one assignment, so a request sees
+either the old map or the new one, never a mix. A reload that fails keeps the old snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from abc import abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from policyd.stores.base import Hit, Store, StoreError
+from policyd.tables import (
+    FixedTable,
+    PatternTable,
+    Problem,
+    TableError,
+    parse_pcre,
+    parse_regexp,
+    parse_texthash,
+)
+
+if TYPE_CHECKING:
+    from policyd.config import FileMap, Settings
+
+log = logging.getLogger("policyd.stores")
+
+Snapshot = TypeVar("Snapshot")
+Signature = tuple[tuple[str, int, int, int] | tuple[str], ...]
+
+
+def read_text(path: Path) -> str:
+    """A table file's text. Undecodable bytes are kept (surrogateescape), never fatal."""
+    try:
+        return path.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as error:
+        raise StoreError([Problem(str(path), 0, f"cannot read: {error.strerror}")]) from None
+
+
+def signature(paths: list[Path]) -> Signature:
+    """What identifies a version of the files: inode, size and mtime, or absence."""
+    parts: list[tuple[str, int, int, int] | tuple[str]] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            parts.append((str(path),))
+        else:
+            parts.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(parts)
+
+
+class FileStore(Store, Generic[Snapshot]):
+    """Base for stores that load files into memory and reload them when they change."""
+
+    immediate = True
+
+    def __init__(self, name: str, reload_interval: float) -> None:
+        super().__init__(name)
+        self.reload_interval = reload_interval
+        self._snapshot: Snapshot | None = None
+        self._signature: Signature = ()
+        self._watcher: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
+
+    @abstractmethod
+    def watched(self) -> list[Path]:
+        """The files whose change triggers a reload."""
+
+    @abstractmethod
+    def load(self) -> tuple[Snapshot, int, list[Problem]]:
+        """Read and parse every file: (snapshot, entry count, warnings). Raise StoreError."""
+
+    @abstractmethod
+    def find(self, snapshot: Snapshot, key: str) -> Hit | None:
+        """Look ``key`` up in one snapshot."""
+
+    def load_now(self) -> None:
+        """Load synchronously (startup, `policyd check`, `policyd validate`)."""
+        before = signature(self.watched())
+        self._install(self.load(), before)
+
+    async def start(self) -> None:
+        self.load_now()
+        if self.reload_interval > 0:
+            self._watcher = asyncio.create_task(self._watch(), name=f"watch {self.name}")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+            self._watcher = None
+
+    async def reload(self) -> bool:
+        async with self._reloading:
+            before = signature(self.watched())
+            try:
+                loaded = await asyncio.to_thread(self.load)
+            except StoreError as error:
+                self.status.failed(str(error))
+                for problem in error.problems:
+                    log.error("reload of %s failed, keeping the last good map: %s", self.name, problem)
+                self._signature = before  # do not retry until the files change again
+                return False
+            if signature(self.watched()) != before:
+                log.info("%s changed while being read; reading it again", self.name)
+                return False
+            self._install(loaded, before)
+            log.info("reloaded %s: %d entries", self.name, self.status.entries)
+            return True
+
+    def _install(self, loaded: tuple[Snapshot, int, list[Problem]], before: Signature) -> None:
+        snapshot, entries, warnings = loaded
+        for warning in warnings:
+            log.warning("%s", warning)
+        self._snapshot = snapshot  # the atomic swap: one reference assignment
+        self._signature = before
+        self.status.loaded(entries, tuple(warnings))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            if signature(self.watched()) != self._signature:
+                await self.reload()
+
+    async def lookup(self, key: str) -> Hit | None:
+        return self.lookup_now(key)
+
+    def lookup_now(self, key: str) -> Hit | None:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError(f"{self.name} used before start()")
+        return self.find(snapshot, key)
+
+
+class TableStore(FileStore[FixedTable | PatternTable]):
+    """One Postfix table file: ``texthash:``, ``pcre:`` or ``regexp:``."""
+
+    def __init__(self, name: str, path: Path, reload_interval: float) -> None:
+        super().__init__(name, reload_interval)
+        self.path = path
+
+    @classmethod
+    def from_config(cls, spec: FileMap, settings: Settings) -> TableStore:
+        return cls(f"{spec.type}:{spec.path}", spec.path, settings.reload_interval)  # type: ignore[attr-defined]
+
+    def watched(self) -> list[Path]:
+        return [self.path]
+
+    def load(self) -> tuple[FixedTable | PatternTable, int, list[Problem]]:
+        text = read_text(self.path)
+        try:
+            table, warnings = self.parse(text, str(self.path))
+        except TableError as error:
+            raise StoreError(error.problems) from None
+        return table, len(table), warnings
+
+    @abstractmethod
+    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
+        """The file's text as a table, and the warnings that did not stop it loading."""
+
+    def find(self, snapshot: FixedTable | PatternTable, key: str) -> Hit | None:
+        entry = snapshot.get(key)
+        return None if entry is None else Hit(key, (entry,))
+
+
+class TexthashStore(TableStore):
+    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
+        return parse_texthash(text, source)
+
+
+class PcreStore(TableStore):
+    pattern = True
+
+    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
+        return parse_pcre(text, source), []
+
+
+class RegexpStore(TableStore):
+    pattern = True
+
+    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
+        return parse_regexp(text, source), []

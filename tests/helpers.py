@@ -1,0 +1,19 @@
+"""Small test utilities shared by several test modules."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for ``condition`` to hold, checking often; fail after ``timeout`` seconds.
+
+    This synchronises on an observable state change, it does not guess a duration.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the deadline")
+        await asyncio.sleep(0.005)

@@ -1,0 +1,163 @@
+"""Stores: docker-mailserver and Postfix table files, loading, reloading, bad files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from policyd.config import Settings
+from policyd.stores import StoreError, open_store, store_class
+from policyd.stores.dms import IDENTITY, DmsStore
+from policyd.stores.files import TexthashStore
+from tests.conftest import DATA
+from tests.helpers import wait_until
+
+
+@pytest.fixture
+def dms_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "dms"
+    shutil.copytree(DATA / "dms", target)
+    return target
+
+
+def owners(store: DmsStore | TexthashStore, key: str) -> list[str]:
+    hit = store.lookup_now(key)
+    return [] if hit is None else [owner for entry in hit.entries for owner in entry.owners]
+
+
+def test_dms_union_of_virtual_identity_and_regexp(dms_dir: Path) -> None:
+    (dms_dir / "postfix-virtual.cf").write_text("test7@localhost.localdomain user2@otherdomain.tld\n")
+    store = DmsStore("dms", dms_dir, 0)
+    store.load_now()
+    assert owners(store, "test7@localhost.localdomain") == [
+        "user2@otherdomain.tld",
+        "test7@localhost.localdomain",
+        "user1@localhost.localdomain",
+    ]
+
+
+def test_dms_account_identity_names_its_line(dms_dir: Path) -> None:
+    store = DmsStore("dms", dms_dir, 0)
+    store.load_now()
+    hit = store.lookup_now("user3@localhost.localdomain")
+    assert hit is not None
+    assert str(hit.entries[0].origin) == f"{dms_dir / 'postfix-accounts.cf'}:4"
+    stranger = store.lookup_now("stranger@x")
+    assert stranger is not None and stranger.entries[0].origin == IDENTITY
+
+
+def test_dms_files_parse_like_postfix(dms_dir: Path) -> None:
+    (dms_dir / "postfix-virtual.cf").write_bytes(
+        b"  # indented comment\r\n\r\nA@X.example a@x, b@x\r\n  c@x\nlast@x d@x"
+    )
+    (dms_dir / "postfix-accounts.cf").write_bytes(b"\n # c\r\nU@X|{PLAIN}secret|userdb_x=1\r\n")
+    store = DmsStore("dms", dms_dir, 0)
+    store.load_now()
+    assert owners(store, "a@x.example") == ["a@x", "b@x", "c@x", "a@x.example"]
+    assert owners(store, "last@x") == ["d@x", "last@x"]
+    assert store.status.entries == 1 + 2 + 2
+
+
+def test_dms_missing_optional_files(tmp_path: Path) -> None:
+    (tmp_path / "postfix-accounts.cf").write_text("a@x|{PLAIN}x\n")
+    store = DmsStore("dms", tmp_path, 0)
+    store.load_now()
+    assert owners(store, "a@x") == ["a@x"]
+
+
+def test_dms_empty_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="none of postfix-accounts.cf"):
+        DmsStore("dms", tmp_path, 0).load_now()
+
+
+def test_dms_errors_in_several_files_are_all_reported(dms_dir: Path) -> None:
+    (dms_dir / "postfix-accounts.cf").write_text("ok@x|{PLAIN}x\nbroken\n")
+    (dms_dir / "postfix-regexp.cf").write_text("/ok/ a@x\n/broken( a@x\n")
+    with pytest.raises(StoreError) as raised:
+        DmsStore("dms", dms_dir, 0).load_now()
+    assert [str(p) for p in raised.value.problems] == [
+        f"{dms_dir / 'postfix-accounts.cf'}:2: expected ADDRESS|{{SCHEME}}HASH",
+        f"{dms_dir / 'postfix-regexp.cf'}:2: no closing regexp delimiter \"/\"",
+    ]
+
+
+def test_registry_builds_each_type(dms_dir: Path, tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    table.write_text("a@x a@x\n")
+    settings = Settings(maps=[f"dms:{dms_dir}", f"texthash:{table}", f"pcre:{table}"])
+    stores = [open_store(spec, settings) for spec in settings.maps]
+    assert [type(s).__name__ for s in stores] == ["DmsStore", "TexthashStore", "PcreStore"]
+    assert [s.pattern for s in stores] == [False, False, True]
+    assert store_class("regexp").pattern
+
+
+def test_missing_table_file(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot read: No such file"):
+        TexthashStore("t", tmp_path / "absent", 0).load_now()
+
+
+async def test_reload_picks_up_a_change(tmp_path: Path) -> None:
+    table = tmp_path / "logins"
+    table.write_text("a@x old@x\n")
+    store = TexthashStore("t", table, 0)
+    await store.start()
+    table.write_text("a@x new@x\nb@x new@x\n")
+    assert await store.reload()
+    assert owners(store, "a@x") == ["new@x"]
+    assert store.status.entries == 2
+    await store.close()
+
+
+async def test_failed_reload_keeps_the_last_good_map(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    table = tmp_path / "logins"
+    table.write_text("a@x old@x\n")
+    store = TexthashStore("t", table, 0)
+    await store.start()
+    table.write_text("a@x new@x\nbroken\n")
+    assert not await store.reload()
+    assert owners(store, "a@x") == ["old@x"]
+    assert store.status.load_failures == 1
+    assert f"{table}:2: expected format" in caplog.text
+    table.unlink()
+    assert not await store.reload()
+    assert owners(store, "a@x") == ["old@x"]
+    assert store.status.load_failures == 2
+    await store.close()
+
+
+async def test_watcher_reloads_changed_files_on_its_own(tmp_path: Path) -> None:
+    table = tmp_path / "logins"
+    table.write_text("a@x old@x\n")
+    store = TexthashStore("t", table, reload_interval=0.01)
+    await store.start()
+    replacement = tmp_path / "logins.new"
+    replacement.write_text("a@x new@x\n")
+    os.replace(replacement, table)  # how editors and config managers write files
+    await wait_until(lambda: owners(store, "a@x") == ["new@x"])
+    await store.close()
+
+
+async def test_reload_is_atomic_for_concurrent_lookups(tmp_path: Path) -> None:
+    keys = [f"alias{i}@x" for i in range(2_000)]
+    table = tmp_path / "logins"
+    table.write_text("".join(f"{key} old@x\n" for key in keys))
+    store = TexthashStore("t", table, 0)
+    await store.start()
+    table.write_text("".join(f"{key} new@x\n" for key in keys))
+    seen: set[tuple[str, ...]] = set()
+    stop = threading.Event()
+    reload = asyncio.ensure_future(store.reload())
+    reload.add_done_callback(lambda _: stop.set())
+    while not stop.is_set():
+        for key in keys[::97]:
+            seen.add(tuple(owners(store, key)))
+        await asyncio.sleep(0)
+    assert await reload
+    assert seen <= {("old@x",), ("new@x",)}
+    assert owners(store, keys[-1]) == ["new@x"]
+    await store.close()
