@@ -1,0 +1,267 @@
+"""Settings: one pydantic model, filled from a TOML file, POLICYD_* variables and flags.
+
+Later sources win: defaults < TOML file < environment < command-line flags. Every error is
+reported as ``where: what`` (a file and line, a variable, a flag, or a setting name), never as
+a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from policyd import defaults
+
+ENV_PREFIX = "POLICYD_"
+
+
+class ConfigError(Exception):
+    """A user error in the configuration: one ``where: what`` line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Mode(StrEnum):
+    """Named after the Postfix restriction each one reproduces."""
+
+    AUTHENTICATED = "authenticated"  # reject_authenticated_sender_login_mismatch
+    SENDER = "sender"  # reject_sender_login_mismatch
+    KNOWN = "known"  # reject_known_sender_login_mismatch
+    PERMIT = "permit"  # dry run: check, log and count, but always answer DUNNO
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Endpoint(Strict):
+    """A listening address in Postfix's own notation: ``inet:HOST:PORT`` or ``unix:PATH``."""
+
+    kind: Literal["inet", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"inet:{host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        kind, _, rest = text.partition(":")
+        if kind in ("unix", "local") and rest:
+            return cls(kind="unix", path=rest)
+        if kind == "inet":
+            match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", rest)
+            if match:
+                host = match.group(1) or match.group(3) or ""
+                port = int(match.group(2) or match.group(4))
+                if port <= 65535:
+                    return cls(kind="inet", host=host, port=port)
+        raise ValueError(f"{text!r} is not inet:HOST:PORT or unix:PATH")
+
+
+class FileMap(Strict):
+    path: Path
+
+
+class DmsMap(FileMap):
+    """A docker-mailserver config directory (postfix-accounts.cf, -virtual.cf, -regexp.cf)."""
+
+    type: Literal["dms"]
+
+
+class TexthashMap(FileMap):
+    type: Literal["texthash"]
+
+
+class PcreMap(FileMap):
+    type: Literal["pcre"]
+
+
+class RegexpMap(FileMap):
+    type: Literal["regexp"]
+
+
+MapConfig = Annotated[DmsMap | TexthashMap | PcreMap | RegexpMap, Field(discriminator="type")]
+MAP_TYPES = ("dms", "texthash", "pcre", "regexp")
+
+
+def parse_map(value: Any) -> Any:
+    """Accept Postfix-style ``TYPE:LOCATION`` strings as well as tables with a ``type`` key."""
+    if isinstance(value, str):
+        kind, sep, location = value.partition(":")
+        if not sep or not location:
+            raise ValueError(f"{value!r} is not TYPE:LOCATION, e.g. dms:/tmp/docker-mailserver")
+        if kind not in MAP_TYPES:
+            raise ValueError(f"unknown map type {kind!r} (known: {', '.join(MAP_TYPES)})")
+        return {"type": kind, "path": location}
+    return value
+
+
+_DEFER = re.compile(r"(4\d\d|DEFER|DEFER_IF_PERMIT|DEFER_IF_REJECT)(\s.*)?", re.IGNORECASE)
+
+
+class Settings(Strict):
+    """Every setting. The README's configuration reference documents each one."""
+
+    listen: list[Endpoint] = Field(
+        default_factory=lambda: [Endpoint.parse(e) for e in defaults.LISTEN], min_length=1
+    )
+    maps: list[MapConfig] = Field(default_factory=list, validate_default=True)
+    mode: Mode = Mode.AUTHENTICATED
+    owned_action: Literal["OK", "DUNNO"] = defaults.OWNED_ACTION
+    tempfail_action: str = defaults.TEMPFAIL_ACTION
+    recipient_delimiter: str = defaults.RECIPIENT_DELIMITER
+    local_domains: list[str] = Field(default_factory=list)
+    reload_interval: float = Field(default=defaults.RELOAD_INTERVAL, ge=0)
+    idle_timeout: float = Field(default=defaults.IDLE_TIMEOUT, gt=0)
+    request_timeout: float = Field(default=defaults.REQUEST_TIMEOUT, gt=0)
+    max_line_bytes: int = Field(default=defaults.MAX_LINE_BYTES, ge=64)
+    max_request_bytes: int = Field(default=defaults.MAX_REQUEST_BYTES, ge=256)
+    max_attributes: int = Field(default=defaults.MAX_ATTRIBUTES, ge=8)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _endpoints(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [Endpoint.parse(item) if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("maps", mode="before")
+    @classmethod
+    def _maps(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [parse_map(item) for item in value]
+        return value
+
+    @field_validator("maps")
+    @classmethod
+    def _some_map(cls, value: list[Any]) -> list[Any]:
+        if not value:
+            raise ValueError(
+                "no map configured; give one, e.g. --map dms:/tmp/docker-mailserver,"
+                " maps = [...] in the config file, or POLICYD_MAPS"
+            )
+        return value
+
+    @field_validator("owned_action", mode="before")
+    @classmethod
+    def _owned_action(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("tempfail_action")
+    @classmethod
+    def _tempfail(cls, value: str) -> str:
+        # A store failure must never become a 5xx (mail bounced) or an OK (mail let through).
+        if not _DEFER.fullmatch(value.strip()):
+            raise ValueError("must be a temporary reply: 4NN text, DEFER or DEFER_IF_PERMIT")
+        return value.strip()
+
+    @field_validator("local_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        return [domain.casefold().rstrip(".") for domain in value]
+
+    @model_validator(mode="after")
+    def _unique_listeners(self) -> Settings:
+        seen = [str(endpoint) for endpoint in self.listen]
+        if len(seen) != len(set(seen)):
+            raise ValueError("the same endpoint is listed twice")
+        return self
+
+
+# Settings whose environment value is a list: comma-separated, or a JSON array.
+_LIST_SETTINGS = {"listen", "maps", "local_domains"}
+
+
+def settings_from_environment(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """POLICYD_* variables as {setting: (value, variable name)}."""
+    found: dict[str, tuple[Any, str]] = {}
+    for variable, raw in environ.items():
+        if not variable.startswith(ENV_PREFIX) or variable == ENV_PREFIX + "CONFIG":
+            continue
+        name = variable[len(ENV_PREFIX) :].lower()
+        value: Any = raw
+        if name in _LIST_SETTINGS:
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise ConfigError([f"{variable}: not a JSON list: {error.msg}"]) from None
+            else:
+                value = [item.strip() for item in text.split(",") if item.strip()]
+        found[name] = (value, variable)
+    return found
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        message = str(error)
+        at = re.search(r"\(at line (\d+), column \d+\)", message)
+        if at:
+            message = message[: at.start()].strip()
+            raise ConfigError([f"{path}:{at.group(1)}: {message}"]) from None
+        raise ConfigError([f"{path}: {message}"]) from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the sources and validate; raise ConfigError with ``where: what`` lines."""
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if config_file is not None:
+        for name, value in read_toml(config_file).items():
+            values[name], where[name] = value, f"{config_file}: {name}"
+    for name, (value, variable) in settings_from_environment(environ).items():
+        values[name], where[name] = value, variable
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name], where[name] = value, "--" + name.replace("_", "-")
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError([_describe(item, where) for item in error.errors()]) from None
+
+
+def _describe(error: Any, where: dict[str, str]) -> str:
+    location = [str(part) for part in error["loc"]]
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        origin = where.get(location[0], location[0])
+        return f"{origin}: unknown setting"
+    if not location:
+        return f"settings: {message}"
+    origin = where.get(location[0], location[0])
+    # Drop pydantic's union-member tags (e.g. "dms") from the path; keep list indexes.
+    detail = [part for part in location[1:] if part not in MAP_TYPES]
+    suffix = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in detail)
+    return f"{origin}{suffix}: {message}"
