@@ -1,0 +1,182 @@
+"""The decision table (tests/data/decisions.tsv) and the engine's Postfix semantics."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from policyd.address import SearchKey
+from policyd.codec import PolicyRequest
+from policyd.config import Mode
+from policyd.engine import Policy, Verdict, decide, run_now, store_failure
+from policyd.service import LoginMaps
+from policyd.stores.base import Hit
+from policyd.stores.dms import DmsStore
+from policyd.stores.files import PcreStore, TexthashStore
+from policyd.tables import Entry, Origin
+from tests.conftest import DATA
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    maps: str
+    mode: str
+    login: str
+    sender: str
+    verdict: str
+    action: str
+    reason: str
+
+
+def read_table() -> list[Row]:
+    with (DATA / "decisions.tsv").open(newline="") as handle:
+        lines = [line for line in handle if line.strip() and not line.startswith("#")]
+    return [Row(*fields) for fields in csv.reader(lines, delimiter="\t")]
+
+
+def load_maps(name: str) -> LoginMaps:
+    if name == "dms":
+        stores = [DmsStore("dms", DATA / "dms", 0)]
+    else:
+        stores = [
+            TexthashStore("texthash", DATA / "postfix" / "sender_login.texthash", 0),
+            PcreStore("pcre", DATA / "postfix" / "sender_login.pcre", 0),
+        ]
+    for store in stores:
+        store.load_now()
+    return LoginMaps(stores)
+
+
+MAPS = {name: load_maps(name) for name in ("dms", "postfix")}
+
+
+@pytest.mark.parametrize("row", read_table(), ids=lambda row: row.case)
+def test_decision_table(row: Row) -> None:
+    request = PolicyRequest(
+        sender="" if row.sender == "<>" else row.sender,
+        sasl_username="" if row.login == "-" else row.login,
+    )
+    policy = Policy(mode=Mode(row.mode))
+    decision = run_now(decide(request, policy), MAPS[row.maps].find_now)
+    assert (decision.verdict, decision.action, decision.reason) == (
+        Verdict(row.verdict),
+        row.action,
+        row.reason,
+    )
+
+
+def test_table_covers_every_mode_and_verdict() -> None:
+    rows = read_table()
+    assert {row.mode for row in rows} == {mode.value for mode in Mode}
+    assert {row.verdict for row in rows} >= {"permit", "reject", "dunno"}
+
+
+def lookups(request: PolicyRequest, policy: Policy, answers: dict[str, Hit]) -> list[SearchKey]:
+    """The keys the engine asks for, in order, against a dict of answers."""
+    asked: list[SearchKey] = []
+
+    def lookup(search: SearchKey) -> Hit | None:
+        asked.append(search)
+        return answers.get(search.key)
+
+    run_now(decide(request, policy), lookup)
+    return asked
+
+
+def hit(key: str, *owners: str) -> Hit:
+    return Hit(key, (Entry(owners, Origin("test", 1)),))
+
+
+def test_search_order_is_full_then_no_extension_then_local_part_then_domain() -> None:
+    request = PolicyRequest(sender="Alice+Tag@Example.COM", sasl_username="x")
+    policy = Policy(local_domains=frozenset({"example.com"}))
+    asked = lookups(request, policy, {})
+    assert [(s.key, s.partial) for s in asked] == [
+        ("alice+tag@example.com", False),
+        ("alice@example.com", True),
+        ("alice+tag", True),
+        ("alice", True),
+        ("@example.com", True),
+    ]
+
+
+def test_first_answered_key_is_final() -> None:
+    request = PolicyRequest(sender="alice+tag@example.com", sasl_username="bob@example.com")
+    answers = {
+        "alice@example.com": hit("alice@example.com", "alice@example.com"),
+        "@example.com": hit("@example.com", "bob@example.com"),
+    }
+    asked = lookups(request, Policy(), answers)
+    assert [s.key for s in asked] == ["alice+tag@example.com", "alice@example.com"]
+    decision = run_now(decide(request, Policy()), lambda s: answers.get(s.key))
+    assert decision.verdict is Verdict.REJECT
+
+
+def test_local_part_key_with_local_domain() -> None:
+    maps = MAPS["postfix"]
+    request = PolicyRequest(sender="postmaster@example.com", sasl_username="admin@example.com")
+    policy = Policy(local_domains=frozenset({"example.com"}))
+    decision = run_now(decide(request, policy), maps.find_now)
+    assert decision.verdict is Verdict.PERMIT
+    assert str(decision.rule).endswith("sender_login.texthash:10")
+
+
+def test_no_delimiter_means_no_extension_key() -> None:
+    request = PolicyRequest(sender="alice+tag@example.com", sasl_username="x")
+    asked = lookups(request, Policy(recipient_delimiter=""), {})
+    assert [s.key for s in asked] == ["alice+tag@example.com", "@example.com"]
+
+
+def test_several_delimiters_split_at_the_first_one_found() -> None:
+    request = PolicyRequest(sender="alice-list+x@example.com", sasl_username="x")
+    asked = lookups(request, Policy(recipient_delimiter="+-"), {})
+    assert asked[1].key == "alice@example.com"
+
+
+def test_unauthenticated_client_is_not_looked_up_in_authenticated_mode() -> None:
+    request = PolicyRequest(sender="alice@example.com")
+    assert lookups(request, Policy(), {}) == []
+
+
+def test_owned_action_dunno_lets_later_restrictions_run() -> None:
+    request = PolicyRequest(sender="john@example.com", sasl_username="john@example.com")
+    decision = run_now(decide(request, Policy(owned_action="DUNNO")), MAPS["postfix"].find_now)
+    assert (decision.verdict, decision.action) == (Verdict.PERMIT, "DUNNO")
+
+
+def test_reject_explains_who_owns_the_sender() -> None:
+    request = PolicyRequest(sender="helpdesk@example.com", sasl_username="tom@example.com")
+    decision = run_now(decide(request, Policy()), MAPS["postfix"].find_now)
+    assert "john@example.com, mary@example.com" in decision.explanation
+    assert "sender_login.texthash:3" in decision.explanation
+
+
+def test_permit_names_the_file_and_line() -> None:
+    request = PolicyRequest(sender="team@localhost.localdomain", sasl_username="user3@localhost.localdomain")
+    decision = run_now(decide(request, Policy()), MAPS["dms"].find_now)
+    assert decision.rule == Origin(str(DATA / "dms" / "postfix-virtual.cf"), 6)
+
+
+def test_store_failure_is_temporary_never_a_verdict() -> None:
+    decision = store_failure(Policy(), "backend down")
+    assert decision.verdict is Verdict.TEMPFAIL
+    assert decision.action == "451 4.3.0 Temporary lookup failure"
+
+
+def test_store_failure_in_permit_mode_is_dunno() -> None:
+    assert store_failure(Policy(mode=Mode.PERMIT), "backend down").action == "DUNNO"
+
+
+def test_undecodable_bytes_survive_into_the_reply() -> None:
+    login = b"\xffuser@example.com".decode("utf-8", "surrogateescape")
+    request = PolicyRequest(sender="john@example.com", sasl_username=login)
+    decision = run_now(decide(request, Policy()), MAPS["postfix"].find_now)
+    assert decision.action.encode("utf-8", "surrogateescape").endswith(b"\xffuser@example.com")
+
+
+def test_data_files_exist() -> None:
+    assert Path(DATA / "dms" / "postfix-virtual.cf").is_file()
