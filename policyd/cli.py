@@ -1,0 +1,234 @@
+"""The `policyd` command: serve, check and validate. Thin: each calls what the daemon uses.
+
+Exit codes: 0 success (check: permitted or not checked), 1 check: rejected, 75 check: temporary
+failure, 78 configuration or map error (systemd's RestartPreventExitStatus can use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from policyd import __version__
+from policyd.codec import PolicyRequest
+from policyd.config import ConfigError, Mode, Settings, load_settings
+from policyd.engine import Decision, Verdict
+from policyd.server import PolicyServer
+from policyd.service import Service
+from policyd.stores import StoreError
+
+EXIT_REJECT = 1
+EXIT_TEMPFAIL = 75
+EXIT_CONFIG = 78
+
+log = logging.getLogger("policyd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policyd",
+        description="Postfix policy daemon: may this SASL login use this envelope sender?",
+    )
+    parser.add_argument("--version", action="version", version=f"policyd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML settings file (or POLICYD_CONFIG)")
+    common.add_argument(
+        "--listen",
+        action="append",
+        metavar="ENDPOINT",
+        help="inet:HOST:PORT or unix:PATH; repeat for several (default inet:127.0.0.1:10040)",
+    )
+    common.add_argument(
+        "--map",
+        dest="maps",
+        action="append",
+        metavar="TYPE:LOCATION",
+        help="dms:DIR, texthash:FILE, pcre:FILE or regexp:FILE; repeat, searched in order",
+    )
+    common.add_argument("--mode", choices=[mode.value for mode in Mode])
+
+    commands.add_parser("serve", parents=[common], help="run the policy daemon")
+    check = commands.add_parser(
+        "check", parents=[common], help="decide one LOGIN/SENDER pair and explain why"
+    )
+    check.add_argument("login", metavar="LOGIN", help='SASL login; "" for an unauthenticated client')
+    check.add_argument("sender", metavar="SENDER", help='envelope sender; "" for the null sender')
+    commands.add_parser("validate", parents=[common], help="load the settings and maps, report")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"policyd: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    command = {"serve": serve, "check": check, "validate": validate}[args.command]
+    return command(settings, args)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags: dict[str, Any] = {"listen": args.listen, "maps": args.maps, "mode": args.mode}
+    return load_settings(args.config, flags=flags)
+
+
+def _print_store_error(error: StoreError) -> None:
+    for problem in error.problems:
+        print(f"policyd: {problem}", file=sys.stderr)
+
+
+# serve
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(run_daemon(settings))
+    except StoreError as error:
+        _print_store_error(error)
+        return EXIT_CONFIG
+    except OSError as error:  # cannot bind: address in use, permission denied
+        print(f"policyd: listen: {error.strerror or error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the maps. A second SIGTERM exits at once."""
+    service = Service(settings)
+    await service.start()
+    server = PolicyServer(service, settings)
+    try:
+        await server.start()
+    except BaseException:
+        await service.close()
+        raise
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_stop(signame: str) -> None:
+        if stopping.is_set():
+            log.warning("second %s: exiting now", signame)
+            raise SystemExit(1)
+        log.info("%s: shutting down", signame)
+        stopping.set()
+
+    def on_reload() -> None:
+        log.info("SIGHUP: reloading maps")
+        task = loop.create_task(service.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    if ready is not None:
+        ready.set()
+    try:
+        await stopping.wait()
+        await server.stop()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        await service.close()
+    return 0
+
+
+# check
+
+
+def check(settings: Settings, args: argparse.Namespace) -> int:
+    request = PolicyRequest(
+        sender=args.sender,
+        sasl_username=args.login,
+        protocol_state="RCPT",
+    )
+    try:
+        decision = asyncio.run(_decide_once(settings, request))
+    except StoreError as error:
+        _print_store_error(error)
+        return EXIT_CONFIG
+    print(f"verdict: {decision.verdict}")
+    print(f"action:  {decision.action}")
+    print(f"postfix: {postfix_reply(decision.action, args.sender)}")
+    print(f"reason:  {decision.reason}: {decision.explanation}")
+    if decision.rule is not None:
+        print(f"rule:    {decision.rule}")
+    if decision.verdict is Verdict.REJECT and decision.action != "DUNNO":
+        return EXIT_REJECT
+    if decision.verdict is Verdict.TEMPFAIL and decision.action != "DUNNO":
+        return EXIT_TEMPFAIL
+    return 0
+
+
+async def _decide_once(settings: Settings, request: PolicyRequest) -> Decision:
+    service = Service(settings.model_copy(update={"reload_interval": 0}))
+    await service.start()
+    try:
+        return await service.decide(request)
+    finally:
+        await service.close()
+
+
+_CODED = re.compile(r"([45])(\d\d)(?:\s+(\d\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.DOTALL)
+_KEYWORD = re.compile(r"(\S+)(?:\s+(.*))?", re.DOTALL)
+
+
+def postfix_reply(action: str, sender: str) -> str:
+    """What Postfix makes of ``action`` in smtpd_sender_restrictions (smtpd_check.c).
+
+    Postfix wraps the text as ``<SENDER>: Sender address rejected: TEXT`` and supplies a
+    default enhanced status code when the action has none.
+    """
+    coded = _CODED.fullmatch(action)
+    keyword = _KEYWORD.fullmatch(action)
+    if coded:
+        code = coded.group(1) + coded.group(2)
+        dsn = coded.group(3) or f"{coded.group(1)}.7.1"
+        text = coded.group(4) or "Access denied"
+    elif keyword and keyword.group(1).upper() in ("REJECT", "DEFER", "DEFER_IF_PERMIT"):
+        code, dsn = ("554", "5.7.1") if keyword.group(1).upper() == "REJECT" else ("450", "4.7.1")
+        text = keyword.group(2) or "Access denied"
+    elif action.upper() == "OK":
+        return "sender permitted; the rest of smtpd_sender_restrictions is skipped"
+    else:
+        return "no verdict; Postfix goes on with the next restriction"
+    return f"{code} {dsn} <{sender}>: Sender address rejected: {text}"
+
+
+# validate
+
+
+def validate(settings: Settings, args: argparse.Namespace) -> int:
+    service = Service(settings.model_copy(update={"reload_interval": 0}))
+    failed = False
+    print(f"mode: {settings.mode}")
+    print(f"listen: {', '.join(str(endpoint) for endpoint in settings.listen)}")
+    for store in service.stores:
+        try:
+            asyncio.run(store.start())
+        except StoreError as error:
+            failed = True
+            print(f"map {store.name}: FAILED")
+            _print_store_error(error)
+            continue
+        print(f"map {store.name}: {store.status.entries} entries")
+        for warning in store.status.warnings:
+            print(f"policyd: warning: {warning}", file=sys.stderr)
+        asyncio.run(store.close())
+    return EXIT_CONFIG if failed else 0

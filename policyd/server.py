@@ -1,0 +1,264 @@
+"""The asyncio server: moves bytes between sockets, the codec and the service. Nothing else.
+
+Postfix keeps a policy connection open across many SMTP sessions and sends one request at a
+time on it (postfix-policy.md §A6-A7). Each connection therefore gets exactly one reply per
+request, in order, and stays open until the client closes it or it idles out. A client that
+breaks the protocol gets no reply and is disconnected, which is what Postfix expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from collections import deque
+
+from policyd.codec import PolicyRequest, ProtocolError, RequestParser, encode_reply
+from policyd.config import Endpoint, Settings
+from policyd.engine import Decision, Verdict
+from policyd.service import Service
+
+log = logging.getLogger("policyd.server")
+
+
+class PolicyConnection(asyncio.Protocol):
+    """One client connection: frame requests, answer each exactly once, in order."""
+
+    def __init__(self, server: PolicyServer) -> None:
+        self.server = server
+        self.service = server.service
+        settings = server.settings
+        self.parser = RequestParser(
+            settings.max_line_bytes, settings.max_request_bytes, settings.max_attributes
+        )
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self.queue: deque[PolicyRequest] = deque()
+        self.task: asyncio.Task[None] | None = None  # the decision in progress, if it awaits
+        self.last_activity = 0.0
+        self.request_started: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.closing = False
+        self.write_paused = False
+
+    # asyncio.Protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.server.connections.add(self)
+        self.last_activity = self.loop.time()
+        self._schedule(self.last_activity + self.server.settings.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        now = self.loop.time()
+        self.last_activity = now
+        try:
+            requests = self.parser.feed(data)
+        except ProtocolError as error:
+            self._drop(f"protocol error ({error.kind}): {error}")
+            return
+        self.queue.extend(requests)
+        if self.parser.pending:
+            if self.request_started is None:
+                # A request has begun; it must finish within request_timeout. Checked by the
+                # timer rather than re-armed per read, so a trickling client cannot extend it.
+                self.request_started = now
+                self._schedule(now + self.server.settings.request_timeout)
+        else:
+            self.request_started = None
+        self._answer_queued()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; a half-closed policy client has nothing more to ask
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        # The client sends but does not read. Stop reading until it catches up, so replies
+        # cannot pile up in memory.
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    # Answering
+
+    def _answer_queued(self) -> None:
+        while self.queue and self.task is None and not self.closing:
+            request = self.queue.popleft()
+            if self.service.immediate:
+                self._reply(self._decide_now(request))
+            else:
+                self.task = self.loop.create_task(self._decide_later(request))
+                self.server.tasks.add(self.task)
+                self.task.add_done_callback(self.server.tasks.discard)
+
+    def _decide_now(self, request: PolicyRequest) -> Decision:
+        try:
+            return self.service.decide_now(request)
+        except Exception as error:  # a bug must not kill the connection or lose the mail
+            log.exception("internal error deciding a request from %s", self.peer)
+            return self.server.internal_error(error)
+
+    async def _decide_later(self, request: PolicyRequest) -> None:
+        try:
+            decision = await self.service.decide(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.exception("internal error deciding a request from %s", self.peer)
+            decision = self.server.internal_error(error)
+        self.task = None
+        self._reply(decision)
+        self._answer_queued()
+
+    def _reply(self, decision: Decision) -> None:
+        if self.closing or self.transport is None:
+            return
+        self.transport.write(encode_reply(decision.action))
+        self.last_activity = self.loop.time()
+
+    # Timeouts
+
+    def _schedule(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """One timer per connection; requests only move the deadline it checks when it fires."""
+        self.timer = None
+        settings = self.server.settings
+        now = self.loop.time()
+        if self.request_started is not None:
+            deadline = self.request_started + settings.request_timeout
+            if now >= deadline:
+                self._drop(f"request not finished within {settings.request_timeout:g} s")
+                return
+            self._schedule(deadline)
+            return
+        deadline = self.last_activity + settings.idle_timeout
+        if self.task is None and now >= deadline:
+            log.debug("closing connection from %s: idle for %g s", self.peer, settings.idle_timeout)
+            self.close()
+            return
+        self._schedule(max(deadline, now + 1.0))
+
+    # Closing
+
+    def _drop(self, why: str) -> None:
+        """Disconnect without a reply: the protocol's answer to a broken request."""
+        log.warning("closing connection from %s: %s", self.peer, why)
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None and not self.queue and not self.parser.pending
+
+
+class PolicyServer:
+    """All listeners and connections of one daemon."""
+
+    def __init__(self, service: Service, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        self.connections: set[PolicyConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.listeners: list[asyncio.Server] = []
+        self.addresses: list[str] = []
+
+    def internal_error(self, error: Exception) -> Decision:
+        """An unexpected failure answers like a store failure: temporary, so no mail is lost."""
+        return Decision(
+            Verdict.TEMPFAIL,
+            self.service.policy.tempfail_action,
+            "internal_error",
+            f"internal error: {type(error).__name__}",
+        )
+
+    async def start(self) -> None:
+        try:
+            await self._listen()
+        except BaseException:
+            for listener in self.listeners:
+                listener.close()
+            raise
+        log.info("listening on %s", ", ".join(self.addresses))
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        for endpoint in self.settings.listen:
+            if endpoint.kind == "unix":
+                _remove_stale_socket(endpoint.path)
+                listener = await loop.create_unix_server(
+                    lambda: PolicyConnection(self), endpoint.path
+                )
+                self.addresses.append(str(endpoint))
+            else:
+                listener = await loop.create_server(
+                    lambda: PolicyConnection(self),
+                    endpoint.host or None,
+                    endpoint.port,
+                    reuse_address=True,
+                )
+                for sock in listener.sockets:
+                    self.addresses.append(_describe_socket(sock))
+            self.listeners.append(listener)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, close idle connections, let answers in progress finish, then cut.
+
+        Not Server.wait_closed(): on Python >= 3.12 it waits for every connection, and
+        Postfix keeps idle ones open for up to 300 s.
+        """
+        for listener in self.listeners:
+            listener.close()
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        for connection in list(self.connections):
+            connection.close()
+        for endpoint in self.settings.listen:
+            if endpoint.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(endpoint.path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a previous run would make bind() fail; other files are kept."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _describe_socket(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return str(Endpoint(kind="inet", host=host, port=port))

@@ -1,0 +1,213 @@
+"""The server over real sockets: persistent connections, one reply per request, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policyd.config import Settings
+from policyd.server import PolicyServer
+from policyd.service import LoginMaps, Service
+from policyd.stores.base import Hit, Store, StoreUnavailable
+from tests.conftest import DATA
+from tests.helpers import wait_until
+
+REAL = (DATA / "postfix-3.7-request.txt").read_bytes()
+
+
+def request(sender: str, login: str) -> bytes:
+    """The captured Postfix request with another sender and login."""
+    return REAL.replace(b"sender=bob@example.com", f"sender={sender}".encode()).replace(
+        b"sasl_username=alice@example.com", f"sasl_username={login}".encode()
+    )
+
+
+OWNED = request("alias1@localhost.localdomain", "user1@localhost.localdomain")
+FORGED = request("user2@localhost.localdomain", "added@localhost.localdomain")
+OWNED_REPLY = b"action=OK\n\n"
+FORGED_REPLY = b"action=553 5.7.1 not owned by user added@localhost.localdomain\n\n"
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[PolicyServer]:
+    settings = Settings(
+        listen=["inet:127.0.0.1:0", f"unix:{tmp_path / 'policy.sock'}"],
+        maps=[f"dms:{DATA / 'dms'}"],
+        reload_interval=0,
+        **overrides,
+    )
+    service = Service(settings)
+    await service.start()
+    server = PolicyServer(service, settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1)
+        await service.close()
+
+
+@asynccontextmanager
+async def connect(
+    server: PolicyServer,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    host, port = server.listeners[0].sockets[0].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
+    writer.write(data)
+    await writer.drain()
+    return await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+
+
+async def test_many_requests_on_one_connection(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        async with connect(server) as (reader, writer):
+            for _ in range(3):
+                assert await ask(reader, writer, OWNED) == OWNED_REPLY
+                assert await ask(reader, writer, FORGED) == FORGED_REPLY
+
+
+async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        async with connect(server) as (reader, writer):
+            writer.write(OWNED + FORGED + OWNED)
+            replies = await asyncio.wait_for(reader.readexactly(len(OWNED_REPLY) * 2 + len(FORGED_REPLY)), 5)
+            assert replies == OWNED_REPLY + FORGED_REPLY + OWNED_REPLY
+
+
+async def test_request_split_across_writes(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        async with connect(server) as (reader, writer):
+            for i in range(0, len(FORGED), 7):
+                writer.write(FORGED[i : i + 7])
+                await writer.drain()
+            assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 5) == FORGED_REPLY
+
+
+async def test_unix_socket_listener(tmp_path: Path) -> None:
+    (tmp_path / "policy.sock").touch()  # not a socket: must not be removed
+    with pytest.raises(OSError):
+        async with running(tmp_path):
+            pass
+    (tmp_path / "policy.sock").unlink()
+    async with running(tmp_path):
+        pass  # leaves no socket file behind
+    async with running(tmp_path) as server:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "policy.sock"))
+        assert await ask(reader, writer, FORGED) == FORGED_REPLY
+        writer.close()
+        assert "unix:" + str(tmp_path / "policy.sock") in server.addresses
+
+
+async def test_protocol_error_closes_without_a_reply(tmp_path: Path) -> None:
+    async with running(tmp_path, max_line_bytes=100) as server:
+        async with connect(server) as (reader, writer), connect(server) as healthy:
+            writer.write(b"sender=" + b"x" * 200 + b"\n\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert await ask(*healthy, OWNED) == OWNED_REPLY
+
+
+async def test_idle_connection_is_closed_after_idle_timeout(tmp_path: Path) -> None:
+    async with running(tmp_path, idle_timeout=0.2) as server:
+        async with connect(server) as (reader, writer):
+            assert await ask(reader, writer, OWNED) == OWNED_REPLY
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            await wait_until(lambda: not server.connections)
+
+
+async def test_unfinished_request_is_dropped_after_request_timeout(tmp_path: Path) -> None:
+    async with running(tmp_path, request_timeout=0.2) as server:
+        async with connect(server) as (reader, writer):
+            writer.write(OWNED[:40])
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_internal_error_answers_temporary_failure(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        def broken(*_: object) -> None:
+            raise ZeroDivisionError
+
+        server.service.decide_now = broken  # type: ignore[method-assign,assignment]
+        async with connect(server) as (reader, writer):
+            assert await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
+
+
+class SlowStore(Store):
+    """A network-like store: answers when the test releases it, or fails."""
+
+    def __init__(self) -> None:
+        super().__init__("slow")
+        self.release = asyncio.Event()
+        self.fail = False
+
+    @classmethod
+    def from_config(cls, spec: Any, settings: Settings) -> Store:
+        raise NotImplementedError
+
+    async def lookup(self, key: str) -> Hit | None:
+        await self.release.wait()
+        if self.fail:
+            raise StoreUnavailable("backend down")
+        return None
+
+
+def use_store(server: PolicyServer, store: Store) -> None:
+    server.service.stores = [store]
+    server.service.maps = LoginMaps([store])
+
+
+async def test_awaiting_store_keeps_replies_in_order(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        slow = SlowStore()
+        use_store(server, slow)
+        async with connect(server) as (reader, writer):
+            writer.write(FORGED + request("", "user1@localhost.localdomain"))
+            await writer.drain()
+            await wait_until(lambda: bool(server.tasks))
+            slow.release.set()
+            unlisted = b"action=553 5.7.1 not owned by user added@localhost.localdomain\n\n"
+            assert await asyncio.wait_for(reader.readexactly(len(unlisted) + 14), 5) == (
+                unlisted + b"action=DUNNO\n\n"
+            )
+
+
+async def test_store_failure_answers_temporary_failure(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        slow = SlowStore()
+        slow.fail = True
+        slow.release.set()
+        use_store(server, slow)
+        async with connect(server) as (reader, writer):
+            assert await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
+
+
+async def test_stop_closes_idle_connections_and_finishes_answers(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        slow = SlowStore()
+        use_store(server, slow)
+        async with connect(server) as (idle_reader, _), connect(server) as (busy_reader, busy):
+            busy.write(OWNED)
+            await busy.drain()
+            await wait_until(lambda: bool(server.tasks))
+            stopping = asyncio.ensure_future(server.stop(grace=5))
+            assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+            slow.release.set()
+            assert await asyncio.wait_for(busy_reader.readuntil(b"\n\n"), 5) == (
+                b"action=553 5.7.1 not owned by user user1@localhost.localdomain\n\n"
+            )
+            await stopping
+            assert await asyncio.wait_for(busy_reader.read(), 5) == b""
