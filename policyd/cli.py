@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", parents=[common], help="decide one LOGIN/SENDER pair and explain why"
     )
-    check.add_argument("login", metavar="LOGIN", help='SASL login; "" for an unauthenticated client')
+    check.add_argument(
+        "login", metavar="LOGIN", help='SASL login; "" for an unauthenticated client'
+    )
     check.add_argument("sender", metavar="SENDER", help='envelope sender; "" for the null sender')
     commands.add_parser("validate", parents=[common], help="load the settings and maps, report")
     return parser

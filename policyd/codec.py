@@ -86,9 +86,8 @@ def parse_block(block: bytes, max_line: int, max_attributes: int) -> PolicyReque
     for line in lines:
         if len(line) > max_line:
             raise LineTooLong(f"line of {len(line)} bytes, limit {max_line}")
-        if line.endswith(b"\r"):  # a hand-typed request (telnet, nc -C) ends lines in CRLF
-            line = line[:-1]
-        name, _, value = line.partition(b"=")
+        # A hand-typed request (telnet, nc -C) ends its lines in CRLF.
+        name, _, value = line.removesuffix(b"\r").partition(b"=")
         field = _FIELDS.get(name)
         if field is not None:
             fields[field] = _decode(value)

@@ -1,5 +1,7 @@
 """Every default and limit policyd uses, in one place, each with the reason for its value."""
 
+from typing import Final
+
 # Replies (postfix-policy.md §B2). Postfix prefixes "<SENDER>: Sender address rejected: "
 # itself, so policyd sends only the tail and the client sees the native reply byte for byte.
 REJECT_NOT_OWNED = "553 5.7.1 not owned by user {login}"
@@ -7,7 +9,7 @@ REJECT_NOT_LOGGED_IN = "553 5.7.1 not logged in"
 # Native Postfix answers "451 4.3.0 <SENDER>: Temporary lookup failure" when a map fails.
 # A policy reply cannot drop the "Sender address rejected: " prefix, so this is the closest.
 TEMPFAIL_ACTION = "451 4.3.0 Temporary lookup failure"
-OWNED_ACTION = "OK"
+OWNED_ACTION: Final = "OK"
 
 # Listening. Loopback by default: the policy port carries no authentication of its own.
 LISTEN = ("inet:127.0.0.1:10040",)

@@ -77,7 +77,9 @@ def decide(request: PolicyRequest, policy: Policy) -> Lookups:
     if not login:
         # reject_sender_login_mismatch / reject_known_...: an owned address needs a login.
         if hit is None:
-            return _dunno(policy, "unauthenticated", f"the client did not log in and no map lists {sender}")
+            return _dunno(
+                policy, "unauthenticated", f"the client did not log in and no map lists {sender}"
+            )
         return _reject(
             policy,
             defaults.REJECT_NOT_LOGGED_IN,
@@ -129,7 +131,9 @@ def store_failure(policy: Policy, error: str) -> Decision:
     """A store could not answer: a temporary reply, so Postfix retries and no mail is lost."""
     return _finish(
         policy,
-        Decision(Verdict.TEMPFAIL, policy.tempfail_action, "store_error", f"lookup failed: {error}"),
+        Decision(
+            Verdict.TEMPFAIL, policy.tempfail_action, "store_error", f"lookup failed: {error}"
+        ),
     )
 
 

@@ -101,7 +101,9 @@ class Service:
 
     def record(self, request: PolicyRequest, decision: Decision) -> None:
         """One log line per refusal; permits are logged at debug level."""
-        level = logging.DEBUG if decision.verdict in (Verdict.PERMIT, Verdict.DUNNO) else logging.INFO
+        level = (
+            logging.DEBUG if decision.verdict in (Verdict.PERMIT, Verdict.DUNNO) else logging.INFO
+        )
         if decision_log.isEnabledFor(level):
             decision_log.log(
                 level,

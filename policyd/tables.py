@@ -148,7 +148,7 @@ def _split_key_value(line: str) -> tuple[str, str, str]:
     if '"' not in line and "\\" not in line:
         # The common case, at C speed: a million-line alias file must load in seconds.
         parts = line.split(None, 1)
-        if len(parts) < 2:  # noqa: PLR2004
+        if len(parts) < 2:
             return "", "", "expected format: key whitespace value"
         return parts[0], parts[1].strip(), ""
     in_quotes = False
@@ -176,7 +176,7 @@ class _Match:
     negate: bool
     anchored: bool
 
-    def matches(self, key: str) -> re.Match[str] | None | bool:
+    def matches(self, key: str) -> re.Match[str] | bool | None:
         found = self.regex.match(key) if self.anchored else self.regex.search(key)
         if self.negate:
             return found is None

@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for ``condition`` to hold, checking often; fail after ``timeout`` seconds.
+async def wait_until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    """Wait for ``condition`` to hold, checking often; fail after ``deadline_s`` seconds.
 
     This synchronises on an observable state change, it does not guess a duration.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + deadline_s
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within the deadline")

@@ -52,7 +52,11 @@ def test_request_fed_one_byte_at_a_time() -> None:
 def test_pipelined_requests_in_one_read_come_out_in_order() -> None:
     second = REAL.replace(b"sender=bob@example.com", b"sender=carol@example.com")
     requests = RequestParser().feed(REAL + second + REAL)
-    assert [r.sender for r in requests] == ["bob@example.com", "carol@example.com", "bob@example.com"]
+    assert [r.sender for r in requests] == [
+        "bob@example.com",
+        "carol@example.com",
+        "bob@example.com",
+    ]
 
 
 def test_pipelined_requests_fed_one_byte_at_a_time() -> None:

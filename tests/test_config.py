@@ -28,7 +28,8 @@ def test_later_sources_win(tmp_path: Path) -> None:
     config = tmp_path / "policyd.toml"
     config.write_text('mode = "known"\nmaps = ["dms:/a"]\nowned_action = "dunno"\n')
     settings = load_settings(
-        config, environ={"POLICYD_MODE": "sender", "POLICYD_MAPS": "texthash:/b, pcre:/c"},
+        config,
+        environ={"POLICYD_MODE": "sender", "POLICYD_MAPS": "texthash:/b, pcre:/c"},
         flags={"mode": "permit", "maps": None},
     )
     assert settings.mode is Mode.PERMIT
@@ -46,7 +47,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
 
 def test_environment_lists_as_json() -> None:
     settings = load_settings(
-        environ={"POLICYD_MAPS": '["dms:/a"]', "POLICYD_LISTEN": '["unix:/run/p.sock", "inet:[::1]:0"]'}
+        environ={
+            "POLICYD_MAPS": '["dms:/a"]',
+            "POLICYD_LISTEN": '["unix:/run/p.sock", "inet:[::1]:0"]',
+        }
     )
     assert settings.listen == [
         Endpoint(kind="unix", path="/run/p.sock"),
@@ -98,7 +102,9 @@ def test_tempfail_action_must_be_temporary(action: str) -> None:
     assert problem.startswith("POLICYD_TEMPFAIL_ACTION: must be a temporary reply")
 
 
-@pytest.mark.parametrize("action", ["451 4.3.0 try later", "DEFER_IF_PERMIT lookup failed", "defer"])
+@pytest.mark.parametrize(
+    "action", ["451 4.3.0 try later", "DEFER_IF_PERMIT lookup failed", "defer"]
+)
 def test_tempfail_action_accepts_temporary_replies(action: str) -> None:
     settings = load_settings(environ={"POLICYD_MAPS": "dms:/a", "POLICYD_TEMPFAIL_ACTION": action})
     assert settings.tempfail_action == action

@@ -156,7 +156,9 @@ def test_reject_explains_who_owns_the_sender() -> None:
 
 
 def test_permit_names_the_file_and_line() -> None:
-    request = PolicyRequest(sender="team@localhost.localdomain", sasl_username="user3@localhost.localdomain")
+    request = PolicyRequest(
+        sender="team@localhost.localdomain", sasl_username="user3@localhost.localdomain"
+    )
     decision = run_now(decide(request, Policy()), MAPS["dms"].find_now)
     assert decision.rule == Origin(str(DATA / "dms" / "postfix-virtual.cf"), 6)
 

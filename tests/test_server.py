@@ -74,28 +74,27 @@ async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: 
 
 
 async def test_many_requests_on_one_connection(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        async with connect(server) as (reader, writer):
-            for _ in range(3):
-                assert await ask(reader, writer, OWNED) == OWNED_REPLY
-                assert await ask(reader, writer, FORGED) == FORGED_REPLY
+    async with running(tmp_path) as server, connect(server) as (reader, writer):
+        for _ in range(3):
+            assert await ask(reader, writer, OWNED) == OWNED_REPLY
+            assert await ask(reader, writer, FORGED) == FORGED_REPLY
 
 
 async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        async with connect(server) as (reader, writer):
-            writer.write(OWNED + FORGED + OWNED)
-            replies = await asyncio.wait_for(reader.readexactly(len(OWNED_REPLY) * 2 + len(FORGED_REPLY)), 5)
-            assert replies == OWNED_REPLY + FORGED_REPLY + OWNED_REPLY
+    async with running(tmp_path) as server, connect(server) as (reader, writer):
+        writer.write(OWNED + FORGED + OWNED)
+        replies = await asyncio.wait_for(
+            reader.readexactly(len(OWNED_REPLY) * 2 + len(FORGED_REPLY)), 5
+        )
+        assert replies == OWNED_REPLY + FORGED_REPLY + OWNED_REPLY
 
 
 async def test_request_split_across_writes(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        async with connect(server) as (reader, writer):
-            for i in range(0, len(FORGED), 7):
-                writer.write(FORGED[i : i + 7])
-                await writer.drain()
-            assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 5) == FORGED_REPLY
+    async with running(tmp_path) as server, connect(server) as (reader, writer):
+        for i in range(0, len(FORGED), 7):
+            writer.write(FORGED[i : i + 7])
+            await writer.drain()
+        assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 5) == FORGED_REPLY
 
 
 async def test_unix_socket_listener(tmp_path: Path) -> None:
@@ -114,36 +113,43 @@ async def test_unix_socket_listener(tmp_path: Path) -> None:
 
 
 async def test_protocol_error_closes_without_a_reply(tmp_path: Path) -> None:
-    async with running(tmp_path, max_line_bytes=100) as server:
-        async with connect(server) as (reader, writer), connect(server) as healthy:
-            writer.write(b"sender=" + b"x" * 200 + b"\n\n")
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-            assert await ask(*healthy, OWNED) == OWNED_REPLY
+    async with (
+        running(tmp_path, max_line_bytes=100) as server,
+        connect(server) as (reader, writer),
+        connect(server) as healthy,
+    ):
+        writer.write(b"sender=" + b"x" * 200 + b"\n\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert await ask(*healthy, OWNED) == OWNED_REPLY
 
 
 async def test_idle_connection_is_closed_after_idle_timeout(tmp_path: Path) -> None:
-    async with running(tmp_path, idle_timeout=0.2) as server:
-        async with connect(server) as (reader, writer):
-            assert await ask(reader, writer, OWNED) == OWNED_REPLY
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-            await wait_until(lambda: not server.connections)
+    async with running(tmp_path, idle_timeout=0.2) as server, connect(server) as (reader, writer):
+        assert await ask(reader, writer, OWNED) == OWNED_REPLY
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        await wait_until(lambda: not server.connections)
 
 
 async def test_unfinished_request_is_dropped_after_request_timeout(tmp_path: Path) -> None:
-    async with running(tmp_path, request_timeout=0.2) as server:
-        async with connect(server) as (reader, writer):
-            writer.write(OWNED[:40])
-            assert await asyncio.wait_for(reader.read(), 5) == b""
+    async with (
+        running(tmp_path, request_timeout=0.2) as server,
+        connect(server) as (reader, writer),
+    ):
+        writer.write(OWNED[:40])
+        assert await asyncio.wait_for(reader.read(), 5) == b""
 
 
 async def test_internal_error_answers_temporary_failure(tmp_path: Path) -> None:
     async with running(tmp_path) as server:
+
         def broken(*_: object) -> None:
             raise ZeroDivisionError
 
         server.service.decide_now = broken  # type: ignore[method-assign,assignment]
         async with connect(server) as (reader, writer):
-            assert await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
+            assert (
+                await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
+            )
 
 
 class SlowStore(Store):
@@ -192,7 +198,9 @@ async def test_store_failure_answers_temporary_failure(tmp_path: Path) -> None:
         slow.release.set()
         use_store(server, slow)
         async with connect(server) as (reader, writer):
-            assert await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
+            assert (
+                await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
+            )
 
 
 async def test_stop_closes_idle_connections_and_finishes_answers(tmp_path: Path) -> None:

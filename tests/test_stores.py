@@ -31,7 +31,9 @@ def owners(store: DmsStore | TexthashStore, key: str) -> list[str]:
 
 
 def test_dms_union_of_virtual_identity_and_regexp(dms_dir: Path) -> None:
-    (dms_dir / "postfix-virtual.cf").write_text("test7@localhost.localdomain user2@otherdomain.tld\n")
+    (dms_dir / "postfix-virtual.cf").write_text(
+        "test7@localhost.localdomain user2@otherdomain.tld\n"
+    )
     store = DmsStore("dms", dms_dir, 0)
     store.load_now()
     assert owners(store, "test7@localhost.localdomain") == [
@@ -71,7 +73,7 @@ def test_dms_missing_optional_files(tmp_path: Path) -> None:
 
 
 def test_dms_empty_directory_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="none of postfix-accounts.cf"):
+    with pytest.raises(StoreError, match=r"none of postfix-accounts\.cf"):
         DmsStore("dms", tmp_path, 0).load_now()
 
 
@@ -82,7 +84,7 @@ def test_dms_errors_in_several_files_are_all_reported(dms_dir: Path) -> None:
         DmsStore("dms", dms_dir, 0).load_now()
     assert [str(p) for p in raised.value.problems] == [
         f"{dms_dir / 'postfix-accounts.cf'}:2: expected ADDRESS|{{SCHEME}}HASH",
-        f"{dms_dir / 'postfix-regexp.cf'}:2: no closing regexp delimiter \"/\"",
+        f'{dms_dir / "postfix-regexp.cf"}:2: no closing regexp delimiter "/"',
     ]
 
 
@@ -113,7 +115,9 @@ async def test_reload_picks_up_a_change(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_failed_reload_keeps_the_last_good_map(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_failed_reload_keeps_the_last_good_map(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     table = tmp_path / "logins"
     table.write_text("a@x old@x\n")
     store = TexthashStore("t", table, 0)

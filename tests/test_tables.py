@@ -48,7 +48,7 @@ def test_texthash_first_duplicate_wins_with_a_warning() -> None:
 
 def test_texthash_errors_name_every_bad_line() -> None:
     with pytest.raises(TableError) as raised:
-        parse_texthash("good@x u@x\nlonely\nalso@x u@x\n\"open@x u@x\n", "virtual")
+        parse_texthash('good@x u@x\nlonely\nalso@x u@x\n"open@x u@x\n', "virtual")
     assert [str(p) for p in raised.value.problems] == [
         "virtual:2: expected format: key whitespace value",
         "virtual:4: unbalanced '\"' in '\"open@x u@x'",

@@ -96,10 +96,10 @@ class Store(ABC):
     def from_config(cls, spec: Any, settings: Settings) -> Store:
         """A new, not yet started store for one validated map setting."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (a hook; stores without setup need nothing)
         """Load or connect. Raise StoreError if the store cannot be used at all."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (a hook, like start)
         """Release files, connections and background tasks."""
 
     async def reload(self) -> bool:

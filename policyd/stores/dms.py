@@ -137,4 +137,3 @@ class DmsStore(FileStore[DmsMaps]):
             if rule is not None:
                 entries.append(rule)
         return Hit(key, tuple(entries))
-

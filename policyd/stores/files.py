@@ -9,6 +9,7 @@ either the old map or the new one, never a mix. A reload that fails keeps the ol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from abc import abstractmethod
@@ -94,10 +95,8 @@ class FileStore(Store, Generic[Snapshot]):
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-            except asyncio.CancelledError:
-                pass
             self._watcher = None
 
     async def reload(self) -> bool:
@@ -108,7 +107,9 @@ class FileStore(Store, Generic[Snapshot]):
             except StoreError as error:
                 self.status.failed(str(error))
                 for problem in error.problems:
-                    log.error("reload of %s failed, keeping the last good map: %s", self.name, problem)
+                    log.error(
+                        "reload of %s failed, keeping the last good map: %s", self.name, problem
+                    )
                 self._signature = before  # do not retry until the files change again
                 return False
             if signature(self.watched()) != before:
