@@ -156,6 +156,14 @@ async def ask(path: Path, sender: str, login: str) -> bytes:
         await writer.wait_closed()
 
 
+async def read_until(stream: asyncio.StreamReader, text: bytes) -> None:
+    """Read log lines until one contains ``text``; fail if the daemon's output ends first."""
+    seen = []
+    while text not in (line := await asyncio.wait_for(stream.readline(), 10)):
+        assert line, f"policyd exited before logging {text!r}: {b''.join(seen)!r}"
+        seen.append(line)
+
+
 async def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
     dms = tmp_path / "dms"
     shutil.copytree(DATA / "dms", dms)
@@ -174,15 +182,13 @@ async def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
     )
     try:
         assert process.stderr is not None
-        while b"listening on" not in await asyncio.wait_for(process.stderr.readline(), 10):
-            pass
+        await read_until(process.stderr, b"listening on")
         reply = await ask(socket_path, "new@localhost.localdomain", "user1@localhost.localdomain")
         assert reply == b"action=553 5.7.1 not owned by user user1@localhost.localdomain\n\n"
         with (dms / "postfix-virtual.cf").open("a") as virtual:
             virtual.write("new@localhost.localdomain user1@localhost.localdomain\n")
         process.send_signal(signal.SIGHUP)
-        while b"reloaded" not in await asyncio.wait_for(process.stderr.readline(), 10):
-            pass
+        await read_until(process.stderr, b"reloaded")
         reply = await ask(socket_path, "new@localhost.localdomain", "user1@localhost.localdomain")
         assert reply == b"action=OK\n\n"
         process.send_signal(signal.SIGTERM)

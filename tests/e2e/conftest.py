@@ -16,8 +16,8 @@ Fixtures:
 On a failing test, the Postfix log lines written during that test are
 attached to the report ("maillog" section). If anything failed, the stack's
 root directory (configs and logs) is kept and its path is printed at the
-end; set POLICYD_E2E_KEEP=1 to keep it always. Without root or the Debian packages the
-tests are skipped, unless POLICYD_E2E_REQUIRED=1 (set by .ci/run) makes that a failure.
+end; set E2E_KEEP=1 to keep it always. Without root or the Debian packages the
+tests are skipped, unless E2E_REQUIRED=1 (set by .ci/run) makes that a failure.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def _missing_prerequisite() -> str | None:
 def mail_stack(request: pytest.FixtureRequest) -> Iterator[mailstack.MailStack]:
     """The session's running mail stack (see the module docstring)."""
     reason = _missing_prerequisite()
-    if reason and os.environ.get("POLICYD_E2E_REQUIRED") == "1":
-        pytest.fail(f"POLICYD_E2E_REQUIRED=1 but {reason}")  # CI must never skip these silently
+    if reason and os.environ.get("E2E_REQUIRED") == "1":
+        pytest.fail(f"E2E_REQUIRED=1 but {reason}")  # CI must never skip these silently
     if reason:
         pytest.skip(reason)
     stack = mailstack.MailStack(mailstack.DMS_USERS)
@@ -70,7 +70,7 @@ def mail_stack(request: pytest.FixtureRequest) -> Iterator[mailstack.MailStack]:
         raise
     request.config.stash[_STACK] = stack
     yield stack
-    keep = request.session.testsfailed > 0 or os.environ.get("POLICYD_E2E_KEEP") == "1"
+    keep = request.session.testsfailed > 0 or os.environ.get("E2E_KEEP") == "1"
     del request.config.stash[_STACK]
     stack.stop(remove_root=not keep)
     if keep:
