@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 
 from policyd.address import fold
 
@@ -30,12 +31,21 @@ class Origin:
         return f"{self.source}:{self.line}" if self.line else self.source
 
 
+class EntryKind(Enum):
+    """Why an entry names owners."""
+
+    LISTED = "listed"  # a table line: the key is an alias or login-map key with these owners
+    ACCOUNT = "account"  # the key is a mailbox account; it owns itself
+    IDENTITY = "identity"  # a rule that makes every address its own owner
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One table's answer: the logins (folded) that own the key, and the line that says so."""
 
     owners: tuple[str, ...]
     origin: Origin
+    kind: EntryKind = EntryKind.LISTED
 
 
 @dataclass(frozen=True, slots=True)

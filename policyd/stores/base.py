@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from policyd.tables import Entry, Problem
+from policyd.tables import Entry, EntryKind, Problem
 
 if TYPE_CHECKING:
     from policyd.config import Settings
@@ -31,6 +31,9 @@ class StoreError(Exception):
         super().__init__("; ".join(str(p) for p in problems))
 
 
+ALL_KINDS = frozenset(EntryKind)
+
+
 @dataclass(frozen=True, slots=True)
 class Hit:
     """A store's answer for one key: every entry that lists it (a union has several)."""
@@ -38,12 +41,25 @@ class Hit:
     key: str
     entries: tuple[Entry, ...]
 
-    def entry_for(self, login: str) -> Entry | None:
-        """The first entry naming ``login`` (already folded) as an owner."""
+    def entry_for(self, login: str, kinds: frozenset[EntryKind] = ALL_KINDS) -> Entry | None:
+        """The first entry of one of ``kinds`` naming ``login`` (already folded) as an owner."""
         for entry in self.entries:
-            if login in entry.owners:
+            if entry.kind in kinds and login in entry.owners:
                 return entry
         return None
+
+    @property
+    def explicit(self) -> bool:
+        """True if something other than the identity rule lists the key (a line or account)."""
+        return any(entry.kind is not EntryKind.IDENTITY for entry in self.entries)
+
+    @property
+    def is_account(self) -> bool:
+        return any(entry.kind is EntryKind.ACCOUNT for entry in self.entries)
+
+    def listed(self) -> tuple[Entry, ...]:
+        """The table lines for the key: its alias targets or login-map owners."""
+        return tuple(entry for entry in self.entries if entry.kind is EntryKind.LISTED)
 
     def describe(self) -> str:
         """Who owns the key and where that is written, for explanations."""

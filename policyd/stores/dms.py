@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 from policyd.address import fold
 from policyd.stores.base import Hit, StoreError
-from policyd.stores.files import FileStore, read_text
+from policyd.stores.files import FileStore, Loaded, read_text
 from policyd.tables import (
     Entry,
+    EntryKind,
     FixedTable,
     Origin,
     PatternTable,
@@ -90,7 +91,7 @@ class DmsStore(FileStore[DmsMaps]):
     def watched(self) -> list[Path]:
         return [self.directory / name for name in (ACCOUNTS, VIRTUAL, REGEXP)]
 
-    def load(self) -> tuple[DmsMaps, int, list[Problem]]:
+    def load(self) -> Loaded[DmsMaps]:
         if not self.directory.is_dir():
             raise StoreError([Problem(str(self.directory), 0, "not a directory")])
         accounts_path, virtual_path, regexp_path = self.watched()
@@ -124,14 +125,20 @@ class DmsStore(FileStore[DmsMaps]):
         count = len(accounts) + len(virtual) + (len(regexp) if regexp else 0)
         return DmsMaps(accounts, virtual, regexp), count, warnings
 
-    def find(self, snapshot: DmsMaps, key: str) -> Hit:
-        entries = []
+    def find(self, snapshot: DmsMaps, key: str) -> Hit | None:
         alias = snapshot.virtual.get(key)
-        if alias is not None:
-            entries.append(alias)
+        if key.startswith("@") or "@" not in key:
+            # A partial key (@domain, a bare local part) is only ever asked for by the opt-in
+            # rules (catch_all); only postfix-virtual.cf has such keys.
+            return None if alias is None else Hit(key, (alias,))
+        entries = [] if alias is None else [alias]
         line = snapshot.accounts.get(key)
-        origin = Origin(f"{self.directory / ACCOUNTS}", line) if line else IDENTITY
-        entries.append(Entry((key,), origin))
+        if line:
+            entries.append(
+                Entry((key,), Origin(str(self.directory / ACCOUNTS), line), EntryKind.ACCOUNT)
+            )
+        else:
+            entries.append(Entry((key,), IDENTITY, EntryKind.IDENTITY))
         if snapshot.regexp is not None:
             rule = snapshot.regexp.get(key)
             if rule is not None:
