@@ -13,10 +13,12 @@ import contextlib
 import logging
 import os
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from policyd.stores.base import Hit, Store, StoreError
+from policyd.rules import Grant, LoginDeny, Rules, SenderDeny, parse_denies, parse_grants
+from policyd.stores.base import Hit, Store, StoreError, StoreStatus
 from policyd.tables import (
     FixedTable,
     PatternTable,
@@ -57,30 +59,40 @@ def signature(paths: list[Path]) -> Signature:
     return tuple(parts)
 
 
-class FileStore(Store, Generic[Snapshot]):
-    """Base for stores that load files into memory and reload them when they change."""
+Loaded = tuple[Snapshot, int, list[Problem]]  # (snapshot, entry count, warnings)
 
-    immediate = True
 
-    def __init__(self, name: str, reload_interval: float) -> None:
-        super().__init__(name)
-        self.reload_interval = reload_interval
+class Reloader(Generic[Snapshot]):
+    """Files loaded into one immutable snapshot that is replaced when the files change.
+
+    ``load`` reads and parses every file and returns a complete snapshot or raises StoreError.
+    It runs in a worker thread on reload; the snapshot is swapped in one assignment.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        status: StoreStatus,
+        watched: Callable[[], list[Path]],
+        load: Callable[[], Loaded[Snapshot]],
+        interval: float,
+    ) -> None:
+        self.name = name
+        self.status = status
+        self.watched = watched
+        self.load = load
+        self.interval = interval
         self._snapshot: Snapshot | None = None
         self._signature: Signature = ()
         self._watcher: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
 
-    @abstractmethod
-    def watched(self) -> list[Path]:
-        """The files whose change triggers a reload."""
-
-    @abstractmethod
-    def load(self) -> tuple[Snapshot, int, list[Problem]]:
-        """Read and parse every file: (snapshot, entry count, warnings). Raise StoreError."""
-
-    @abstractmethod
-    def find(self, snapshot: Snapshot, key: str) -> Hit | None:
-        """Look ``key`` up in one snapshot."""
+    @property
+    def snapshot(self) -> Snapshot:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError(f"{self.name} used before it was loaded")
+        return snapshot
 
     def load_now(self) -> None:
         """Load synchronously (startup, `policyd check`, `policyd validate`)."""
@@ -89,7 +101,7 @@ class FileStore(Store, Generic[Snapshot]):
 
     async def start(self) -> None:
         self.load_now()
-        if self.reload_interval > 0:
+        if self.interval > 0:
             self._watcher = asyncio.create_task(self._watch(), name=f"watch {self.name}")
 
     async def close(self) -> None:
@@ -100,6 +112,7 @@ class FileStore(Store, Generic[Snapshot]):
             self._watcher = None
 
     async def reload(self) -> bool:
+        """Load the files again; True if the new snapshot is in use."""
         async with self._reloading:
             before = signature(self.watched())
             try:
@@ -108,7 +121,7 @@ class FileStore(Store, Generic[Snapshot]):
                 self.status.failed(str(error))
                 for problem in error.problems:
                     log.error(
-                        "reload of %s failed, keeping the last good map: %s", self.name, problem
+                        "reload of %s failed, keeping the last good version: %s", self.name, problem
                     )
                 self._signature = before  # do not retry until the files change again
                 return False
@@ -119,7 +132,7 @@ class FileStore(Store, Generic[Snapshot]):
             log.info("reloaded %s: %d entries", self.name, self.status.entries)
             return True
 
-    def _install(self, loaded: tuple[Snapshot, int, list[Problem]], before: Signature) -> None:
+    def _install(self, loaded: Loaded[Snapshot], before: Signature) -> None:
         snapshot, entries, warnings = loaded
         for warning in warnings:
             log.warning("%s", warning)
@@ -129,18 +142,49 @@ class FileStore(Store, Generic[Snapshot]):
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self.reload_interval)
+            await asyncio.sleep(self.interval)
             if signature(self.watched()) != self._signature:
                 await self.reload()
+
+
+class FileStore(Store, Generic[Snapshot]):
+    """Base for stores that keep their files in memory and reload them when they change."""
+
+    immediate = True
+
+    def __init__(self, name: str, reload_interval: float) -> None:
+        super().__init__(name)
+        self.files = Reloader(name, self.status, self.watched, self.load, reload_interval)
+
+    @abstractmethod
+    def watched(self) -> list[Path]:
+        """The files whose change triggers a reload."""
+
+    @abstractmethod
+    def load(self) -> Loaded[Snapshot]:
+        """Read and parse every file. Raise StoreError with every problem found."""
+
+    @abstractmethod
+    def find(self, snapshot: Snapshot, key: str) -> Hit | None:
+        """Look ``key`` up in one snapshot."""
+
+    def load_now(self) -> None:
+        self.files.load_now()
+
+    async def start(self) -> None:
+        await self.files.start()
+
+    async def close(self) -> None:
+        await self.files.close()
+
+    async def reload(self) -> bool:
+        return await self.files.reload()
 
     async def lookup(self, key: str) -> Hit | None:
         return self.lookup_now(key)
 
     def lookup_now(self, key: str) -> Hit | None:
-        snapshot = self._snapshot
-        if snapshot is None:
-            raise RuntimeError(f"{self.name} used before start()")
-        return self.find(snapshot, key)
+        return self.find(self.files.snapshot, key)
 
 
 class TableStore(FileStore[FixedTable | PatternTable]):
@@ -157,7 +201,7 @@ class TableStore(FileStore[FixedTable | PatternTable]):
     def watched(self) -> list[Path]:
         return [self.path]
 
-    def load(self) -> tuple[FixedTable | PatternTable, int, list[Problem]]:
+    def load(self) -> Loaded[FixedTable | PatternTable]:
         text = read_text(self.path)
         try:
             table, warnings = self.parse(text, str(self.path))
@@ -191,3 +235,45 @@ class RegexpStore(TableStore):
 
     def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
         return parse_regexp(text, source), []
+
+
+class RuleFiles:
+    """The grants and deny files, loaded and reloaded like a store's files."""
+
+    def __init__(self, grants: Path | None, deny: Path | None, reload_interval: float) -> None:
+        self.grants = grants
+        self.deny = deny
+        self.name = "rules:" + ",".join(str(path) for path in (grants, deny) if path)
+        self.status = StoreStatus(self.name)
+        self.files = Reloader(self.name, self.status, self.watched, self.load, reload_interval)
+
+    @property
+    def configured(self) -> bool:
+        return self.grants is not None or self.deny is not None
+
+    @property
+    def rules(self) -> Rules:
+        return self.files.snapshot
+
+    def watched(self) -> list[Path]:
+        return [path for path in (self.grants, self.deny) if path is not None]
+
+    def load(self) -> Loaded[Rules]:
+        problems: list[Problem] = []
+        grants: dict[str, tuple[Grant, ...]] = {}
+        sender_denies: tuple[SenderDeny, ...] = ()
+        login_denies: tuple[LoginDeny, ...] = ()
+        try:
+            if self.grants is not None:
+                grants = parse_grants(read_text(self.grants), str(self.grants))
+        except (TableError, StoreError) as error:
+            problems += error.problems
+        try:
+            if self.deny is not None:
+                sender_denies, login_denies = parse_denies(read_text(self.deny), str(self.deny))
+        except (TableError, StoreError) as error:
+            problems += error.problems
+        if problems:
+            raise StoreError(problems)
+        rules = Rules(grants, sender_denies, login_denies)
+        return rules, len(rules), []
