@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="dms:DIR, texthash:FILE, pcre:FILE or regexp:FILE; repeat, searched in order",
     )
     common.add_argument("--mode", choices=[mode.value for mode in Mode])
+    rules = common.add_argument_group("ownership rules (README: Ownership rules)")
+    rules.add_argument("--plus-addresses", action="store_const", const=True)
+    rules.add_argument("--catch-all", action="store_const", const=True)
+    rules.add_argument("--nested-aliases", action="store_const", const=True)
+    rules.add_argument("--ignore-external-targets", action="store_const", const=True)
+    rules.add_argument("--grants", type=Path, metavar="FILE", help="send-only grants file")
+    rules.add_argument("--deny", type=Path, metavar="FILE", help="deny file")
+    rules.add_argument("--alias-logins", choices=["allow", "account", "refuse"])
+    rules.add_argument("--scope-port", dest="scope_ports", action="append", metavar="PORT")
+    rules.add_argument("--scope-context", dest="scope_contexts", action="append", metavar="NAME")
+    rules.add_argument("--exempt-network", dest="exempt_networks", action="append", metavar="CIDR")
 
     commands.add_parser("serve", parents=[common], help="run the policy daemon")
     check = commands.add_parser(
@@ -64,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         "login", metavar="LOGIN", help='SASL login; "" for an unauthenticated client'
     )
     check.add_argument("sender", metavar="SENDER", help='envelope sender; "" for the null sender')
+    request = check.add_argument_group("request attributes, as Postfix would send them")
+    request.add_argument("--server-port", default="", metavar="PORT")
+    request.add_argument("--policy-context", default="", metavar="NAME")
+    request.add_argument("--client-address", default="", metavar="IP")
     commands.add_parser("validate", parents=[common], help="load the settings and maps, report")
     return parser
 
@@ -85,8 +100,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return command(settings, args)
 
 
+# Command-line flags that are settings (the rest are commands and request attributes).
+FLAG_SETTINGS = (
+    "listen",
+    "maps",
+    "mode",
+    "plus_addresses",
+    "catch_all",
+    "nested_aliases",
+    "ignore_external_targets",
+    "grants",
+    "deny",
+    "alias_logins",
+    "scope_ports",
+    "scope_contexts",
+    "exempt_networks",
+)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    flags: dict[str, Any] = {"listen": args.listen, "maps": args.maps, "mode": args.mode}
+    flags: dict[str, Any] = {name: getattr(args, name) for name in FLAG_SETTINGS}
     return load_settings(args.config, flags=flags)
 
 
@@ -159,7 +192,12 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
         sender=args.sender,
         sasl_username=args.login,
         protocol_state="RCPT",
+        server_port=args.server_port,
+        policy_context=args.policy_context,
+        client_address=args.client_address,
     )
+    # check prints the decision itself; the daemon's decision log would only repeat it.
+    logging.getLogger("policyd.decision").setLevel(logging.WARNING)
     try:
         decision = asyncio.run(_decide_once(settings, request))
     except StoreError as error:
@@ -233,4 +271,18 @@ def validate(settings: Settings, args: argparse.Namespace) -> int:
         for warning in store.status.warnings:
             print(f"policyd: warning: {warning}", file=sys.stderr)
         asyncio.run(store.close())
+    if service.rule_files.configured:
+        try:
+            service.rule_files.files.load_now()
+        except StoreError as error:
+            failed = True
+            print(f"{service.rule_files.name}: FAILED")
+            _print_store_error(error)
+        else:
+            rules = service.rule_files.rules
+            grants = sum(len(items) for items in rules.grants.values())
+            print(
+                f"{service.rule_files.name}: {grants} grants, {len(rules.sender_denies)} denied"
+                f" senders, {len(rules.login_denies)} denied logins"
+            )
     return EXIT_CONFIG if failed else 0

@@ -7,6 +7,7 @@ a traceback.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -16,7 +17,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from policyd import defaults
 
@@ -133,6 +142,21 @@ class Settings(Strict):
     max_request_bytes: int = Field(default=defaults.MAX_REQUEST_BYTES, ge=256)
     max_attributes: int = Field(default=defaults.MAX_ATTRIBUTES, ge=8)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    socket_mode: str = Field(default=defaults.SOCKET_MODE, pattern=r"^0?[0-7]{3}$")
+    socket_group: str | None = None
+
+    # Opt-in ownership rules beyond Postfix's (README "Ownership rules").
+    plus_addresses: bool = False
+    catch_all: bool = False
+    nested_aliases: bool = False
+    max_alias_depth: int = Field(default=defaults.MAX_ALIAS_DEPTH, ge=1, le=100)
+    ignore_external_targets: bool = False
+    grants: Path | None = None
+    deny: Path | None = None
+    alias_logins: Literal["allow", "account", "refuse"] = "allow"
+    scope_ports: list[Annotated[int, Field(ge=0, le=65535)]] = Field(default_factory=list)
+    scope_contexts: list[str] = Field(default_factory=list)
+    exempt_networks: list[IPvAnyNetwork] = Field(default_factory=list)
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -171,6 +195,16 @@ class Settings(Strict):
             raise ValueError("must be a temporary reply: 4NN text, DEFER or DEFER_IF_PERMIT")
         return value.strip()
 
+    @field_validator("socket_group")
+    @classmethod
+    def _group_exists(cls, value: str | None) -> str | None:
+        if value is not None and not value.isdigit():
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"no group named {value!r}") from None
+        return value
+
     @field_validator("local_domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
@@ -180,12 +214,30 @@ class Settings(Strict):
     def _unique_listeners(self) -> Settings:
         seen = [str(endpoint) for endpoint in self.listen]
         if len(seen) != len(set(seen)):
-            raise ValueError("the same endpoint is listed twice")
+            raise ValueError("listen: the same endpoint is listed twice")
+        return self
+
+    @model_validator(mode="after")
+    def _accounts_needed(self) -> Settings:
+        # Only a dms map knows which addresses are mailbox accounts (postfix-accounts.cf).
+        if any(spec.type == "dms" for spec in self.maps):
+            return self
+        if self.alias_logins != "allow":
+            raise ValueError("alias_logins: needs a dms map, which lists the accounts")
+        if self.ignore_external_targets:
+            raise ValueError("ignore_external_targets: needs a dms map, which lists the accounts")
         return self
 
 
 # Settings whose environment value is a list: comma-separated, or a JSON array.
-_LIST_SETTINGS = {"listen", "maps", "local_domains"}
+_LIST_SETTINGS = {
+    "listen",
+    "maps",
+    "local_domains",
+    "scope_ports",
+    "scope_contexts",
+    "exempt_networks",
+}
 
 
 def settings_from_environment(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
@@ -259,6 +311,10 @@ def _describe(error: Any, where: dict[str, str]) -> str:
         origin = where.get(location[0], location[0])
         return f"{origin}: unknown setting"
     if not location:
+        # A rule across settings; its message starts with the setting it is about.
+        name, sep, rest = message.partition(": ")
+        if sep and name in Settings.model_fields:
+            return f"{where.get(name, name)}: {rest}"
         return f"settings: {message}"
     origin = where.get(location[0], location[0])
     # Drop pydantic's union-member tags (e.g. "dms") from the path; keep list indexes.

@@ -14,6 +14,10 @@ OWNED_ACTION: Final = "OK"
 # Listening. Loopback by default: the policy port carries no authentication of its own.
 LISTEN = ("inet:127.0.0.1:10040",)
 
+# unix: listeners. Postfix's smtpd runs as the postfix user and needs write access to the
+# socket: give the socket that group (socket_group) or widen the mode.
+SOCKET_MODE = "0660"
+
 # Postfix closes an idle policy connection after smtpd_policy_service_max_idle (300 s) and
 # any connection after smtpd_policy_service_max_ttl (1000 s). If policyd closed first, the
 # next request on that connection would pay Postfix's 1 s retry_delay, so outlast both.
@@ -34,3 +38,12 @@ RECIPIENT_DELIMITER = "+"
 
 # How often file stores look for changed files. SIGHUP reloads at once.
 RELOAD_INTERVAL = 5.0
+
+# nested_aliases: how many alias hops to follow, and how many lookups one decision may make
+# while following them (Postfix bounds its own expansion the same way:
+# virtual_alias_recursion_limit, virtual_alias_expansion_limit).
+MAX_ALIAS_DEPTH = 8
+MAX_ALIAS_LOOKUPS = 1000
+
+# A login denied by the deny file, or an alias login refused by alias_logins = "refuse".
+REJECT_LOGIN_DENIED = "553 5.7.1 sending is disabled for user {login}"

@@ -1,29 +1,45 @@
 """The decision: may this login use this envelope sender, and why. Pure: no sockets, no files.
 
 ``decide()`` is a generator. It yields each lookup key it needs (in Postfix's search order) and
-receives the store's answer, so the same code runs against in-memory maps without awaiting and
+receives the stores' answer, so the same code runs against in-memory maps without awaiting and
 against network stores with awaiting, and the whole semantics table is testable with a dict.
-See postfix-policy.md §B for the Postfix behaviour each branch reproduces.
+
+The order of precedence (README "Order of precedence"), first match decides:
+
+0. the null sender is never checked; a client without a login is checked per mode;
+1. scope: requests outside scope_ports / scope_contexts, or from exempt_networks, are not checked;
+2. deny: a denied login, or a denied sender, is rejected;
+3. explicit ownership: the maps list the login as an owner (Postfix's own check), or, with
+   nested_aliases, an alias chain leads to it;
+4. grants: the grants file lets the login use the sender;
+5. catch-all: the sender has no entry of its own and ``@domain`` is owned by the login;
+6. plus-address: the sender has no entry of its own and the login owns it without +extension;
+7. otherwise the sender is rejected (or, in mode known, not checked if no map lists it).
+
+See postfix-policy.md §B for the Postfix behaviour of rule 3 and the modes.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from enum import StrEnum
 
 from policyd import defaults
-from policyd.address import SearchKey, canonical, fold, search_keys
+from policyd.address import SearchKey, canonical, fold, search_keys, split, strip_extension
 from policyd.codec import PolicyRequest
 from policyd.config import Mode, Settings
+from policyd.rules import NO_RULES, Rules
 from policyd.stores.base import Hit
-from policyd.tables import Origin
+from policyd.tables import Entry, EntryKind, Origin
 
 
 class Verdict(StrEnum):
     PERMIT = "permit"  # the login owns the sender
     REJECT = "reject"  # it does not, or the client did not log in
-    DUNNO = "dunno"  # not policyd's business: null sender, no login, unlisted in known mode
+    DUNNO = "dunno"  # not policyd's business: null sender, no login, out of scope
     TEMPFAIL = "tempfail"  # a store could not answer; Postfix will retry
 
 
@@ -42,6 +58,9 @@ class Decision:
     rule: Origin | None = None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """The settings the decision depends on."""
@@ -51,6 +70,15 @@ class Policy:
     tempfail_action: str = defaults.TEMPFAIL_ACTION
     recipient_delimiter: str = defaults.RECIPIENT_DELIMITER
     local_domains: frozenset[str] = frozenset()
+    plus_addresses: bool = False
+    catch_all: bool = False
+    nested_aliases: bool = False
+    max_alias_depth: int = defaults.MAX_ALIAS_DEPTH
+    ignore_external_targets: bool = False
+    alias_logins: str = "allow"
+    scope_ports: frozenset[str] = frozenset()
+    scope_contexts: frozenset[str] = frozenset()
+    exempt_networks: tuple[Network, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -60,32 +88,59 @@ class Policy:
             tempfail_action=settings.tempfail_action,
             recipient_delimiter=settings.recipient_delimiter,
             local_domains=frozenset(settings.local_domains),
+            plus_addresses=settings.plus_addresses,
+            catch_all=settings.catch_all,
+            nested_aliases=settings.nested_aliases,
+            max_alias_depth=settings.max_alias_depth,
+            ignore_external_targets=settings.ignore_external_targets,
+            alias_logins=settings.alias_logins,
+            scope_ports=frozenset(str(port) for port in settings.scope_ports),
+            scope_contexts=frozenset(settings.scope_contexts),
+            exempt_networks=tuple(settings.exempt_networks),
         )
 
 
 Lookups = Generator[SearchKey, Hit | None, Decision]
+Found = Generator[SearchKey, Hit | None, "Ownership | None"]
 
 
-def decide(request: PolicyRequest, policy: Policy) -> Lookups:
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """Why a login may use an address: the reason word, a phrase about the address, the line."""
+
+    reason: str
+    explanation: str
+    rule: Origin | None
+
+
+def decide(request: PolicyRequest, policy: Policy, rules: Rules = NO_RULES) -> Lookups:
     """Decide one request, yielding the lookups it needs."""
     sender, login = request.sender, request.sasl_username
     if not sender:
         return _dunno(policy, "null_sender", "the null sender <> is never checked")
-    if not login and policy.mode in (Mode.AUTHENTICATED, Mode.PERMIT):
-        return _dunno(policy, "unauthenticated", "the client did not log in")
-    hit = yield from find_owners(canonical(sender), policy)
+    scope = _out_of_scope(request, policy)
+    if scope is not None:
+        return _finish(policy, scope)
+    key = canonical(sender)
     if not login:
-        # reject_sender_login_mismatch / reject_known_...: an owned address needs a login.
-        if hit is None:
-            return _dunno(
-                policy, "unauthenticated", f"the client did not log in and no map lists {sender}"
-            )
-        return _reject(
-            policy,
-            defaults.REJECT_NOT_LOGGED_IN,
-            "not_logged_in",
-            f"{sender} is owned by {hit.describe()}, and the client did not log in",
-        )
+        return (yield from _unauthenticated(sender, key, policy))
+
+    denied = _denied(request, fold(login), key, policy, rules)
+    if denied is not None:
+        return denied
+    resolved = yield from _resolve_login(login, policy, rules)
+    if isinstance(resolved, Decision):
+        return resolved
+    folded_login, owner_kinds = resolved
+
+    hit = yield from find_owners(key, policy)
+    owned = yield from _owned(key, hit, folded_login, owner_kinds, policy=policy, rules=rules)
+    if owned is not None:
+        return _permit(policy, sender, owned)
+    if hit is None or not hit.explicit:
+        owned = yield from _unlisted_rules(key, folded_login, owner_kinds, policy, rules)
+        if owned is not None:
+            return _permit(policy, sender, owned)
     if hit is None:
         if policy.mode is Mode.KNOWN:
             return _dunno(policy, "unlisted", f"no map lists {sender}")
@@ -93,26 +148,18 @@ def decide(request: PolicyRequest, policy: Policy) -> Lookups:
             policy,
             defaults.REJECT_NOT_OWNED.format(login=login),
             "unlisted",
-            f"no map lists {sender}, so no login may use it",
-        )
-    entry = hit.entry_for(fold(login))
-    if entry is not None:
-        return _finish(
-            policy,
-            Decision(
-                Verdict.PERMIT,
-                policy.owned_action,
-                "owner",
-                f"{sender} is owned by {login} ({entry.origin})",
-                entry.origin,
-            ),
+            f"{sender}: no map lists it, so no login may use it",
         )
     return _reject(
         policy,
         defaults.REJECT_NOT_OWNED.format(login=login),
         "not_owner",
-        f"{sender} is owned by {hit.describe()}, not by {login}",
+        f"{sender}: owned by {hit.describe()}, not by {login}",
     )
+
+
+_OWNER_KINDS = frozenset(EntryKind)
+_SELF = frozenset({EntryKind.ACCOUNT, EntryKind.IDENTITY})
 
 
 def find_owners(address: str, policy: Policy) -> Generator[SearchKey, Hit | None, Hit | None]:
@@ -127,6 +174,230 @@ def find_owners(address: str, policy: Policy) -> Generator[SearchKey, Hit | None
     return None
 
 
+def _unauthenticated(sender: str, key: str, policy: Policy) -> Lookups:
+    """No login: reject_sender_login_mismatch and reject_known_... want one for owned senders."""
+    if policy.mode in (Mode.AUTHENTICATED, Mode.PERMIT):
+        return _dunno(policy, "unauthenticated", "the client did not log in")
+    hit = yield from find_owners(key, policy)
+    if hit is None:
+        return _dunno(
+            policy, "unauthenticated", f"the client did not log in and no map lists {sender}"
+        )
+    return _reject(
+        policy,
+        defaults.REJECT_NOT_LOGGED_IN,
+        "not_logged_in",
+        f"{sender} is owned by {hit.describe()}, and the client did not log in",
+    )
+
+
+def _out_of_scope(request: PolicyRequest, policy: Policy) -> Decision | None:
+    if policy.scope_ports and request.server_port not in policy.scope_ports:
+        ports = ", ".join(sorted(policy.scope_ports, key=int))
+        return Decision(
+            Verdict.DUNNO,
+            "DUNNO",
+            "out_of_scope",
+            f"server_port {request.server_port or '(none)'} is not in scope_ports ({ports})",
+            Origin("scope_ports"),
+        )
+    if policy.scope_contexts and request.policy_context not in policy.scope_contexts:
+        contexts = ", ".join(sorted(policy.scope_contexts))
+        return Decision(
+            Verdict.DUNNO,
+            "DUNNO",
+            "out_of_scope",
+            f"policy_context {request.policy_context or '(none)'} is not in"
+            f" scope_contexts ({contexts})",
+            Origin("scope_contexts"),
+        )
+    if policy.exempt_networks and request.client_address:
+        try:
+            client = ipaddress.ip_address(request.client_address)
+        except ValueError:
+            return None
+        for network in policy.exempt_networks:
+            if client in network:
+                return Decision(
+                    Verdict.DUNNO,
+                    "DUNNO",
+                    "exempt_network",
+                    f"client {client} is in exempt_networks ({network})",
+                    Origin("exempt_networks"),
+                )
+    return None
+
+
+def _denied(
+    request: PolicyRequest, folded_login: str, key: str, policy: Policy, rules: Rules
+) -> Decision | None:
+    login, sender = request.sasl_username, request.sender
+    login_deny = rules.denied_login(folded_login)
+    if login_deny is not None:
+        return _reject(
+            policy,
+            defaults.REJECT_LOGIN_DENIED.format(login=login),
+            "deny_login",
+            f"login {login} is denied by {login_deny.pattern.text} ({login_deny.origin})",
+            login_deny.origin,
+        )
+    base = strip_extension(key, policy.recipient_delimiter)
+    for address in (key, base):
+        if address is None:
+            continue
+        sender_deny = rules.denied_sender(folded_login, address)
+        if sender_deny is not None:
+            return _reject(
+                policy,
+                defaults.REJECT_NOT_OWNED.format(login=login),
+                "deny_sender",
+                f"{sender}: denied by {sender_deny.pattern.text} ({sender_deny.origin})",
+                sender_deny.origin,
+            )
+    return None
+
+
+def _resolve_login(
+    login: str, policy: Policy, rules: Rules
+) -> Generator[SearchKey, Hit | None, Decision | tuple[str, frozenset[EntryKind]]]:
+    """Who the login is for the ownership rules: its folded name and the entry kinds that
+    may grant it ownership. Only alias_logins and ignore_external_targets need a lookup."""
+    folded_login = fold(login)
+    if policy.alias_logins == "allow" and not policy.ignore_external_targets:
+        return folded_login, _OWNER_KINDS
+    account = yield SearchKey(folded_login, partial=False)
+    if policy.alias_logins != "allow" and account is not None and not account.is_account:
+        resolved = yield from _alias_login(login, folded_login, account, policy, rules)
+        if isinstance(resolved, Decision):
+            return resolved
+        folded_login, account = resolved
+    # ignore_external_targets: a target that is not an account grants nothing, so a login
+    # that is not an account owns only itself.
+    if policy.ignore_external_targets and not (account is not None and account.is_account):
+        return folded_login, _SELF
+    return folded_login, _OWNER_KINDS
+
+
+def _alias_login(
+    login: str, folded_login: str, account: Hit, policy: Policy, rules: Rules
+) -> Generator[SearchKey, Hit | None, Decision | tuple[str, Hit]]:
+    """docker-mailserver lets an alias with one account target log in (ENABLE_QUOTAS)."""
+    listed = account.listed()
+    targets = [owner for entry in listed for owner in entry.owners]
+    if not listed:
+        return folded_login, account  # not an alias either (e.g. an LDAP login): as it is
+    origin = listed[0].origin
+    if policy.alias_logins == "refuse":
+        return _reject(
+            policy,
+            defaults.REJECT_LOGIN_DENIED.format(login=login),
+            "alias_login",
+            f"login {login} is an alias ({origin}), not an account; alias_logins = refuse",
+            origin,
+        )
+    if len(targets) == 1:
+        target_hit = yield SearchKey(targets[0], partial=False)
+        if target_hit is not None and target_hit.is_account:
+            denied = rules.denied_login(targets[0])
+            if denied is not None:
+                return _reject(
+                    policy,
+                    defaults.REJECT_LOGIN_DENIED.format(login=login),
+                    "deny_login",
+                    f"login {login} is an alias of {targets[0]}, which is denied ({denied.origin})",
+                    denied.origin,
+                )
+            return targets[0], target_hit
+    return folded_login, account
+
+
+def _owned(
+    key: str,
+    hit: Hit | None,
+    login: str,
+    kinds: frozenset[EntryKind],
+    *,
+    policy: Policy,
+    rules: Rules,
+) -> Found:
+    """Rules 3 and 4: explicit ownership (and alias chains), then grants."""
+    if hit is not None:
+        entry = hit.entry_for(login, kinds)
+        if entry is not None:
+            return Ownership("owner", f"owned by {login} ({entry.origin})", entry.origin)
+        if policy.nested_aliases:
+            chain = yield from _follow_aliases(hit, login, kinds, policy)
+            if chain is not None:
+                path = " -> ".join(f"{address} ({entry.origin})" for address, entry in chain)
+                return Ownership(
+                    "nested_alias", f"owned by {login} through {path}", chain[0][1].origin
+                )
+    grant = rules.grant_for(login, key)
+    if grant is not None:
+        return Ownership(
+            "grant", f"granted to {login} as {grant.pattern.text} ({grant.origin})", grant.origin
+        )
+    return None
+
+
+def _unlisted_rules(
+    key: str, login: str, kinds: frozenset[EntryKind], policy: Policy, rules: Rules
+) -> Found:
+    """Rules 5 and 6, for a sender with no entry of its own: catch-all, then plus-address."""
+    _, domain = split(key)
+    if policy.catch_all and domain:
+        domain_hit = yield SearchKey("@" + domain, partial=True)
+        if domain_hit is not None:
+            entry = domain_hit.entry_for(login, kinds)
+            if entry is not None:
+                return Ownership(
+                    "catch_all",
+                    f"not listed itself; the catch-all @{domain} is owned by {login}"
+                    f" ({entry.origin})",
+                    entry.origin,
+                )
+    base = strip_extension(key, policy.recipient_delimiter) if policy.plus_addresses else None
+    if base is not None:
+        base_hit = yield from find_owners(base, policy)
+        owned = yield from _owned(base, base_hit, login, kinds, policy=policy, rules=rules)
+        if owned is not None:
+            return Ownership(
+                "plus_address",
+                f"a plus-address of {base}, which is {owned.explanation}",
+                owned.rule,
+            )
+    return None
+
+
+def _follow_aliases(
+    hit: Hit, login: str, kinds: frozenset[EntryKind], policy: Policy
+) -> Generator[SearchKey, Hit | None, list[tuple[str, Entry]] | None]:
+    """Breadth-first through alias -> alias -> ... until an entry names ``login``.
+
+    Returns the chain as (address, the entry listing the next hop) pairs. Loops are cut by
+    remembering every address seen; depth and total lookups are bounded.
+    """
+    queue: deque[tuple[str, list[tuple[str, Entry]]]] = deque()
+    for entry in hit.listed():
+        queue.extend((owner, [(hit.key, entry)]) for owner in entry.owners)
+    seen = {hit.key}
+    lookups = 0
+    while queue and lookups < defaults.MAX_ALIAS_LOOKUPS:
+        address, chain = queue.popleft()
+        if address in seen or len(chain) >= policy.max_alias_depth:
+            continue
+        seen.add(address)
+        lookups += 1
+        target = yield from find_owners(address, policy)
+        if target is None:
+            continue
+        for entry in target.listed():
+            if login in entry.owners and entry.kind in kinds:
+                return [*chain, (address, entry)]
+            queue.extend((owner, [*chain, (address, entry)]) for owner in entry.owners)
+    return None
+
+
 def store_failure(policy: Policy, error: str) -> Decision:
     """A store could not answer: a temporary reply, so Postfix retries and no mail is lost."""
     return _finish(
@@ -137,12 +408,27 @@ def store_failure(policy: Policy, error: str) -> Decision:
     )
 
 
+def _permit(policy: Policy, sender: str, owned: Ownership) -> Decision:
+    return _finish(
+        policy,
+        Decision(
+            Verdict.PERMIT,
+            policy.owned_action,
+            owned.reason,
+            f"{sender}: {owned.explanation}",
+            owned.rule,
+        ),
+    )
+
+
 def _dunno(policy: Policy, reason: str, explanation: str) -> Decision:
     return _finish(policy, Decision(Verdict.DUNNO, "DUNNO", reason, explanation))
 
 
-def _reject(policy: Policy, action: str, reason: str, explanation: str) -> Decision:
-    return _finish(policy, Decision(Verdict.REJECT, action, reason, explanation))
+def _reject(
+    policy: Policy, action: str, reason: str, explanation: str, rule: Origin | None = None
+) -> Decision:
+    return _finish(policy, Decision(Verdict.REJECT, action, reason, explanation, rule))
 
 
 def _finish(policy: Policy, decision: Decision) -> Decision:

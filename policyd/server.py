@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import socket
@@ -217,7 +218,12 @@ class PolicyServer:
                 listener = await loop.create_unix_server(
                     lambda: PolicyConnection(self), endpoint.path
                 )
+                self.listeners.append(listener)
+                _set_socket_access(
+                    endpoint.path, self.settings.socket_mode, self.settings.socket_group
+                )
                 self.addresses.append(str(endpoint))
+                continue
             else:
                 listener = await loop.create_server(
                     lambda: PolicyConnection(self),
@@ -257,6 +263,14 @@ def _remove_stale_socket(path: str) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _set_socket_access(path: str, mode: str, group: str | None) -> None:
+    """Let Postfix's smtpd (user postfix) connect: socket_mode, and socket_group if set."""
+    if group is not None:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        os.chown(path, -1, gid)
+    os.chmod(path, int(mode, 8))
 
 
 def _describe_socket(sock: socket.socket) -> str:

@@ -12,7 +12,9 @@ from policyd.address import SearchKey
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.engine import Decision, Policy, Verdict, decide, run, run_now, store_failure
+from policyd.rules import NO_RULES, Rules
 from policyd.stores import Hit, Store, StoreUnavailable, open_store
+from policyd.stores.files import RuleFiles
 
 log = logging.getLogger("policyd")
 decision_log = logging.getLogger("policyd.decision")
@@ -55,6 +57,11 @@ class Service:
         self.policy = Policy.from_settings(settings)
         self.stores = [open_store(spec, settings) for spec in settings.maps]
         self.maps = LoginMaps(self.stores)
+        self.rule_files = RuleFiles(settings.grants, settings.deny, settings.reload_interval)
+
+    @property
+    def rules(self) -> Rules:
+        return self.rule_files.rules if self.rule_files.configured else NO_RULES
 
     @property
     def immediate(self) -> bool:
@@ -68,6 +75,8 @@ class Service:
             for store in self.stores:
                 await store.start()
                 started.append(store)
+            if self.rule_files.configured:
+                await self.rule_files.files.start()
         except BaseException:
             for store in started:
                 await store.close()
@@ -76,16 +85,19 @@ class Service:
     async def close(self) -> None:
         for store in self.stores:
             await store.close()
+        await self.rule_files.files.close()
 
     async def reload(self) -> bool:
-        """Reload every store (SIGHUP); True only if all of them took the new data."""
+        """Reload every store and the rule files (SIGHUP); True only if all took the new data."""
         results = [await store.reload() for store in self.stores]
+        if self.rule_files.configured:
+            results.append(await self.rule_files.files.reload())
         return all(results)
 
     def decide_now(self, request: PolicyRequest) -> Decision:
         """Decide without awaiting; only valid when ``immediate``."""
         try:
-            decision = run_now(decide(request, self.policy), self.maps.find_now)
+            decision = run_now(decide(request, self.policy, self.rules), self.maps.find_now)
         except StoreUnavailable as error:
             decision = store_failure(self.policy, str(error))
         self.record(request, decision)
@@ -93,7 +105,7 @@ class Service:
 
     async def decide(self, request: PolicyRequest) -> Decision:
         try:
-            decision = await run(decide(request, self.policy), self.maps.find)
+            decision = await run(decide(request, self.policy, self.rules), self.maps.find)
         except StoreUnavailable as error:
             decision = store_failure(self.policy, str(error))
         self.record(request, decision)

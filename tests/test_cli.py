@@ -71,7 +71,7 @@ def test_check_in_permit_mode_exits_zero_but_says_what_it_would_do(
 def test_validate_counts_entries(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "validate", "--map", DMS)
     assert code == 0
-    assert f"map dms:{DATA / 'dms'}: 12 entries" in out
+    assert f"map dms:{DATA / 'dms'}: 22 entries" in out
 
 
 def test_validate_reports_every_problem_with_file_and_line(

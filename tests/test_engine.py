@@ -10,12 +10,13 @@ import pytest
 
 from policyd.address import SearchKey
 from policyd.codec import PolicyRequest
-from policyd.config import Mode
+from policyd.config import Mode, Settings
 from policyd.engine import Policy, Verdict, decide, run_now, store_failure
+from policyd.rules import NO_RULES
 from policyd.service import LoginMaps
 from policyd.stores.base import Hit
 from policyd.stores.dms import DmsStore
-from policyd.stores.files import PcreStore, TexthashStore
+from policyd.stores.files import PcreStore, RuleFiles, TexthashStore
 from policyd.tables import Entry, Origin
 from tests.conftest import DATA
 
@@ -182,3 +183,107 @@ def test_undecodable_bytes_survive_into_the_reply() -> None:
 
 def test_data_files_exist() -> None:
     assert Path(DATA / "dms" / "postfix-virtual.cf").is_file()
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    case: str
+    options: str
+    login: str
+    sender: str
+    port: str
+    context: str
+    client: str
+    verdict: str
+    action: str
+    reason: str
+    rule: str
+
+
+def read_rule_table() -> list[RuleRow]:
+    with (DATA / "rules.tsv").open(newline="") as handle:
+        lines = [line for line in handle if line.strip() and not line.startswith("#")]
+    return [RuleRow(*fields) for fields in csv.reader(lines, delimiter="\t")]
+
+
+def settings_for(options: str) -> Settings:
+    """Settings from a rules.tsv options cell, e.g. "plus_addresses scope_ports=587,465"."""
+    values: dict[str, object] = {"maps": [f"dms:{DATA / 'dms'}"], "reload_interval": 0}
+    for option in options.split():
+        name, _, value = option.partition("=")
+        if name == "grants":
+            values[name] = DATA / "rules" / "policyd-senders.cf"
+        elif name == "deny":
+            values[name] = DATA / "rules" / "policyd-deny.cf"
+        elif name in ("scope_ports", "scope_contexts", "exempt_networks"):
+            values[name] = value.split(",")
+        elif name != "-":
+            values[name] = value if value else True
+    return Settings.model_validate(values)
+
+
+@pytest.mark.parametrize("row", read_rule_table(), ids=lambda row: row.case)
+def test_rule_table(row: RuleRow) -> None:
+    settings = settings_for(row.options)
+    rule_files = RuleFiles(settings.grants, settings.deny, 0)
+    rules = NO_RULES
+    if rule_files.configured:
+        rule_files.files.load_now()
+        rules = rule_files.rules
+    request = PolicyRequest(
+        sender=row.sender,
+        sasl_username="" if row.login == "-" else row.login,
+        server_port="" if row.port == "-" else row.port,
+        policy_context="" if row.context == "-" else row.context,
+        client_address="" if row.client == "-" else row.client,
+    )
+    decision = run_now(decide(request, Policy.from_settings(settings), rules), MAPS["dms"].find_now)
+    assert (decision.verdict, decision.action, decision.reason) == (
+        Verdict(row.verdict),
+        row.action,
+        row.reason,
+    ), decision.explanation
+    if row.rule == "-":
+        assert decision.rule is None, decision.rule
+    else:
+        assert str(decision.rule).endswith(row.rule), decision.rule
+
+
+def test_rule_table_covers_every_reason() -> None:
+    reasons = {row.reason for row in read_rule_table()}
+    assert reasons >= {
+        "out_of_scope",
+        "exempt_network",
+        "deny_login",
+        "deny_sender",
+        "owner",
+        "grant",
+        "catch_all",
+        "plus_address",
+        "nested_alias",
+        "alias_login",
+        "not_owner",
+    }
+
+
+def test_nested_explanation_shows_the_chain() -> None:
+    settings = settings_for("nested_aliases")
+    request = PolicyRequest(
+        sender="deep1@localhost.localdomain", sasl_username="user3@localhost.localdomain"
+    )
+    decision = run_now(decide(request, Policy.from_settings(settings)), MAPS["dms"].find_now)
+    assert decision.explanation == (
+        "deep1@localhost.localdomain: owned by user3@localhost.localdomain through "
+        f"deep1@localhost.localdomain ({DATA / 'dms' / 'postfix-virtual.cf'}:14) -> "
+        f"deep2@localhost.localdomain ({DATA / 'dms' / 'postfix-virtual.cf'}:15) -> "
+        f"deep3@localhost.localdomain ({DATA / 'dms' / 'postfix-virtual.cf'}:16)"
+    )
+
+
+def test_nested_lookups_are_bounded_for_wide_aliases() -> None:
+    """An alias with thousands of alias targets cannot make one decision unbounded."""
+    wide = {f"member{i}@x": hit(f"member{i}@x", f"leaf{i}@x") for i in range(5000)}
+    wide["list@x"] = hit("list@x", *[f"member{i}@x" for i in range(5000)])
+    request = PolicyRequest(sender="list@x", sasl_username="nobody@x")
+    asked = lookups(request, Policy(nested_aliases=True), wide)
+    assert len(asked) <= 3 * 1000 + 10
