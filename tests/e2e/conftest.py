@@ -58,7 +58,7 @@ def mail_stack(request: pytest.FixtureRequest) -> Iterator[mailstack.MailStack]:
         pytest.fail(f"E2E_REQUIRED=1 but {reason}")  # CI must never skip these silently
     if reason:
         pytest.skip(reason)
-    stack = mailstack.MailStack(mailstack.DMS_USERS)
+    stack = mailstack.MailStack({**mailstack.DMS_USERS, **mailstack.RULE_USERS})
     stack.add_dms_listener("native", mailstack.DMS_VIRTUAL, mailstack.DMS_REGEXP)
     # Deliberately unreachable until a test provides its policy server.
     stack.add_policy_listener("policy", f"unix:{stack.root}/no-policy-server")

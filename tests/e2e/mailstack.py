@@ -82,6 +82,15 @@ DMS_USERS: dict[str, str] = {
     "user3@localhost.localdomain": DMS_PASSWORD,
     "added@localhost.localdomain": DMS_PASSWORD,
 }
+#: More SASL logins for the opt-in rules tests: a relay and an application account
+#: (send-only grants), a locked account (deny list), and an alias that can log in, as
+#: docker-mailserver's ENABLE_QUOTAS dummy accounts allow.
+RULE_USERS: dict[str, str] = {
+    "relay@localhost.localdomain": DMS_PASSWORD,
+    "app@localhost.localdomain": DMS_PASSWORD,
+    "locked@localhost.localdomain": DMS_PASSWORD,
+    "alias1@localhost.localdomain": DMS_PASSWORD,
+}
 DMS_VIRTUAL = """\
 alias1@localhost.localdomain user1@localhost.localdomain
 alias2@localhost.localdomain external1@otherdomain.tld

@@ -8,15 +8,12 @@ character for character.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from daemon import Policyd
 from mailstack import (
     DMS_PASSWORD,
     DMS_REGEXP,
@@ -25,7 +22,6 @@ from mailstack import (
     MailStack,
     policy_restriction,
     smtp_try,
-    wait_until,
 )
 
 from policyd.cli import main as policyd_main
@@ -174,31 +170,6 @@ CASES = [
 def case_id(case: tuple[str, str | None, str, tuple[int, str]]) -> str:
     scenario, login, sender, reply = case
     return f"{scenario}-{(login or 'nologin').split('@')[0]}-{sender or '<>'}-{reply[0]}"
-
-
-class Policyd:
-    """`policyd serve` as an admin runs it, on a port the kernel picks."""
-
-    def __init__(self, log: Path, *args: str) -> None:
-        self.log = log
-        with log.open("w") as stderr:  # a file, so a busy log can never block the daemon
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "policyd", "serve", "--listen", "inet:127.0.0.1:0", *args],
-                stderr=stderr,
-                env={**os.environ, "POLICYD_RELOAD_INTERVAL": "0"},
-            )
-        wait_until(
-            lambda: "listening on" in log.read_text() or self.process.poll() is not None,
-            "policyd to listen",
-        )
-        if self.process.poll() is not None:
-            raise AssertionError(f"policyd exited: {log.read_text()}")
-        line = next(line for line in log.read_text().splitlines() if "listening on" in line)
-        self.endpoint = line.rsplit("listening on ", 1)[1].strip()
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(10) == 0, self.log.read_text()
 
 
 def policyd_args(scenario: Scenario, data: Path) -> list[str]:
