@@ -83,13 +83,15 @@ DMS_USERS: dict[str, str] = {
     "added@localhost.localdomain": DMS_PASSWORD,
 }
 #: More SASL logins for the opt-in rules tests: a relay and an application account
-#: (send-only grants), a locked account (deny list), and an alias that can log in, as
-#: docker-mailserver's ENABLE_QUOTAS dummy accounts allow.
+#: (send-only grants), a locked account (deny list), an alias that can log in, as
+#: docker-mailserver's ENABLE_QUOTAS dummy accounts allow, and a login that is only an
+#: alias target (external to the mail accounts).
 RULE_USERS: dict[str, str] = {
     "relay@localhost.localdomain": DMS_PASSWORD,
     "app@localhost.localdomain": DMS_PASSWORD,
     "locked@localhost.localdomain": DMS_PASSWORD,
     "alias1@localhost.localdomain": DMS_PASSWORD,
+    "external1@otherdomain.tld": DMS_PASSWORD,
 }
 DMS_VIRTUAL = """\
 alias1@localhost.localdomain user1@localhost.localdomain

@@ -1,7 +1,8 @@
 """The opt-in ownership rules, end to end: a real Postfix asks policyd, the client sees the verdict.
 
 policyd runs in mode sender with every rule switched on (plus-addresses, catch-all, nested
-aliases, send-only grants, deny lists, alias logins mapped to their account) and is scoped to
+aliases ignoring external targets, send-only grants, deny lists, alias logins mapped to their
+account) and is scoped to
 one submission-like listener. A second, port-25-like listener without SASL asks the same
 policyd and must be left alone.
 """
@@ -61,7 +62,8 @@ def setup(mail_stack: MailStack, tmp_path_factory: pytest.TempPathFactory) -> It
     root = tmp_path_factory.mktemp("rules")
     dms = root / "dms"
     dms.mkdir()
-    accounts = [user for user in {**DMS_USERS, **RULE_USERS} if not user.startswith("alias1@")]
+    not_accounts = ("alias1@", "external1@")
+    accounts = [user for user in {**DMS_USERS, **RULE_USERS} if not user.startswith(not_accounts)]
     (dms / "postfix-accounts.cf").write_text("".join(f"{user}|{{PLAIN}}x\n" for user in accounts))
     (dms / "postfix-virtual.cf").write_text(DMS_VIRTUAL + EXTRA_VIRTUAL)
     (dms / "postfix-regexp.cf").write_text(DMS_REGEXP)
@@ -78,7 +80,7 @@ def setup(mail_stack: MailStack, tmp_path_factory: pytest.TempPathFactory) -> It
     daemon = Policyd(
         root / "policyd.log",
         *("--map", f"dms:{dms}", "--mode", "sender"),
-        *("--plus-addresses", "--catch-all", "--nested-aliases"),
+        *("--plus-addresses", "--catch-all", "--nested-aliases", "--ignore-external-targets"),
         *("--grants", str(root / "senders.cf"), "--deny", str(root / "deny.cf")),
         *("--alias-logins", "account", "--scope-port", str(submission)),
         listen=f"unix:{socket}",
@@ -130,6 +132,12 @@ CASES = [
         id="deny-login",
     ),
     pytest.param("alias1@localhost.localdomain", USER1, ACCEPTED, id="alias-login-as-account"),
+    pytest.param(
+        "external1@otherdomain.tld",
+        "alias2@localhost.localdomain",
+        rejected("alias2@localhost.localdomain", "not owned by user external1@otherdomain.tld"),
+        id="external-target-ignored",
+    ),
     pytest.param(None, USER1, rejected(USER1, "not logged in"), id="no-login-on-submission"),
 ]
 
