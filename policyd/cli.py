@@ -20,6 +20,8 @@ from policyd import __version__
 from policyd.codec import PolicyRequest
 from policyd.config import ConfigError, Mode, Settings, load_settings
 from policyd.engine import Decision, Verdict
+from policyd.http import HttpServer
+from policyd.logs import Logging
 from policyd.server import PolicyServer
 from policyd.service import Service
 from policyd.stores import StoreError
@@ -91,13 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in error.problems:
             print(f"policyd: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs = Logging(settings.log_level, settings.log_format)
     command = {"serve": serve, "check": check, "validate": validate}[args.command]
-    return command(settings, args)
+    try:
+        return command(settings, args)
+    finally:
+        logs.stop()
 
 
 # Command-line flags that are settings (the rest are commands and request attributes).
@@ -147,9 +148,13 @@ async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> 
     service = Service(settings)
     await service.start()
     server = PolicyServer(service, settings)
+    http = HttpServer(service.metrics, service.statuses)
     try:
         await server.start()
+        if settings.metrics_listen is not None:
+            await http.start(settings.metrics_listen)
     except BaseException:
+        await server.stop(grace=0)
         await service.close()
         raise
     loop = asyncio.get_running_loop()
@@ -172,10 +177,12 @@ async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    log.info("ready")
     if ready is not None:
         ready.set()
     try:
         await stopping.wait()
+        await http.stop()
         await server.stop()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

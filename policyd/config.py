@@ -142,6 +142,11 @@ class Settings(Strict):
     max_request_bytes: int = Field(default=defaults.MAX_REQUEST_BYTES, ge=256)
     max_attributes: int = Field(default=defaults.MAX_ATTRIBUTES, ge=8)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["logfmt", "json"] = "logfmt"
+    log_decisions: Literal["rejects", "all", "none"] = "rejects"
+    metrics_listen: Endpoint | None = Field(
+        default_factory=lambda: Endpoint.parse(defaults.METRICS_LISTEN)
+    )
     socket_mode: str = Field(default=defaults.SOCKET_MODE, pattern=r"^0?[0-7]{3}$")
     socket_group: str | None = None
 
@@ -164,6 +169,13 @@ class Settings(Strict):
         if isinstance(value, list):
             return [Endpoint.parse(item) if isinstance(item, str) else item for item in value]
         return value
+
+    @field_validator("metrics_listen", mode="before")
+    @classmethod
+    def _metrics_endpoint(cls, value: Any) -> Any:
+        if value in ("", "none", None):
+            return None  # metrics and health endpoints switched off
+        return Endpoint.parse(value) if isinstance(value, str) else value
 
     @field_validator("maps", mode="before")
     @classmethod
@@ -215,6 +227,9 @@ class Settings(Strict):
         seen = [str(endpoint) for endpoint in self.listen]
         if len(seen) != len(set(seen)):
             raise ValueError("listen: the same endpoint is listed twice")
+        metrics = self.metrics_listen
+        if metrics is not None and metrics.port != 0 and str(metrics) in seen:
+            raise ValueError("metrics_listen: the policy service already listens there")
         return self
 
     @model_validator(mode="after")

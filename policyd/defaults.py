@@ -13,6 +13,8 @@ OWNED_ACTION: Final = "OK"
 
 # Listening. Loopback by default: the policy port carries no authentication of its own.
 LISTEN = ("inet:127.0.0.1:10040",)
+# /metrics, /healthz and /readyz: their own port, also loopback by default.
+METRICS_LISTEN = "inet:127.0.0.1:10041"
 
 # unix: listeners. Postfix's smtpd runs as the postfix user and needs write access to the
 # socket: give the socket that group (socket_group) or widen the mode.

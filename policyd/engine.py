@@ -398,13 +398,12 @@ def _follow_aliases(
     return None
 
 
-def store_failure(policy: Policy, error: str) -> Decision:
-    """A store could not answer: a temporary reply, so Postfix retries and no mail is lost."""
+def store_failure(policy: Policy, error: str, reason: str = "store_error") -> Decision:
+    """A store (or policyd itself) could not answer: a temporary reply, so Postfix retries
+    and no mail is lost. Never a 5xx, never an OK."""
     return _finish(
         policy,
-        Decision(
-            Verdict.TEMPFAIL, policy.tempfail_action, "store_error", f"lookup failed: {error}"
-        ),
+        Decision(Verdict.TEMPFAIL, policy.tempfail_action, reason, f"lookup failed: {error}"),
     )
 
 

@@ -16,10 +16,11 @@ import os
 import socket
 import stat
 from collections import deque
+from time import perf_counter
 
 from policyd.codec import PolicyRequest, ProtocolError, RequestParser, encode_reply
 from policyd.config import Endpoint, Settings
-from policyd.engine import Decision, Verdict
+from policyd.engine import Decision, store_failure
 from policyd.service import Service
 
 log = logging.getLogger("policyd.server")
@@ -54,6 +55,7 @@ class PolicyConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.server.connections.add(self)
+        self.service.metrics.connections_total += 1
         self.last_activity = self.loop.time()
         self._schedule(self.last_activity + self.server.settings.idle_timeout)
 
@@ -63,7 +65,7 @@ class PolicyConnection(asyncio.Protocol):
         try:
             requests = self.parser.feed(data)
         except ProtocolError as error:
-            self._drop(f"protocol error ({error.kind}): {error}")
+            self._drop(error.kind, f"protocol error ({error.kind}): {error}")
             return
         self.queue.extend(requests)
         if self.parser.pending:
@@ -104,10 +106,11 @@ class PolicyConnection(asyncio.Protocol):
     def _answer_queued(self) -> None:
         while self.queue and self.task is None and not self.closing:
             request = self.queue.popleft()
+            started = perf_counter()
             if self.service.immediate:
-                self._reply(self._decide_now(request))
+                self._reply(self._decide_now(request), started)
             else:
-                self.task = self.loop.create_task(self._decide_later(request))
+                self.task = self.loop.create_task(self._decide_later(request, started))
                 self.server.tasks.add(self.task)
                 self.task.add_done_callback(self.server.tasks.discard)
 
@@ -116,24 +119,25 @@ class PolicyConnection(asyncio.Protocol):
             return self.service.decide_now(request)
         except Exception as error:  # a bug must not kill the connection or lose the mail
             log.exception("internal error deciding a request from %s", self.peer)
-            return self.server.internal_error(error)
+            return self.server.internal_error(request, error)
 
-    async def _decide_later(self, request: PolicyRequest) -> None:
+    async def _decide_later(self, request: PolicyRequest, started: float) -> None:
         try:
             decision = await self.service.decide(request)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             log.exception("internal error deciding a request from %s", self.peer)
-            decision = self.server.internal_error(error)
+            decision = self.server.internal_error(request, error)
         self.task = None
-        self._reply(decision)
+        self._reply(decision, started)
         self._answer_queued()
 
-    def _reply(self, decision: Decision) -> None:
+    def _reply(self, decision: Decision, started: float) -> None:
         if self.closing or self.transport is None:
             return
         self.transport.write(encode_reply(decision.action))
+        self.service.metrics.latency.observe(perf_counter() - started)
         self.last_activity = self.loop.time()
 
     # Timeouts
@@ -151,7 +155,9 @@ class PolicyConnection(asyncio.Protocol):
         if self.request_started is not None:
             deadline = self.request_started + settings.request_timeout
             if now >= deadline:
-                self._drop(f"request not finished within {settings.request_timeout:g} s")
+                self._drop(
+                    "request_timeout", f"request not finished within {settings.request_timeout:g} s"
+                )
                 return
             self._schedule(deadline)
             return
@@ -164,9 +170,10 @@ class PolicyConnection(asyncio.Protocol):
 
     # Closing
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, kind: str, why: str) -> None:
         """Disconnect without a reply: the protocol's answer to a broken request."""
         log.warning("closing connection from %s: %s", self.peer, why)
+        self.service.metrics.protocol_errors[kind] += 1
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
@@ -191,15 +198,15 @@ class PolicyServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[asyncio.Server] = []
         self.addresses: list[str] = []
+        service.metrics.active_connections = lambda: len(self.connections)
 
-    def internal_error(self, error: Exception) -> Decision:
+    def internal_error(self, request: PolicyRequest, error: Exception) -> Decision:
         """An unexpected failure answers like a store failure: temporary, so no mail is lost."""
-        return Decision(
-            Verdict.TEMPFAIL,
-            self.service.policy.tempfail_action,
-            "internal_error",
-            f"internal error: {type(error).__name__}",
+        decision = store_failure(
+            self.service.policy, f"internal error: {type(error).__name__}", "internal_error"
         )
+        self.service.record(request, decision)
+        return decision
 
     async def start(self) -> None:
         try:

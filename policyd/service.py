@@ -6,62 +6,94 @@ with `policyd serve`.
 
 from __future__ import annotations
 
-import logging
+from time import perf_counter
 
 from policyd.address import SearchKey
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.engine import Decision, Policy, Verdict, decide, run, run_now, store_failure
+from policyd.logs import log_decision
+from policyd.metrics import Metrics
 from policyd.rules import NO_RULES, Rules
 from policyd.stores import Hit, Store, StoreUnavailable, open_store
+from policyd.stores.base import StoreStatus
 from policyd.stores.files import RuleFiles
-
-log = logging.getLogger("policyd")
-decision_log = logging.getLogger("policyd.decision")
 
 
 class LoginMaps:
     """Postfix's smtpd_sender_login_maps: stores asked in order, the first answer wins.
 
     Pattern stores (pcre, regexp) are skipped for partial keys, as Postfix's maps_find() does.
+    Every lookup is counted and timed per store for the metrics.
     """
 
-    def __init__(self, stores: list[Store]) -> None:
-        self.stores = stores
+    def __init__(self, stores: list[Store], metrics: Metrics) -> None:
+        self.stores = [(store, metrics.store(store.name)) for store in stores]
         self.immediate = all(store.immediate for store in stores)
 
     def find_now(self, search: SearchKey) -> Hit | None:
-        for store in self.stores:
+        for store, stats in self.stores:
             if search.partial and store.pattern:
                 continue
-            hit = store.lookup_now(search.key)
+            started = perf_counter()
+            try:
+                hit = store.lookup_now(search.key)
+            except StoreUnavailable:
+                stats.errors += 1
+                raise
+            finally:
+                stats.lookups += 1
+                stats.latency.observe(perf_counter() - started)
             if hit is not None:
                 return hit
         return None
 
     async def find(self, search: SearchKey) -> Hit | None:
-        for store in self.stores:
+        for store, stats in self.stores:
             if search.partial and store.pattern:
                 continue
-            hit = await store.lookup(search.key)
+            started = perf_counter()
+            try:
+                hit = await store.lookup(search.key)
+            except StoreUnavailable:
+                stats.errors += 1
+                raise
+            finally:
+                stats.lookups += 1
+                stats.latency.observe(perf_counter() - started)
             if hit is not None:
                 return hit
         return None
 
 
 class Service:
-    """Settings, stores and engine, wired once and shared by every connection."""
+    """Settings, stores, engine and metrics, wired once and shared by every connection."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.policy = Policy.from_settings(settings)
         self.stores = [open_store(spec, settings) for spec in settings.maps]
-        self.maps = LoginMaps(self.stores)
+        self.maps = LoginMaps(self.stores, self.metrics)
         self.rule_files = RuleFiles(settings.grants, settings.deny, settings.reload_interval)
+        self.metrics.store_statuses = self.statuses
+        # Which verdicts get a decision log line (log_decisions).
+        self.logged = {
+            "rejects": frozenset({Verdict.REJECT, Verdict.TEMPFAIL}),
+            "all": frozenset(Verdict),
+            "none": frozenset(),
+        }[settings.log_decisions]
 
     @property
     def rules(self) -> Rules:
         return self.rule_files.rules if self.rule_files.configured else NO_RULES
+
+    def statuses(self) -> list[StoreStatus]:
+        """Every store's status, and the rule files', for /readyz and the metrics."""
+        statuses = [store.status for store in self.stores]
+        if self.rule_files.configured:
+            statuses.append(self.rule_files.status)
+        return statuses
 
     @property
     def immediate(self) -> bool:
@@ -112,19 +144,7 @@ class Service:
         return decision
 
     def record(self, request: PolicyRequest, decision: Decision) -> None:
-        """One log line per refusal; permits are logged at debug level."""
-        level = (
-            logging.DEBUG if decision.verdict in (Verdict.PERMIT, Verdict.DUNNO) else logging.INFO
-        )
-        if decision_log.isEnabledFor(level):
-            decision_log.log(
-                level,
-                "verdict=%s reason=%s instance=%s login=%r sender=%r action=%r rule=%s",
-                decision.verdict,
-                decision.reason,
-                request.instance or "-",
-                request.sasl_username,
-                request.sender,
-                decision.action,
-                decision.rule or "-",
-            )
+        """Count the decision, and log it if log_decisions asks for its verdict."""
+        self.metrics.requests[decision.verdict.value, decision.reason] += 1
+        if decision.verdict in self.logged:
+            log_decision(request, decision)

@@ -177,12 +177,12 @@ async def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
         f"unix:{socket_path}",
         "--map",
         f"dms:{dms}",
-        env={**os.environ, "POLICYD_RELOAD_INTERVAL": "0"},
+        env={**os.environ, "POLICYD_RELOAD_INTERVAL": "0", "POLICYD_METRICS_LISTEN": "none"},
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert process.stderr is not None
-        await read_until(process.stderr, b"listening on")
+        await read_until(process.stderr, b"msg=ready")
         reply = await ask(socket_path, "new@localhost.localdomain", "user1@localhost.localdomain")
         assert reply == b"action=553 5.7.1 not owned by user user1@localhost.localdomain\n\n"
         with (dms / "postfix-virtual.cf").open("a") as virtual:

@@ -12,6 +12,7 @@ from policyd.address import SearchKey
 from policyd.codec import PolicyRequest
 from policyd.config import Mode, Settings
 from policyd.engine import Policy, Verdict, decide, run_now, store_failure
+from policyd.metrics import Metrics
 from policyd.rules import NO_RULES
 from policyd.service import LoginMaps
 from policyd.stores.base import Hit
@@ -49,7 +50,7 @@ def load_maps(name: str) -> LoginMaps:
         ]
     for store in stores:
         store.load_now()
-    return LoginMaps(stores)
+    return LoginMaps(stores, Metrics())
 
 
 MAPS = {name: load_maps(name) for name in ("dms", "postfix")}

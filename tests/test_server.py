@@ -173,7 +173,7 @@ class SlowStore(Store):
 
 def use_store(server: PolicyServer, store: Store) -> None:
     server.service.stores = [store]
-    server.service.maps = LoginMaps([store])
+    server.service.maps = LoginMaps([store], server.service.metrics)
 
 
 async def test_awaiting_store_keeps_replies_in_order(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,16 +30,27 @@ class Policyd:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "policyd", "serve", "--listen", listen, *args],
                 stderr=stderr,
-                env={**os.environ, "POLICYD_RELOAD_INTERVAL": "0", **(env or {})},
+                env={
+                    **os.environ,
+                    "POLICYD_RELOAD_INTERVAL": "0",
+                    "POLICYD_METRICS_LISTEN": "inet:127.0.0.1:0",
+                    **(env or {}),
+                },
             )
         wait_until(
-            lambda: "listening on" in log.read_text() or self.process.poll() is not None,
-            "policyd to listen",
+            lambda: "msg=ready" in log.read_text() or self.process.poll() is not None,
+            "policyd to be ready",
         )
         if self.process.poll() is not None:
             raise AssertionError(f"policyd exited: {log.read_text()}")
-        line = next(line for line in log.read_text().splitlines() if "listening on" in line)
-        self.endpoint = line.rsplit("listening on ", 1)[1].strip()
+        self.endpoint = self._logged(r"listening on ([^\s\",]+)")
+        self.metrics = self._logged(r"metrics and health on http://([^\s\"]+)")
+
+    def _logged(self, pattern: str) -> str:
+        """The first match of ``pattern`` in the daemon's log."""
+        found = re.search(pattern, self.log.read_text())
+        assert found, f"{pattern!r} not in the log of policyd"
+        return found.group(1)
 
     def stop(self) -> None:
         """SIGTERM, and the daemon must exit cleanly."""

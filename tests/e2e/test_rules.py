@@ -23,6 +23,7 @@ from mailstack import (
     RULE_USERS,
     MailStack,
     smtp_try,
+    wait_until,
 )
 
 RCPT = "someone@example.com"
@@ -156,10 +157,16 @@ def test_inbound_listener_is_out_of_scope(setup: Setup) -> None:
 
 
 def test_decision_log_names_the_rule(setup: Setup) -> None:
-    """policyd logs a decision before it replies, so the line is there once the reply is."""
     reply = smtp_try(setup.submission, USER1, DMS_PASSWORD, "postmaster@x.example", RCPT)
     assert reply[0] == 553
-    lines = [line for line in setup.log.read_text().splitlines() if "postmaster@x.example" in line]
-    assert len(lines) == 1
-    assert "reason=deny_sender" in lines[0]
-    assert f"rule={setup.deny}:1" in lines[0]
+
+    def logged() -> list[str]:  # a writer thread writes the log, shortly after the reply
+        return [
+            line for line in setup.log.read_text().splitlines() if "postmaster@x.example" in line
+        ]
+
+    wait_until(logged, "the decision log line")
+    [line] = logged()
+    assert "verdict=reject reason=deny_sender" in line
+    assert f"login={USER1} sender=postmaster@x.example" in line
+    assert f"rule={setup.deny}:1" in line

@@ -1,0 +1,93 @@
+"""The decision log and the log format."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from policyd.codec import PolicyRequest
+from policyd.config import Settings
+from policyd.logs import Formatter, logfmt_value
+from policyd.service import Service
+from tests.conftest import DATA
+
+FORGED = PolicyRequest(
+    sender="user2@localhost.localdomain",
+    sasl_username="added@localhost.localdomain",
+    instance="2c69.6b09e1b4.f1033.0",
+    queue_id="4XyZ1",
+    client_address="192.0.2.7",
+)
+OWNED = PolicyRequest(
+    sender="alias1@localhost.localdomain", sasl_username="user1@localhost.localdomain"
+)
+
+
+def record(**fields: object) -> logging.LogRecord:
+    item = logging.LogRecord("policyd.decision", logging.INFO, __file__, 1, "decision", None, None)
+    item.fields = fields
+    return item
+
+
+@pytest.mark.parametrize(
+    ("value", "rendered"),
+    [
+        ("bob@example.com", "bob@example.com"),
+        ("two words", '"two words"'),
+        ('quo"te', '"quo\\"te"'),
+        ("a=b", '"a=b"'),
+        ("", '""'),
+        ("line\nbreak", '"line\\nbreak"'),
+        ("\udcff@x", '"\\udcff@x"'),
+    ],
+)
+def test_logfmt_values(value: str, rendered: str) -> None:
+    assert logfmt_value(value) == rendered
+
+
+def test_logfmt_line() -> None:
+    line = Formatter("logfmt").format(record(verdict="reject", login="bob@x"))
+    assert line.endswith(
+        " level=info logger=policyd.decision msg=decision verdict=reject login=bob@x"
+    )
+    assert line.startswith("time=")
+
+
+def test_json_line() -> None:
+    line = json.loads(Formatter("json").format(record(verdict="reject", login="bob@x")))
+    assert line["verdict"] == "reject" and line["login"] == "bob@x" and line["level"] == "info"
+
+
+async def decisions(
+    log_decisions: str, caplog: pytest.LogCaptureFixture
+) -> list[dict[str, object]]:
+    service = Service(
+        Settings(maps=[f"dms:{DATA / 'dms'}"], reload_interval=0, log_decisions=log_decisions)
+    )
+    await service.start()
+    with caplog.at_level(logging.INFO, logger="policyd.decision"):
+        service.decide_now(FORGED)
+        service.decide_now(OWNED)
+    return [r.fields for r in caplog.records if r.name == "policyd.decision"]  # type: ignore[attr-defined]
+
+
+async def test_rejects_are_logged_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    [line] = await decisions("rejects", caplog)
+    assert line == {
+        "verdict": "reject",
+        "reason": "not_owner",
+        "login": "added@localhost.localdomain",
+        "sender": "user2@localhost.localdomain",
+        "action": "553 5.7.1 not owned by user added@localhost.localdomain",
+        "rule": "-",
+        "instance": "2c69.6b09e1b4.f1033.0",
+        "queue_id": "4XyZ1",
+    }
+
+
+async def test_all_and_none(caplog: pytest.LogCaptureFixture) -> None:
+    assert [line["verdict"] for line in await decisions("all", caplog)] == ["reject", "permit"]
+    caplog.clear()
+    assert await decisions("none", caplog) == []

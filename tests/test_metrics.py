@@ -1,0 +1,97 @@
+"""Metrics: what the requests move, and what the exposition looks like."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client.exposition import generate_latest
+
+from policyd import __version__
+from policyd.codec import PolicyRequest
+from policyd.config import Settings
+from policyd.metrics import Histogram, Metrics
+from policyd.service import Service
+from tests.conftest import DATA, require_program
+
+
+@pytest.fixture
+async def service() -> Service:
+    service = Service(Settings(maps=[f"dms:{DATA / 'dms'}"], reload_interval=0))
+    await service.start()
+    return service
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_requests_are_counted_by_verdict_and_reason(service: Service) -> None:
+    forged = PolicyRequest(
+        sender="user2@localhost.localdomain", sasl_username="added@localhost.localdomain"
+    )
+    owned = PolicyRequest(
+        sender="alias1@localhost.localdomain", sasl_username="user1@localhost.localdomain"
+    )
+    for request in (forged, forged, owned, PolicyRequest()):
+        service.decide_now(request)
+    m = service.metrics
+    assert sample(m, "policyd_requests_total", verdict="reject", reason="not_owner") == 2
+    assert sample(m, "policyd_requests_total", verdict="permit", reason="owner") == 1
+    assert sample(m, "policyd_requests_total", verdict="dunno", reason="null_sender") == 1
+
+
+async def test_store_lookups_and_state(service: Service) -> None:
+    service.decide_now(PolicyRequest(sender="a@x", sasl_username="b@x"))
+    m = service.metrics
+    store = f"dms:{DATA / 'dms'}"
+    assert sample(m, "policyd_store_lookups_total", store=store) == 1
+    assert sample(m, "policyd_store_errors_total", store=store) == 0
+    assert sample(m, "policyd_store_lookup_duration_seconds_count", store=store) == 1
+    assert sample(m, "policyd_store_entries", store=store) == 22
+    assert sample(m, "policyd_store_ready", store=store) == 1
+    assert sample(m, "policyd_store_reload_failures_total", store=store) == 0
+    last = sample(m, "policyd_store_last_reload_timestamp_seconds", store=store)
+    assert last is not None and last > 1_700_000_000
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 5.0):
+        histogram.observe(value)
+    assert histogram.buckets() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
+    assert histogram.total == pytest.approx(5.65)
+
+
+async def test_no_label_carries_a_login_sender_or_address(service: Service) -> None:
+    service.decide_now(
+        PolicyRequest(
+            sender="secret-sender@example.org",
+            sasl_username="secret-login@example.org",
+            client_address="192.0.2.99",
+        )
+    )
+    text = generate_latest(service.metrics.registry).decode()
+    assert "secret-" not in text
+    assert "192.0.2.99" not in text
+
+
+async def test_build_info(service: Service) -> None:
+    text = generate_latest(service.metrics.registry).decode()
+    assert 'policyd_build_info{python="' in text
+    assert f'version="{__version__}"' in text
+
+
+async def test_promtool_accepts_the_exposition(service: Service) -> None:
+    promtool = require_program("promtool")
+    service.decide_now(PolicyRequest(sender="a@x", sasl_username="b@x"))
+    check = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await check.communicate(generate_latest(service.metrics.registry))
+    assert check.returncode == 0, output.decode()
