@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+
+def settle(path: Path) -> Path:
+    """Backdate a file just written, as if it had been written a while ago.
+
+    policyd waits a moment before reading a file modified within the last second (it may
+    still be being written); tests that mean an ordinary, finished edit say so with this.
+    """
+    past = time.time() - 10
+    os.utime(path, (past, past))
+    return path
 
 
 async def wait_until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:

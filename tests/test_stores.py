@@ -14,7 +14,7 @@ from policyd.stores import StoreError, open_store, store_class
 from policyd.stores.dms import IDENTITY, DmsStore
 from policyd.stores.files import TexthashStore
 from tests.conftest import DATA
-from tests.helpers import wait_until
+from tests.helpers import settle, wait_until
 
 
 @pytest.fixture
@@ -108,6 +108,7 @@ async def test_reload_picks_up_a_change(tmp_path: Path) -> None:
     store = TexthashStore("t", table, 0)
     await store.start()
     table.write_text("a@x new@x\nb@x new@x\n")
+    settle(table)
     assert await store.reload()
     assert owners(store, "a@x") == ["new@x"]
     assert store.status.entries == 2
@@ -122,6 +123,7 @@ async def test_failed_reload_keeps_the_last_good_map(
     store = TexthashStore("t", table, 0)
     await store.start()
     table.write_text("a@x new@x\nbroken\n")
+    settle(table)
     assert not await store.reload()
     assert owners(store, "a@x") == ["old@x"]
     assert store.status.load_failures == 1
@@ -140,7 +142,7 @@ async def test_watcher_reloads_changed_files_on_its_own(tmp_path: Path) -> None:
     await store.start()
     replacement = tmp_path / "logins.new"
     replacement.write_text("a@x new@x\n")
-    os.replace(replacement, table)  # how editors and config managers write files
+    os.replace(settle(replacement), table)  # how editors and config managers write files
     await wait_until(lambda: owners(store, "a@x") == ["new@x"])
     await store.close()
 
@@ -152,6 +154,7 @@ async def test_reload_is_atomic_for_concurrent_lookups(tmp_path: Path) -> None:
     store = TexthashStore("t", table, 0)
     await store.start()
     table.write_text("".join(f"{key} new@x\n" for key in keys))
+    settle(table)
     seen: set[tuple[str, ...]] = set()
     reload = asyncio.ensure_future(store.reload())
     while not reload.done():
@@ -164,3 +167,70 @@ async def test_reload_is_atomic_for_concurrent_lookups(tmp_path: Path) -> None:
     assert seen <= {("old@x",), ("new@x",)}
     assert owners(store, keys[-1]) == ["new@x"]
     await store.close()
+
+
+async def test_a_file_just_written_is_read_a_moment_later(tmp_path: Path) -> None:
+    """An editor may still be writing it; reading now could load half a file."""
+    table = tmp_path / "logins"
+    table.write_text("a@x old@x\n")
+    store = TexthashStore("t", table, 0)
+    await store.start()
+    table.write_text("a@x new@x\n")
+    assert not await store.reload()
+    assert owners(store, "a@x") == ["old@x"]
+    await wait_until(lambda: owners(store, "a@x") == ["new@x"])
+    assert store.status.load_failures == 0
+    await store.close()
+
+
+def break_files(directory: Path, fault: str) -> None:
+    virtual = directory / "postfix-virtual.cf"
+    if fault == "truncated":
+        virtual.write_text("alias1@localhost.localdomain")  # cut in the middle of a line
+    elif fault == "binary garbage":
+        virtual.write_bytes(bytes(range(256)) * 4)
+    elif fault == "deleted":
+        for path in directory.iterdir():
+            path.unlink()
+    else:
+        for path in directory.iterdir():
+            path.write_text("")
+    for path in directory.iterdir():
+        settle(path)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "binary garbage", "deleted", "emptied"])
+async def test_file_faults_keep_the_last_good_map(dms_dir: Path, fault: str) -> None:
+    store = DmsStore("dms", dms_dir, 0)
+    await store.start()
+    break_files(dms_dir, fault)
+    assert not await store.reload()
+    assert owners(store, "alias1@localhost.localdomain")[0] == "user1@localhost.localdomain"
+    assert store.status.load_failures == 1
+    assert store.status.last_error
+    await store.close()
+
+
+async def test_unreadable_file_keeps_the_last_good_map(tmp_path: Path) -> None:
+    """Permission denied, simulated so that it also fails for root."""
+    table = tmp_path / "logins"
+    table.write_text("a@x old@x\n")
+    store = TexthashStore("t", table, 0)
+    await store.start()
+    table.unlink()
+    table.mkdir()  # reading a directory fails like an unreadable file does
+    settle(table)
+    assert not await store.reload()
+    assert owners(store, "a@x") == ["old@x"]
+    assert "cannot read" in str(store.status.last_error)
+    await store.close()
+
+
+def test_empty_map_is_refused_at_startup_unless_allowed(tmp_path: Path) -> None:
+    table = tmp_path / "logins"
+    table.write_text("# nothing yet\n")
+    with pytest.raises(StoreError, match="no entries: refusing an empty map"):
+        TexthashStore("t", table, 0).load_now()
+    store = TexthashStore("t", table, 0, allow_empty=True)
+    store.load_now()
+    assert store.status.entries == 0

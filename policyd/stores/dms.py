@@ -80,13 +80,17 @@ def parse_accounts(text: str, source: str) -> dict[str, int]:
 class DmsStore(FileStore[DmsMaps]):
     """``dms:DIR``: postfix-accounts.cf, postfix-virtual.cf and postfix-regexp.cf in DIR."""
 
-    def __init__(self, name: str, directory: Path, reload_interval: float) -> None:
-        super().__init__(name, reload_interval)
+    def __init__(
+        self, name: str, directory: Path, reload_interval: float, allow_empty: bool = False
+    ) -> None:
+        super().__init__(name, reload_interval, allow_empty)
         self.directory = directory
 
     @classmethod
     def from_config(cls, spec: DmsMap, settings: Settings) -> DmsStore:
-        return cls(f"dms:{spec.path}", spec.path, settings.reload_interval)
+        return cls(
+            f"dms:{spec.path}", spec.path, settings.reload_interval, settings.allow_empty_maps
+        )
 
     def watched(self) -> list[Path]:
         return [self.directory / name for name in (ACCOUNTS, VIRTUAL, REGEXP)]

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from policyd import defaults
 from policyd.rules import Grant, LoginDeny, Rules, SenderDeny, parse_denies, parse_grants
 from policyd.stores.base import Hit, Store, StoreError, StoreStatus
 from policyd.tables import (
@@ -39,11 +41,24 @@ Signature = tuple[tuple[str, int, int, int] | tuple[str], ...]
 
 
 def read_text(path: Path) -> str:
-    """A table file's text. Undecodable bytes are kept (surrogateescape), never fatal."""
+    """A table file's text, which must be UTF-8 without NUL bytes.
+
+    A file that is not text (a binary file copied over a map, a half-written block of zeros)
+    is refused with the line where it stops being text, so the last good map stays in use.
+    """
     try:
-        return path.read_bytes().decode("utf-8", "surrogateescape")
+        data = path.read_bytes()
     except OSError as error:
         raise StoreError([Problem(str(path), 0, f"cannot read: {error.strerror}")]) from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise StoreError([Problem(str(path), line, "NUL byte: this is not a text file")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise StoreError([Problem(str(path), line, "not UTF-8 text")]) from None
 
 
 def signature(paths: list[Path]) -> Signature:
@@ -62,11 +77,20 @@ def signature(paths: list[Path]) -> Signature:
 Loaded = tuple[Snapshot, int, list[Problem]]  # (snapshot, entry count, warnings)
 
 
+def is_hot(version: Signature) -> bool:
+    """True if a file was modified so recently that it may still be being written."""
+    recent = time.time_ns() - int(defaults.HOT_FILE_SECONDS * 1e9)
+    return any(len(part) == 4 and part[3] > recent for part in version)
+
+
 class Reloader(Generic[Snapshot]):
     """Files loaded into one immutable snapshot that is replaced when the files change.
 
     ``load`` reads and parses every file and returns a complete snapshot or raises StoreError.
-    It runs in a worker thread on reload; the snapshot is swapped in one assignment.
+    It runs in a worker thread on reload; the snapshot is swapped in one assignment. A load
+    that fails, or that finds no entries at all (a truncated or emptied file, a wrong mount),
+    leaves the last good snapshot in use. A file modified within the last second, or changed
+    while it was read, is read again a moment later.
     """
 
     def __init__(
@@ -76,15 +100,19 @@ class Reloader(Generic[Snapshot]):
         watched: Callable[[], list[Path]],
         load: Callable[[], Loaded[Snapshot]],
         interval: float,
+        *,
+        allow_empty: bool = False,
     ) -> None:
         self.name = name
         self.status = status
         self.watched = watched
         self.load = load
         self.interval = interval
+        self.allow_empty = allow_empty
         self._snapshot: Snapshot | None = None
         self._signature: Signature = ()
         self._watcher: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[bool] | None = None
         self._reloading = asyncio.Lock()
 
     @property
@@ -97,7 +125,24 @@ class Reloader(Generic[Snapshot]):
     def load_now(self) -> None:
         """Load synchronously (startup, `policyd check`, `policyd validate`)."""
         before = signature(self.watched())
-        self._install(self.load(), before)
+        self._install(self._load_checked(), before)
+
+    def _load_checked(self) -> Loaded[Snapshot]:
+        loaded = self.load()
+        if loaded[1] == 0 and not self.allow_empty:
+            # Native Postfix with an empty smtpd_sender_login_maps rejects every
+            # authenticated sender; an empty map is far more likely a mistake than a policy.
+            raise StoreError(
+                [
+                    Problem(
+                        self.name,
+                        0,
+                        "no entries: refusing an empty map, which would reject every sender"
+                        " (set allow_empty_maps = true if that is intended)",
+                    )
+                ]
+            )
+        return loaded
 
     async def start(self) -> None:
         self.load_now()
@@ -105,18 +150,32 @@ class Reloader(Generic[Snapshot]):
             self._watcher = asyncio.create_task(self._watch(), name=f"watch {self.name}")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        for task in (self._watcher, self._retry):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._retry = None
+
+    def _reload_soon(self) -> None:
+        """Try again once the files have had a moment to settle."""
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.create_task(self._reload_later(), name=f"retry {self.name}")
+
+    async def _reload_later(self) -> bool:
+        await asyncio.sleep(defaults.HOT_FILE_SECONDS)
+        return await self.reload()
 
     async def reload(self) -> bool:
         """Load the files again; True if the new snapshot is in use."""
         async with self._reloading:
             before = signature(self.watched())
+            if is_hot(before):
+                log.info("%s was modified a moment ago; reading it shortly", self.name)
+                self._reload_soon()
+                return False
             try:
-                loaded = await asyncio.to_thread(self.load)
+                loaded = await asyncio.to_thread(self._load_checked)
             except StoreError as error:
                 self.status.failed(str(error))
                 for problem in error.problems:
@@ -126,7 +185,8 @@ class Reloader(Generic[Snapshot]):
                 self._signature = before  # do not retry until the files change again
                 return False
             if signature(self.watched()) != before:
-                log.info("%s changed while being read; reading it again", self.name)
+                log.info("%s changed while being read; reading it again shortly", self.name)
+                self._reload_soon()
                 return False
             self._install(loaded, before)
             log.info("reloaded %s: %d entries", self.name, self.status.entries)
@@ -152,9 +212,11 @@ class FileStore(Store, Generic[Snapshot]):
 
     immediate = True
 
-    def __init__(self, name: str, reload_interval: float) -> None:
+    def __init__(self, name: str, reload_interval: float, allow_empty: bool = False) -> None:
         super().__init__(name)
-        self.files = Reloader(name, self.status, self.watched, self.load, reload_interval)
+        self.files = Reloader(
+            name, self.status, self.watched, self.load, reload_interval, allow_empty=allow_empty
+        )
 
     @abstractmethod
     def watched(self) -> list[Path]:
@@ -190,13 +252,16 @@ class FileStore(Store, Generic[Snapshot]):
 class TableStore(FileStore[FixedTable | PatternTable]):
     """One Postfix table file: ``texthash:``, ``pcre:`` or ``regexp:``."""
 
-    def __init__(self, name: str, path: Path, reload_interval: float) -> None:
-        super().__init__(name, reload_interval)
+    def __init__(
+        self, name: str, path: Path, reload_interval: float, allow_empty: bool = False
+    ) -> None:
+        super().__init__(name, reload_interval, allow_empty)
         self.path = path
 
     @classmethod
     def from_config(cls, spec: FileMap, settings: Settings) -> TableStore:
-        return cls(f"{spec.type}:{spec.path}", spec.path, settings.reload_interval)  # type: ignore[attr-defined]
+        name = f"{spec.type}:{spec.path}"  # type: ignore[attr-defined]
+        return cls(name, spec.path, settings.reload_interval, settings.allow_empty_maps)
 
     def watched(self) -> list[Path]:
         return [self.path]
@@ -245,7 +310,10 @@ class RuleFiles:
         self.deny = deny
         self.name = "rules:" + ",".join(str(path) for path in (grants, deny) if path)
         self.status = StoreStatus(self.name)
-        self.files = Reloader(self.name, self.status, self.watched, self.load, reload_interval)
+        # An empty grants or deny file is a legitimate "no rules".
+        self.files = Reloader(
+            self.name, self.status, self.watched, self.load, reload_interval, allow_empty=True
+        )
 
     @property
     def configured(self) -> bool:
