@@ -22,6 +22,7 @@ from policyd.config import ConfigError, Mode, Settings, load_settings
 from policyd.engine import Decision, Verdict
 from policyd.http import HttpServer
 from policyd.logs import Logging
+from policyd.privileges import drop_privileges, raise_file_limit
 from policyd.server import PolicyServer
 from policyd.service import Service
 from policyd.stores import StoreError
@@ -144,19 +145,27 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> int:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the maps. A second SIGTERM exits at once."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the maps. A second SIGTERM exits at once.
+
+    Order: bind the sockets (not yet accepting), give up root, load the maps, then accept.
+    """
+    raise_file_limit(settings.max_connections)
     service = Service(settings)
-    await service.start()
     server = PolicyServer(service, settings)
     http = HttpServer(service.metrics, service.statuses)
     try:
         await server.start()
         if settings.metrics_listen is not None:
             await http.start(settings.metrics_listen)
+        drop_privileges(settings.user, settings.group)
+        await service.start()
     except BaseException:
+        await http.stop()
         await server.stop(grace=0)
         await service.close()
         raise
+    await server.serve()
+    await http.serve()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
@@ -183,7 +192,7 @@ async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> 
     try:
         await stopping.wait()
         await http.stop()
-        await server.stop()
+        await server.stop(grace=settings.shutdown_timeout)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping
@@ -141,6 +142,13 @@ class Settings(Strict):
     max_line_bytes: int = Field(default=defaults.MAX_LINE_BYTES, ge=64)
     max_request_bytes: int = Field(default=defaults.MAX_REQUEST_BYTES, ge=256)
     max_attributes: int = Field(default=defaults.MAX_ATTRIBUTES, ge=8)
+    max_connections: int = Field(default=defaults.MAX_CONNECTIONS, ge=1)
+    allowed_clients: list[IPvAnyNetwork] = Field(default_factory=list)
+    lookup_timeout: float = Field(default=defaults.LOOKUP_TIMEOUT, gt=0)
+    shutdown_timeout: float = Field(default=defaults.SHUTDOWN_TIMEOUT, ge=0)
+    allow_empty_maps: bool = False
+    user: str | None = None
+    group: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["logfmt", "json"] = "logfmt"
     log_decisions: Literal["rejects", "all", "none"] = "rejects"
@@ -207,7 +215,7 @@ class Settings(Strict):
             raise ValueError("must be a temporary reply: 4NN text, DEFER or DEFER_IF_PERMIT")
         return value.strip()
 
-    @field_validator("socket_group")
+    @field_validator("socket_group", "group")
     @classmethod
     def _group_exists(cls, value: str | None) -> str | None:
         if value is not None and not value.isdigit():
@@ -215,6 +223,16 @@ class Settings(Strict):
                 grp.getgrnam(value)
             except KeyError:
                 raise ValueError(f"no group named {value!r}") from None
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user_exists(cls, value: str | None) -> str | None:
+        if value is not None and not value.isdigit():
+            try:
+                pwd.getpwnam(value)
+            except KeyError:
+                raise ValueError(f"no user named {value!r}") from None
         return value
 
     @field_validator("local_domains")
@@ -233,6 +251,12 @@ class Settings(Strict):
         return self
 
     @model_validator(mode="after")
+    def _limits_fit(self) -> Settings:
+        if self.max_line_bytes > self.max_request_bytes:
+            raise ValueError("max_line_bytes: larger than max_request_bytes")
+        return self
+
+    @model_validator(mode="after")
     def _accounts_needed(self) -> Settings:
         # Only a dms map knows which addresses are mailbox accounts (postfix-accounts.cf).
         if any(spec.type == "dms" for spec in self.maps):
@@ -246,6 +270,7 @@ class Settings(Strict):
 
 # Settings whose environment value is a list: comma-separated, or a JSON array.
 _LIST_SETTINGS = {
+    "allowed_clients",
     "listen",
     "maps",
     "local_domains",

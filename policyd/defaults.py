@@ -30,16 +30,30 @@ IDLE_TIMEOUT = 1800.0
 REQUEST_TIMEOUT = 30.0
 
 # A real request is about 700 bytes and 29 attributes (reference/postfix-3.7-request.txt).
-# Postfix's own documented line limit is 4 * line_length_limit = 8192 bytes.
+# Postfix's own documented line limit is 4 * line_length_limit = 8192 bytes. The request limit
+# also bounds memory: at most max_connections * max_request_bytes can be buffered.
 MAX_LINE_BYTES = 8192
-MAX_REQUEST_BYTES = 65536
+MAX_REQUEST_BYTES = 16384
 MAX_ATTRIBUTES = 256
+
+# Postfix opens at most one connection per smtpd process (default_process_limit 100 per
+# service); far more than that is a flood. Connections beyond the limit are closed at once.
+MAX_CONNECTIONS = 10000
+
+# A lookup that waits (a network store) must fail well inside Postfix's
+# smtpd_policy_service_timeout (100 s; the README recommends 10 s), so the reply is our 4xx.
+LOOKUP_TIMEOUT = 5.0
+
+# On SIGTERM, requests being decided get this long to finish before connections are cut.
+SHUTDOWN_TIMEOUT = 10.0
 
 # Postfix's recipient_delimiter as docker-mailserver sets it. Set "" when Postfix's is empty.
 RECIPIENT_DELIMITER = "+"
 
 # How often file stores look for changed files. SIGHUP reloads at once.
 RELOAD_INTERVAL = 5.0
+# A file modified less than this long ago may still be being written: read it a moment later.
+HOT_FILE_SECONDS = 1.0
 
 # nested_aliases: how many alias hops to follow, and how many lookups one decision may make
 # while following them (Postfix bounds its own expansion the same way:

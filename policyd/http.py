@@ -66,7 +66,7 @@ class HttpServer:
     async def start(self, endpoint: Endpoint) -> None:
         if endpoint.kind == "unix":
             self.server = await asyncio.start_unix_server(
-                self._handle, endpoint.path, limit=HEAD_LIMIT
+                self._handle, endpoint.path, limit=HEAD_LIMIT, start_serving=False
             )
             self.address = str(endpoint)
         else:
@@ -76,10 +76,15 @@ class HttpServer:
                 endpoint.port,
                 reuse_address=True,
                 limit=HEAD_LIMIT,
+                start_serving=False,
             )
             host, port = self.server.sockets[0].getsockname()[:2]
             self.address = str(Endpoint(kind="inet", host=host, port=port))
         log.info("metrics and health on http://%s", self.address.removeprefix("inet:"))
+
+    async def serve(self) -> None:
+        if self.server is not None:
+            await self.server.start_serving()
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -73,6 +73,7 @@ class Metrics:
         self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.latency = Histogram(REQUEST_BUCKETS)
         self.connections_total = 0
+        self.connections_refused: defaultdict[str, int] = defaultdict(int)
         self.protocol_errors: defaultdict[str, int] = defaultdict(int)
         self.stores: dict[str, StoreStats] = {}
         self.started = time.time()
@@ -125,6 +126,14 @@ class _Collector(Collector):
         yield CounterMetricFamily(
             "policyd_connections", "Policy connections accepted", value=m.connections_total
         )
+        refused = CounterMetricFamily(
+            "policyd_connections_refused",
+            "Connections closed at once: over max_connections, or not in allowed_clients",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.connections_refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
         errors = CounterMetricFamily(
             "policyd_protocol_errors",
             "Connections dropped for breaking the policy protocol, by kind",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import ipaddress
 import logging
 import os
 import socket
 import stat
+import time
 from collections import deque
 from time import perf_counter
 
@@ -54,6 +56,12 @@ class PolicyConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        refused = self.server.refusal(peer)
+        if refused is not None:
+            self.closing = True
+            transport.abort()
+            self.server.refused(refused, self.peer)
+            return
         self.server.connections.add(self)
         self.service.metrics.connections_total += 1
         self.last_activity = self.loop.time()
@@ -199,6 +207,28 @@ class PolicyServer:
         self.listeners: list[asyncio.Server] = []
         self.addresses: list[str] = []
         service.metrics.active_connections = lambda: len(self.connections)
+        self._refusal_logged = 0.0
+
+    def refusal(self, peer: object) -> str | None:
+        """Why a new connection must be closed at once, or None to serve it."""
+        if len(self.connections) >= self.settings.max_connections:
+            return "too_many"
+        allowed = self.settings.allowed_clients
+        if allowed and isinstance(peer, tuple):
+            client = ipaddress.ip_address(peer[0].split("%", 1)[0])
+            if not any(client in network for network in allowed):
+                return "not_allowed"
+        return None
+
+    def refused(self, why: str, peer: str) -> None:
+        """Count a refused connection; log at most one line a second, so a flood cannot
+        flood the log too."""
+        self.service.metrics.connections_refused[why] += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 1.0:
+            self._refusal_logged = now
+            counts = dict(self.service.metrics.connections_refused)
+            log.warning("refused connection from %s (%s); refused so far: %s", peer, why, counts)
 
     def internal_error(self, request: PolicyRequest, error: Exception) -> Decision:
         """An unexpected failure answers like a store failure: temporary, so no mail is lost."""
@@ -223,7 +253,7 @@ class PolicyServer:
             if endpoint.kind == "unix":
                 _remove_stale_socket(endpoint.path)
                 listener = await loop.create_unix_server(
-                    lambda: PolicyConnection(self), endpoint.path
+                    lambda: PolicyConnection(self), endpoint.path, start_serving=False
                 )
                 self.listeners.append(listener)
                 _set_socket_access(
@@ -237,10 +267,16 @@ class PolicyServer:
                     endpoint.host or None,
                     endpoint.port,
                     reuse_address=True,
+                    start_serving=False,
                 )
                 for sock in listener.sockets:
                     self.addresses.append(_describe_socket(sock))
             self.listeners.append(listener)
+
+    async def serve(self) -> None:
+        """Start accepting connections on every bound listener."""
+        for listener in self.listeners:
+            await listener.start_serving()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle connections, let answers in progress finish, then cut.

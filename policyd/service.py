@@ -6,6 +6,7 @@ with `policyd serve`.
 
 from __future__ import annotations
 
+import asyncio
 from time import perf_counter
 
 from policyd.address import SearchKey
@@ -136,10 +137,17 @@ class Service:
         return decision
 
     async def decide(self, request: PolicyRequest) -> Decision:
+        """Decide with stores that may wait; a decision that takes longer than
+        lookup_timeout is answered with a temporary failure, well before Postfix gives up."""
         try:
-            decision = await run(decide(request, self.policy, self.rules), self.maps.find)
+            async with asyncio.timeout(self.settings.lookup_timeout):
+                decision = await run(decide(request, self.policy, self.rules), self.maps.find)
         except StoreUnavailable as error:
             decision = store_failure(self.policy, str(error))
+        except TimeoutError:
+            decision = store_failure(
+                self.policy, f"no answer within lookup_timeout ({self.settings.lookup_timeout:g} s)"
+            )
         self.record(request, decision)
         return decision
 

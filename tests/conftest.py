@@ -11,6 +11,15 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
+def require(condition: bool, why: str) -> None:
+    """Skip a test whose precondition is missing on a developer's machine; fail in CI
+    (E2E_REQUIRED=1), where every test must really run."""
+    if not condition:
+        if os.environ.get("E2E_REQUIRED") == "1":
+            pytest.fail(f"{why} (E2E_REQUIRED=1)")
+        pytest.skip(why)
+
+
 def require_program(name: str) -> str:
     """The path of a program a test needs (Debian packages that .ci/run installs).
 
@@ -18,13 +27,13 @@ def require_program(name: str) -> str:
     (CI), so CI can never pass by skipping it.
     """
     path = shutil.which(name)
-    if path is None:
-        if os.environ.get("E2E_REQUIRED") == "1":
-            pytest.fail(f"{name} is not installed (E2E_REQUIRED=1)")
-        pytest.skip(f"{name} is not installed")
+    require(path is not None, f"{name} is not installed")
+    assert path is not None
     return path
 
 
-@pytest.fixture
-def data_dir() -> Path:
-    return DATA
+@pytest.fixture(autouse=True)
+def no_fixed_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon started by a test binds its metrics port where the kernel says, never the
+    fixed default (another policyd on this machine may hold it)."""
+    monkeypatch.setenv("POLICYD_METRICS_LISTEN", "inet:127.0.0.1:0")

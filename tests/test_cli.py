@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from policyd.cli import EXIT_CONFIG, EXIT_REJECT, main, postfix_reply
-from tests.conftest import DATA
+from tests.conftest import DATA, require
 
 DMS = f"dms:{DATA / 'dms'}"
 
@@ -198,3 +201,131 @@ async def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# A policyd whose every decision waits forever, to test shutdown with a request in flight.
+HANGING = """
+import asyncio, logging, sys
+from policyd import cli, service
+
+class Hanging(service.Service):
+    immediate = False
+
+    async def decide(self, request):
+        logging.getLogger("test").info("deciding")
+        await asyncio.Event().wait()
+
+cli.Service = Hanging
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+async def start_hanging(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HANGING,
+        "serve",
+        "--listen",
+        f"unix:{tmp_path / 'p.sock'}",
+        "--map",
+        DMS,
+        *args,
+        env={**os.environ, "POLICYD_METRICS_LISTEN": "none"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    await read_until(process.stderr, b"msg=ready")
+    return process
+
+
+async def request_in_flight(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> asyncio.StreamWriter:
+    """A request policyd has started (and will never finish) deciding."""
+    _, writer = await asyncio.open_unix_connection(str(tmp_path / "p.sock"))
+    writer.write(b"sender=a@x\nsasl_username=b@x\n\n")
+    await writer.drain()
+    assert process.stderr is not None
+    await read_until(process.stderr, b"msg=deciding")
+    return writer
+
+
+async def test_sigterm_waits_for_requests_in_flight_at_most_shutdown_timeout(
+    tmp_path: Path,
+) -> None:
+    process = await start_hanging(tmp_path, "--config", str(shutdown_config(tmp_path, 0.5)))
+    writer = await request_in_flight(tmp_path, process)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 10) == 0
+    assert 0.5 <= time.monotonic() - started < 5
+    writer.close()
+
+
+async def test_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    process = await start_hanging(tmp_path, "--config", str(shutdown_config(tmp_path, 600)))
+    assert process.stderr is not None
+    writer = await request_in_flight(tmp_path, process)
+    process.send_signal(signal.SIGTERM)
+    await read_until(process.stderr, b"shutting down")
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 10) == 1
+    writer.close()
+
+
+def shutdown_config(tmp_path: Path, seconds: float) -> Path:
+    config = tmp_path / "policyd.toml"
+    config.write_text(f"shutdown_timeout = {seconds}\n")
+    return config
+
+
+def test_serve_refuses_an_empty_map_unless_allowed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    empty = tmp_path / "logins"
+    empty.write_text("# no entries\n")
+    code, _, err = run(
+        capsys, "serve", "--listen", "inet:127.0.0.1:0", "--map", f"texthash:{empty}"
+    )
+    assert code == EXIT_CONFIG
+    assert "no entries: refusing an empty map, which would reject every sender" in err
+
+
+def world_readable_copy() -> Path:
+    """The test maps in a directory user nobody can read (pytest's tmp dir is root-only)."""
+    readable = Path(tempfile.mkdtemp(prefix="policyd-user-"))
+    readable.chmod(0o755)
+    shutil.copytree(DATA / "dms", readable / "dms")
+    return readable
+
+
+def uids(pid: int) -> list[str]:
+    """Real, effective, saved and filesystem uid of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+
+
+async def test_root_drops_to_the_configured_user() -> None:
+    require(os.geteuid() == 0, "dropping privileges needs root")
+    readable = world_readable_copy()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "policyd",
+            "serve",
+            "--listen",
+            "inet:127.0.0.1:0",
+            "--map",
+            f"dms:{readable / 'dms'}",
+            env={**os.environ, "POLICYD_METRICS_LISTEN": "none", "POLICYD_USER": "nobody"},
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stderr is not None
+        await read_until(process.stderr, b"msg=ready")
+        assert uids(process.pid) == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        shutil.rmtree(readable)

@@ -18,6 +18,7 @@ async def http() -> AsyncIterator[tuple[HttpServer, list[StoreStatus]]]:
     statuses = [StoreStatus("dms:/srv/dms")]
     server = HttpServer(Metrics(), lambda: statuses)
     await server.start(Endpoint(kind="inet", host="127.0.0.1", port=0))
+    await server.serve()
     yield server, statuses
     await server.stop()
 

@@ -46,6 +46,7 @@ async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[PolicyServe
     await service.start()
     server = PolicyServer(service, settings)
     await server.start()
+    await server.serve()
     try:
         yield server
     finally:
@@ -219,3 +220,54 @@ async def test_stop_closes_idle_connections_and_finishes_answers(tmp_path: Path)
             )
             await stopping
             assert await asyncio.wait_for(busy_reader.read(), 5) == b""
+
+
+async def test_connections_over_max_connections_are_closed_at_once(tmp_path: Path) -> None:
+    async with (
+        running(tmp_path, max_connections=2) as server,
+        connect(server) as first,
+        connect(server) as second,
+    ):
+        assert await ask(*first, OWNED) == OWNED_REPLY
+        async with connect(server) as (reader, _):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert await ask(*second, FORGED) == FORGED_REPLY
+        assert server.service.metrics.connections_refused == {"too_many": 1}
+
+
+async def test_allowed_clients_refuses_other_networks(tmp_path: Path) -> None:
+    async with running(tmp_path, allowed_clients=["10.0.0.0/8"]) as server:
+        async with connect(server) as (reader, _):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert server.service.metrics.connections_refused == {"not_allowed": 1}
+        # The allow-list is for inet listeners; the unix socket's permissions guard it.
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "policy.sock"))
+        assert await ask(reader, writer, OWNED) == OWNED_REPLY
+        writer.close()
+    async with running(tmp_path, allowed_clients=["127.0.0.0/8"]) as server, connect(server) as c:
+        assert await ask(*c, OWNED) == OWNED_REPLY
+
+
+async def test_store_that_hangs_gets_a_temporary_failure_in_bounded_time(tmp_path: Path) -> None:
+    async with running(tmp_path, lookup_timeout=0.2) as server:
+        use_store(server, SlowStore())  # never released
+        async with connect(server) as (reader, writer):
+            assert (
+                await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
+            )
+        assert server.service.metrics.requests[("tempfail", "store_error")] == 1
+
+
+async def test_client_that_never_reads_stops_being_read(tmp_path: Path) -> None:
+    """When replies back up (the transport calls pause_writing), policyd stops reading that
+    client until it catches up, so a client that only sends cannot make policyd buffer."""
+    async with running(tmp_path) as server, connect(server) as client, connect(server) as other:
+        assert await ask(*client, OWNED) == OWNED_REPLY
+        port = client[1].get_extra_info("sockname")[1]
+        connection = next(c for c in server.connections if c.peer.endswith(f":{port}"))
+        assert connection.transport is not None
+        connection.pause_writing()  # what asyncio does when the write buffer passes its limit
+        assert not connection.transport.is_reading()
+        assert await ask(*other, FORGED) == FORGED_REPLY  # everyone else is still served
+        connection.resume_writing()
+        assert connection.transport.is_reading()

@@ -62,6 +62,14 @@ class Prometheus:
         )
         assert isinstance(found, re.Match)
         self.address = found.group(1)
+        wait_until(self.ready, "prometheus to be ready")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/-/ready", timeout=5) as response:
+                return bool(response.status == 200)
+        except OSError:  # not accepting connections yet, or 503 while it starts
+            return False
 
     def query(self, expression: str) -> list[dict[str, object]]:
         url = f"http://{self.address}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
