@@ -7,7 +7,8 @@ keeps the original spelling only for reply text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import NamedTuple
 
 # Local parts Postfix never splits at the recipient delimiter (global/split_addr.c).
 _NEVER_SPLIT = frozenset({"postmaster", "mailer-daemon", "double-bounce"})
@@ -49,19 +50,21 @@ def strip_extension(address: str, delimiters: str) -> str | None:
     if not delimiters:
         return None
     local, domain = split(address)
+    cuts = [cut for cut in map(local.find, delimiters) if cut >= 0]
+    if not cuts:
+        return None  # the common case: no delimiter at all
     if local in _NEVER_SPLIT:
         return None
     if "-" in delimiters and (local.startswith("owner-") or local.endswith("-request")):
         return None
-    cut = next((i for i, ch in enumerate(local) if ch in delimiters), -1)
-    if cut <= 0:
+    cut = min(cuts)
+    if cut == 0:
         return None
     base = local[:cut]
     return f"{base}@{domain}" if domain else base
 
 
-@dataclass(frozen=True, slots=True)
-class SearchKey:
+class SearchKey(NamedTuple):
     """One key of Postfix's mail_addr_find() search and whether it is a partial key.
 
     Partial keys (no extension, bare local part, @domain) are only offered to fixed-string
@@ -74,21 +77,21 @@ class SearchKey:
 
 def search_keys(
     address: str, delimiters: str, local_domains: frozenset[str] = frozenset()
-) -> tuple[SearchKey, ...]:
+) -> Iterator[SearchKey]:
     """The keys Postfix tries for ``address``, in order; the first key any table answers wins.
 
     ``address`` must already be canonical. The bare local-part keys are only tried for local
-    domains, which Postfix takes from $myorigin and $mydestination.
+    domains, which Postfix takes from $myorigin and $mydestination. A generator: the first key
+    usually answers, and the others are then never computed.
     """
-    keys = [SearchKey(address, partial=False)]
+    yield SearchKey(address, partial=False)
     bare = strip_extension(address, delimiters)
     if bare is not None:
-        keys.append(SearchKey(bare, partial=True))
+        yield SearchKey(bare, partial=True)
     local, domain = split(address)
     if domain and domain in local_domains:
-        keys.append(SearchKey(local, partial=True))
+        yield SearchKey(local, partial=True)
         if bare is not None:
-            keys.append(SearchKey(split(bare)[0], partial=True))
+            yield SearchKey(split(bare)[0], partial=True)
     if domain:
-        keys.append(SearchKey("@" + domain, partial=True))
-    return tuple(keys)
+        yield SearchKey("@" + domain, partial=True)

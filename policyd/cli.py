@@ -12,7 +12,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from policyd.codec import PolicyRequest
 from policyd.config import ConfigError, Mode, Settings, load_settings
 from policyd.engine import Decision, Verdict
 from policyd.http import HttpServer
-from policyd.logs import Logging
+from policyd.logs import Logging, log_decision
 from policyd.privileges import drop_privileges, raise_file_limit
 from policyd.server import PolicyServer
 from policyd.service import Service
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = Logging(settings.log_level, settings.log_format)
     command = {"serve": serve, "check": check, "validate": validate}[args.command]
     try:
-        return command(settings, args)
+        return command(settings, args, logs)
     finally:
         logs.stop()
 
@@ -133,9 +133,9 @@ def _print_store_error(error: StoreError) -> None:
 # serve
 
 
-def serve(settings: Settings, args: argparse.Namespace) -> int:
+def serve(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     try:
-        return asyncio.run(run_daemon(settings))
+        return asyncio.run(run_daemon(settings, decision_log=logs.log_decision))
     except StoreError as error:
         _print_store_error(error)
         return EXIT_CONFIG
@@ -144,13 +144,17 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
-async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> int:
+async def run_daemon(
+    settings: Settings,
+    ready: asyncio.Event | None = None,
+    decision_log: Callable[[PolicyRequest, Decision], None] = log_decision,
+) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the maps. A second SIGTERM exits at once.
 
     Order: bind the sockets (not yet accepting), give up root, load the maps, then accept.
     """
     raise_file_limit(settings.max_connections)
-    service = Service(settings)
+    service = Service(settings, decision_log=decision_log)
     server = PolicyServer(service, settings)
     http = HttpServer(service.metrics, service.statuses)
     try:
@@ -203,7 +207,7 @@ async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> 
 # check
 
 
-def check(settings: Settings, args: argparse.Namespace) -> int:
+def check(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     request = PolicyRequest(
         sender=args.sender,
         sasl_username=args.login,
@@ -270,7 +274,7 @@ def postfix_reply(action: str, sender: str) -> str:
 # validate
 
 
-def validate(settings: Settings, args: argparse.Namespace) -> int:
+def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     service = Service(settings.model_copy(update={"reload_interval": 0}))
     failed = False
     print(f"mode: {settings.mode}")

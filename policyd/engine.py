@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from policyd import defaults
 from policyd.address import SearchKey, canonical, fold, search_keys, split, strip_extension
@@ -43,8 +44,7 @@ class Verdict(StrEnum):
     TEMPFAIL = "tempfail"  # a store could not answer; Postfix will retry
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What to answer and why.
 
     ``reason`` is a short word from a fixed vocabulary (safe as a metric label);
@@ -80,6 +80,15 @@ class Policy:
     scope_contexts: frozenset[str] = frozenset()
     exempt_networks: tuple[Network, ...] = ()
 
+    @property
+    def scoped(self) -> bool:
+        return bool(self.scope_ports or self.scope_contexts or self.exempt_networks)
+
+    @property
+    def resolves_logins(self) -> bool:
+        """True if the login itself must be looked up (alias_logins, ignore_external_targets)."""
+        return self.alias_logins != "allow" or self.ignore_external_targets
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
         return cls(
@@ -104,8 +113,7 @@ Lookups = Generator[SearchKey, Hit | None, Decision]
 Found = Generator[SearchKey, Hit | None, "Ownership | None"]
 
 
-@dataclass(frozen=True, slots=True)
-class Ownership:
+class Ownership(NamedTuple):
     """Why a login may use an address: the reason word, a phrase about the address, the line."""
 
     reason: str
@@ -115,25 +123,34 @@ class Ownership:
 
 def decide(request: PolicyRequest, policy: Policy, rules: Rules = NO_RULES) -> Lookups:
     """Decide one request, yielding the lookups it needs."""
-    sender, login = request.sender, request.sasl_username
+    sender = request.sender
     if not sender:
         return _dunno(policy, "null_sender", "the null sender <> is never checked")
-    scope = _out_of_scope(request, policy)
-    if scope is not None:
-        return _finish(policy, scope)
+    if policy.scoped:
+        scope = _out_of_scope(request, policy)
+        if scope is not None:
+            return _finish(policy, scope)
     key = canonical(sender)
+    login = request.sasl_username
     if not login:
         return (yield from _unauthenticated(sender, key, policy))
 
-    denied = _denied(request, fold(login), key, policy, rules)
-    if denied is not None:
-        return denied
-    resolved = yield from _resolve_login(login, policy, rules)
-    if isinstance(resolved, Decision):
-        return resolved
-    folded_login, owner_kinds = resolved
+    if rules.sender_denies or rules.login_denies:
+        denied = _denied(request, fold(login), key, policy, rules)
+        if denied is not None:
+            return denied
+    folded_login, owner_kinds = fold(login), _OWNER_KINDS
+    if policy.resolves_logins:
+        resolved = yield from _resolve_login(login, policy, rules)
+        if isinstance(resolved, Decision):
+            return resolved
+        folded_login, owner_kinds = resolved
 
     hit = yield from find_owners(key, policy)
+    # The common answer, tried before any opt-in rule: the maps name the login as an owner.
+    entry = None if hit is None else hit.entry_for(folded_login, owner_kinds)
+    if entry is not None:
+        return _permit(policy, sender, _listed_owner(login, entry))
     owned = yield from _owned(key, hit, folded_login, owner_kinds, policy=policy, rules=rules)
     if owned is not None:
         return _permit(policy, sender, owned)
@@ -172,6 +189,10 @@ def find_owners(address: str, policy: Policy) -> Generator[SearchKey, Hit | None
         if hit is not None:
             return hit
     return None
+
+
+def _listed_owner(login: str, entry: Entry) -> Ownership:
+    return Ownership("owner", f"owned by {login} ({entry.origin})", entry.origin)
 
 
 def _unauthenticated(sender: str, key: str, policy: Policy) -> Lookups:
@@ -324,7 +345,7 @@ def _owned(
     if hit is not None:
         entry = hit.entry_for(login, kinds)
         if entry is not None:
-            return Ownership("owner", f"owned by {login} ({entry.origin})", entry.origin)
+            return _listed_owner(login, entry)
         if policy.nested_aliases:
             chain = yield from _follow_aliases(hit, login, kinds, policy)
             if chain is not None:

@@ -7,6 +7,7 @@ with `policyd serve`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from time import perf_counter
 
 from policyd.address import SearchKey
@@ -70,9 +71,15 @@ class LoginMaps:
 class Service:
     """Settings, stores, engine and metrics, wired once and shared by every connection."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        decision_log: Callable[[PolicyRequest, Decision], None] = log_decision,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.log_decision = decision_log
         self.policy = Policy.from_settings(settings)
         self.stores = [open_store(spec, settings) for spec in settings.maps]
         self.maps = LoginMaps(self.stores, self.metrics)
@@ -155,4 +162,4 @@ class Service:
         """Count the decision, and log it if log_decisions asks for its verdict."""
         self.metrics.requests[decision.verdict.value, decision.reason] += 1
         if decision.verdict in self.logged:
-            log_decision(request, decision)
+            self.log_decision(request, decision)

@@ -9,10 +9,15 @@ they occur.
 from __future__ import annotations
 
 import re
+
+# The re module's own pattern parser (not public API), see _literal_domain.
+import re._constants as _re_constants  # type: ignore[import-not-found]
+import re._parser as _re_parser  # type: ignore[import-not-found]
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from policyd.address import fold
 
@@ -20,8 +25,7 @@ from policyd.address import fold
 _OWNER_SEPARATORS = re.compile(r"[,\s]+")
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(NamedTuple):
     """Where an ownership fact comes from: a file and line, or a built-in rule."""
 
     source: str
@@ -39,8 +43,7 @@ class EntryKind(Enum):
     IDENTITY = "identity"  # a rule that makes every address its own owner
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One table's answer: the logins (folded) that own the key, and the line that says so."""
 
     owners: tuple[str, ...]
@@ -185,6 +188,7 @@ class _Match:
     regex: re.Pattern[str]
     negate: bool
     anchored: bool
+    domain: str | None = None  # the only key domain the pattern can match, if it spells one
 
     def matches(self, key: str) -> re.Match[str] | bool | None:
         found = self.regex.match(key) if self.anchored else self.regex.search(key)
@@ -213,11 +217,33 @@ class PatternTable:
     def __init__(self, source: str, rules: list[_Rule]) -> None:
         self.source = source
         self._rules = rules
+        # Trying a hundred rules one by one costs tens of microseconds per request (issue 5).
+        # Most rules end in a literal domain ("...@example\.com$") and can only match keys at
+        # that domain, so for each domain keep just the rules that can match there, in file
+        # order; the first of them that matches is the first rule in the file that matches.
+        self._generic: list[_Rule] | None = None
+        self._by_domain: dict[str, list[_Rule]] = {}
+        if all(rule.kind == "match" for rule in rules):
+            self._generic = [rule for rule in rules if _domain_of(rule) is None]
+            for rule in rules:
+                domain = _domain_of(rule)
+                if domain is not None:
+                    self._by_domain.setdefault(domain, [])
+            for domain, domain_rules in self._by_domain.items():
+                domain_rules.extend(r for r in rules if _domain_of(r) in (None, domain))
 
     def __len__(self) -> int:
         return sum(1 for rule in self._rules if rule.kind == "match")
 
     def get(self, key: str) -> Entry | None:
+        if self._generic is not None:
+            candidates = self._by_domain.get(key.rpartition("@")[2], self._generic)
+            for rule in candidates:
+                found = _all_match(rule.conditions, key)
+                if found:
+                    value = _expand(rule.replacement, found)
+                    return Entry(split_owners(value), Origin(self.source, rule.line))
+            return None
         rules = self._rules
         index = 0
         while index < len(rules):
@@ -236,6 +262,38 @@ class PatternTable:
                 value = _expand(rule.replacement, found)
                 return Entry(split_owners(value), Origin(self.source, rule.line))
         return None
+
+
+def _domain_of(rule: _Rule) -> str | None:
+    """The key domain a rule is limited to, if it has one single positive condition."""
+    if len(rule.conditions) != 1 or rule.conditions[0].negate:
+        return None
+    return rule.conditions[0].domain
+
+
+def _literal_domain(regex: re.Pattern[str]) -> str | None:
+    r"""``example.com`` for a pattern ending in the literal ``@example\.com$``, else None.
+
+    Reads the pattern with the re module's own parser; anything it cannot read is simply not
+    indexed (its rule is tried for every key, as without the index).
+    """
+    try:
+        ops = list(_re_parser.parse(regex.pattern, regex.flags))
+    except Exception:  # an optimisation must never make a table fail
+        return None
+    if not ops or ops[-1] != (_re_constants.AT, _re_constants.AT_END):
+        return None
+    literal = []
+    for op, argument in reversed(ops[:-1]):
+        if op is not _re_constants.LITERAL:
+            break
+        literal.append(chr(argument))
+    text = "".join(reversed(literal))
+    if "@" not in text:
+        return None
+    domain = text.rpartition("@")[2]
+    # Keys are folded; a case-insensitive pattern matches the folded domain.
+    return domain.lower() if regex.flags & re.IGNORECASE else domain
 
 
 def _all_match(conditions: tuple[_Match, ...], key: str) -> re.Match[str] | bool | None:
@@ -418,4 +476,4 @@ def _parse_pattern(text: str, dialect: str) -> tuple[_Match, str]:
         regex = re.compile(body, flags)
     except re.error as error:
         raise ValueError(f"error in regex at offset {error.pos}: {error.msg}") from None
-    return _Match(regex, negate, anchored), text[index:]
+    return _Match(regex, negate, anchored, _literal_domain(regex)), text[index:]

@@ -40,5 +40,5 @@ def test_bare_name_has_only_its_own_key() -> None:
 
 
 def test_partial_flags() -> None:
-    keys = search_keys("a+b@d", "+")
+    keys = list(search_keys("a+b@d", "+"))
     assert [(s.key, s.partial) for s in keys] == [("a+b@d", False), ("a@d", True), ("@d", True)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from policyd.tables import Entry, EntryKind, Problem
 
@@ -34,8 +34,7 @@ class StoreError(Exception):
 ALL_KINDS = frozenset(EntryKind)
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
     """A store's answer for one key: every entry that lists it (a union has several)."""
 
     key: str
