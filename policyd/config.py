@@ -280,11 +280,20 @@ _LIST_SETTINGS = {
 }
 
 
+# Kubernetes puts these into every pod for a Service named "policyd" (service links): they are
+# not settings, and must not stop the daemon from starting.
+_SERVICE_LINK = re.compile(
+    r"POLICYD_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
+
+
 def settings_from_environment(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     """POLICYD_* variables as {setting: (value, variable name)}."""
     found: dict[str, tuple[Any, str]] = {}
     for variable, raw in environ.items():
         if not variable.startswith(ENV_PREFIX) or variable == ENV_PREFIX + "CONFIG":
+            continue
+        if _SERVICE_LINK.fullmatch(variable):
             continue
         name = variable[len(ENV_PREFIX) :].lower()
         value: Any = raw

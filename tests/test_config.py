@@ -116,6 +116,21 @@ def test_unknown_environment_variable_is_an_error() -> None:
     ]
 
 
+def test_kubernetes_service_link_variables_are_not_settings() -> None:
+    service_links = {
+        "POLICYD_SERVICE_HOST": "10.96.0.12",
+        "POLICYD_SERVICE_PORT": "10040",
+        "POLICYD_SERVICE_PORT_POLICY": "10040",
+        "POLICYD_PORT": "tcp://10.96.0.12:10040",
+        "POLICYD_PORT_10040_TCP": "tcp://10.96.0.12:10040",
+        "POLICYD_PORT_10040_TCP_PROTO": "tcp",
+        "POLICYD_PORT_10040_TCP_PORT": "10040",
+        "POLICYD_PORT_10040_TCP_ADDR": "10.96.0.12",
+    }
+    settings = load_settings(environ={"POLICYD_MAPS": "dms:/a", **service_links})
+    assert settings.maps[0].type == "dms"
+
+
 def test_duplicate_listener() -> None:
     [problem] = problems(environ={"POLICYD_MAPS": "dms:/a", "POLICYD_LISTEN": "unix:/x,unix:/x"})
     assert "the same endpoint is listed twice" in problem
