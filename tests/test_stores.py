@@ -76,6 +76,14 @@ def test_dms_empty_directory_is_an_error(tmp_path: Path) -> None:
         DmsStore("dms", tmp_path, 0).load_now()
 
 
+def test_dms_empty_directory_with_allow_empty_maps(tmp_path: Path) -> None:
+    """A fresh docker-mailserver has no accounts yet; allow_empty_maps lets policyd wait."""
+    store = DmsStore("dms", tmp_path, 0, allow_empty=True)
+    store.load_now()
+    assert store.status.entries == 0
+    assert owners(store, "a@x") == ["a@x"]  # every address still owns itself
+
+
 def test_dms_errors_in_several_files_are_all_reported(dms_dir: Path) -> None:
     (dms_dir / "postfix-accounts.cf").write_text("ok@x|{PLAIN}x\nbroken\n")
     (dms_dir / "postfix-regexp.cf").write_text("/ok/ a@x\n/broken( a@x\n")

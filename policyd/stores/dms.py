@@ -100,7 +100,7 @@ class DmsStore(FileStore[DmsMaps]):
             raise StoreError([Problem(str(self.directory), 0, "not a directory")])
         accounts_path, virtual_path, regexp_path = self.watched()
         present = [path for path in (accounts_path, virtual_path, regexp_path) if path.exists()]
-        if not present:
+        if not present and not self.files.allow_empty:
             raise StoreError(
                 [Problem(str(self.directory), 0, f"none of {ACCOUNTS}, {VIRTUAL}, {REGEXP} found")]
             )
