@@ -122,6 +122,7 @@ class PolicyRequest:
 
 
 _KEYS = {name: f"\n{name}=".encode() for name in ATTRIBUTES}
+_LF = ord("\n")
 
 
 def _attribute(block: bytes, name: str) -> str:
@@ -186,7 +187,12 @@ class RequestParser:
         then unusable: the connection must be closed without a reply.
         """
         buffer = self._buffer
-        if not buffer and b"\r" not in data and data.find(b"\n\n") == len(data) - 2 > 0:
+        if (
+            not buffer
+            and data.find(b"\n\n") == len(data) - 2 > 0
+            and data[0] != _LF  # a leading empty line is an (empty) request of its own
+            and b"\r" not in data
+        ):
             # What Postfix sends: exactly one whole request per read. Skip the buffer.
             if len(data) - 2 > self.max_request:
                 raise RequestTooLong(f"request over {self.max_request} bytes")

@@ -113,6 +113,12 @@ def test_empty_request_is_a_request() -> None:
     assert RequestParser().feed(b"\n") == [PolicyRequest()]
 
 
+def test_leading_empty_line_is_a_request_of_its_own() -> None:
+    """Found by the fuzzer: the one-request fast path must not swallow it."""
+    requests = RequestParser().feed(b"\nsender=a@example.com\n\n")
+    assert requests == [PolicyRequest(), PolicyRequest(sender="a@example.com")]
+
+
 def test_nul_byte_is_malformed() -> None:
     with pytest.raises(Malformed):
         RequestParser().feed(b"sender=a\0b\n\n")

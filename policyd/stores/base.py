@@ -30,6 +30,10 @@ class StoreError(Exception):
         self.problems = problems
         super().__init__("; ".join(str(p) for p in problems))
 
+    def __reduce__(self) -> tuple[type[StoreError], tuple[list[Problem]]]:
+        # It crosses from the process that parses the files (stores.builder) to the daemon.
+        return StoreError, (self.problems,)
+
 
 ALL_KINDS = frozenset(EntryKind)
 

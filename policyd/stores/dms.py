@@ -16,11 +16,14 @@ local part, so for a full address it contributes nothing either (docker-mailserv
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from policyd.address import fold
+from policyd.compact import CompactTable, CompactTableBuilder
 from policyd.stores.base import Hit, StoreError
 from policyd.stores.files import FileStore, Loaded, read_text
 from policyd.tables import (
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 ACCOUNTS = "postfix-accounts.cf"
 VIRTUAL = "postfix-virtual.cf"
 REGEXP = "postfix-regexp.cf"
+FILES = (ACCOUNTS, VIRTUAL, REGEXP)
 
 #: docker-mailserver's /etc/postfix/maps/sender_login_maps.pcre: every address owns itself.
 IDENTITY = Origin("identity (docker-mailserver sender_login_maps.pcre)")
@@ -50,18 +54,18 @@ IDENTITY = Origin("identity (docker-mailserver sender_login_maps.pcre)")
 class DmsMaps:
     """One consistent version of the three files."""
 
-    accounts: dict[str, int]  # folded address -> line in postfix-accounts.cf
+    accounts: CompactTable  # folded address -> ((), line in postfix-accounts.cf)
     virtual: FixedTable
     regexp: PatternTable | None
 
 
-def parse_accounts(text: str, source: str) -> dict[str, int]:
+def parse_accounts(text: str, source: str) -> CompactTable:
     """postfix-accounts.cf: ``address|{SCHEME}hash[|dovecot fields]``, one per line.
 
     docker-mailserver ignores blank lines and ``#`` comments (leading whitespace allowed) and
     strips CR. Only the address matters here; the password hash is never kept.
     """
-    accounts: dict[str, int] = {}
+    accounts = CompactTableBuilder()
     problems: list[Problem] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
@@ -71,10 +75,44 @@ def parse_accounts(text: str, source: str) -> dict[str, int]:
         if "@" not in address or "|" not in line:
             problems.append(Problem(source, number, "expected ADDRESS|{SCHEME}HASH"))
             continue
-        accounts.setdefault(fold(address), number)
+        accounts.add(fold(address), (), number)  # a duplicate keeps its first line
     if problems:
         raise TableError(problems)
-    return accounts
+    return accounts.build()
+
+
+def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
+    """The three files of a docker-mailserver config directory, each optional."""
+    if not directory.is_dir():
+        raise StoreError([Problem(str(directory), 0, "not a directory")])
+    accounts_path, virtual_path, regexp_path = (directory / name for name in FILES)
+    present = any(path.exists() for path in (accounts_path, virtual_path, regexp_path))
+    if not present and not allow_empty:
+        raise StoreError([Problem(str(directory), 0, f"none of {', '.join(FILES)} found")])
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    accounts = CompactTableBuilder().build()
+    virtual = FixedTable(str(virtual_path))
+    regexp = None
+    try:
+        if accounts_path.exists():
+            accounts = parse_accounts(read_text(accounts_path), str(accounts_path))
+    except TableError as error:
+        problems += error.problems
+    try:
+        if virtual_path.exists():
+            virtual, warnings = parse_texthash(read_text(virtual_path), str(virtual_path))
+    except TableError as error:
+        problems += error.problems
+    try:
+        if regexp_path.exists():
+            regexp = parse_pcre(read_text(regexp_path), str(regexp_path))
+    except TableError as error:
+        problems += error.problems
+    if problems:
+        raise StoreError(problems)
+    count = len(accounts) + len(virtual) + (len(regexp) if regexp else 0)
+    return DmsMaps(accounts, virtual, regexp), count, warnings
 
 
 class DmsStore(FileStore[DmsMaps]):
@@ -83,8 +121,10 @@ class DmsStore(FileStore[DmsMaps]):
     def __init__(
         self, name: str, directory: Path, reload_interval: float, allow_empty: bool = False
     ) -> None:
-        super().__init__(name, reload_interval, allow_empty)
         self.directory = directory
+        self.allow_empty = allow_empty
+        self.accounts_source = str(directory / ACCOUNTS)
+        super().__init__(name, reload_interval, allow_empty)
 
     @classmethod
     def from_config(cls, spec: DmsMap, settings: Settings) -> DmsStore:
@@ -93,41 +133,10 @@ class DmsStore(FileStore[DmsMaps]):
         )
 
     def watched(self) -> list[Path]:
-        return [self.directory / name for name in (ACCOUNTS, VIRTUAL, REGEXP)]
+        return [self.directory / name for name in FILES]
 
-    def load(self) -> Loaded[DmsMaps]:
-        if not self.directory.is_dir():
-            raise StoreError([Problem(str(self.directory), 0, "not a directory")])
-        accounts_path, virtual_path, regexp_path = self.watched()
-        present = [path for path in (accounts_path, virtual_path, regexp_path) if path.exists()]
-        if not present and not self.files.allow_empty:
-            raise StoreError(
-                [Problem(str(self.directory), 0, f"none of {ACCOUNTS}, {VIRTUAL}, {REGEXP} found")]
-            )
-        problems: list[Problem] = []
-        warnings: list[Problem] = []
-        accounts: dict[str, int] = {}
-        virtual = FixedTable(str(virtual_path), {})
-        regexp = None
-        try:
-            if accounts_path.exists():
-                accounts = parse_accounts(read_text(accounts_path), str(accounts_path))
-        except TableError as error:
-            problems += error.problems
-        try:
-            if virtual_path.exists():
-                virtual, warnings = parse_texthash(read_text(virtual_path), str(virtual_path))
-        except TableError as error:
-            problems += error.problems
-        try:
-            if regexp_path.exists():
-                regexp = parse_pcre(read_text(regexp_path), str(regexp_path))
-        except TableError as error:
-            problems += error.problems
-        if problems:
-            raise StoreError(problems)
-        count = len(accounts) + len(virtual) + (len(regexp) if regexp else 0)
-        return DmsMaps(accounts, virtual, regexp), count, warnings
+    def loader(self) -> Callable[[], Loaded[DmsMaps]]:
+        return functools.partial(load_dms, self.directory, self.allow_empty)
 
     def find(self, snapshot: DmsMaps, key: str) -> Hit | None:
         alias = snapshot.virtual.get(key)
@@ -136,10 +145,10 @@ class DmsStore(FileStore[DmsMaps]):
             # rules (catch_all); only postfix-virtual.cf has such keys.
             return None if alias is None else Hit(key, (alias,))
         entries = [] if alias is None else [alias]
-        line = snapshot.accounts.get(key)
-        if line:
+        account = snapshot.accounts.get(key)
+        if account is not None:
             entries.append(
-                Entry((key,), Origin(str(self.directory / ACCOUNTS), line), EntryKind.ACCOUNT)
+                Entry((key,), Origin(self.accounts_source, account[1]), EntryKind.ACCOUNT)
             )
         else:
             entries.append(Entry((key,), IDENTITY, EntryKind.IDENTITY))

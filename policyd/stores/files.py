@@ -2,14 +2,17 @@
 Postfix table types (texthash, pcre, regexp).
 
 A file store holds one immutable snapshot of its files. A reload builds a complete new
-snapshot in a worker thread and replaces the reference in one assignment, so a request sees
-either the old map or the new one, never a mix. A reload that fails keeps the old snapshot.
+snapshot in a worker process (stores.builder) and replaces the reference in one assignment, so a
+request sees either the old map or the new one, never a mix, and never waits for the parsing.
+A reload that fails keeps the old snapshot. The loading functions are module-level so that
+they can be sent to the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from policyd import defaults
 from policyd.rules import Grant, LoginDeny, Rules, SenderDeny, parse_denies, parse_grants
+from policyd.stores import builder
 from policyd.stores.base import Hit, Store, StoreError, StoreStatus
 from policyd.tables import (
     FixedTable,
@@ -87,7 +91,8 @@ class Reloader(Generic[Snapshot]):
     """Files loaded into one immutable snapshot that is replaced when the files change.
 
     ``load`` reads and parses every file and returns a complete snapshot or raises StoreError.
-    It runs in a worker thread on reload; the snapshot is swapped in one assignment. A load
+    It must be picklable (a module-level function, or a partial of one): on reload it runs in
+    the worker process. The snapshot is swapped in one assignment. A load
     that fails, or that finds no entries at all (a truncated or emptied file, a wrong mount),
     leaves the last good snapshot in use. A file modified within the last second, or changed
     while it was read, is read again a moment later.
@@ -123,12 +128,11 @@ class Reloader(Generic[Snapshot]):
         return snapshot
 
     def load_now(self) -> None:
-        """Load synchronously (startup, `policyd check`, `policyd validate`)."""
+        """Load in this process (startup, `policyd check`, `policyd validate`)."""
         before = signature(self.watched())
-        self._install(self._load_checked(), before)
+        self._install(self._checked(self.load()), before)
 
-    def _load_checked(self) -> Loaded[Snapshot]:
-        loaded = self.load()
+    def _checked(self, loaded: Loaded[Snapshot]) -> Loaded[Snapshot]:
         if loaded[1] == 0 and not self.allow_empty:
             # Native Postfix with an empty smtpd_sender_login_maps rejects every
             # authenticated sender; an empty map is far more likely a mistake than a policy.
@@ -175,7 +179,7 @@ class Reloader(Generic[Snapshot]):
                 self._reload_soon()
                 return False
             try:
-                loaded = await asyncio.to_thread(self._load_checked)
+                loaded = self._checked(await builder.build(self.load, self.name))
             except StoreError as error:
                 self.status.failed(str(error))
                 for problem in error.problems:
@@ -215,7 +219,7 @@ class FileStore(Store, Generic[Snapshot]):
     def __init__(self, name: str, reload_interval: float, allow_empty: bool = False) -> None:
         super().__init__(name)
         self.files = Reloader(
-            name, self.status, self.watched, self.load, reload_interval, allow_empty=allow_empty
+            name, self.status, self.watched, self.loader(), reload_interval, allow_empty=allow_empty
         )
 
     @abstractmethod
@@ -223,8 +227,8 @@ class FileStore(Store, Generic[Snapshot]):
         """The files whose change triggers a reload."""
 
     @abstractmethod
-    def load(self) -> Loaded[Snapshot]:
-        """Read and parse every file. Raise StoreError with every problem found."""
+    def loader(self) -> Callable[[], Loaded[Snapshot]]:
+        """A picklable function that reads and parses every file (see Reloader)."""
 
     @abstractmethod
     def find(self, snapshot: Snapshot, key: str) -> Hit | None:
@@ -249,14 +253,33 @@ class FileStore(Store, Generic[Snapshot]):
         return self.find(self.files.snapshot, key)
 
 
+def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
+    """One Postfix table file of type ``kind``: texthash, pcre or regexp."""
+    text = read_text(path)
+    table: FixedTable | PatternTable
+    warnings: list[Problem] = []
+    try:
+        if kind == "texthash":
+            table, warnings = parse_texthash(text, str(path))
+        elif kind == "pcre":
+            table = parse_pcre(text, str(path))
+        else:
+            table = parse_regexp(text, str(path))
+    except TableError as error:
+        raise StoreError(error.problems) from None
+    return table, len(table), warnings
+
+
 class TableStore(FileStore[FixedTable | PatternTable]):
     """One Postfix table file: ``texthash:``, ``pcre:`` or ``regexp:``."""
+
+    kind = "texthash"
 
     def __init__(
         self, name: str, path: Path, reload_interval: float, allow_empty: bool = False
     ) -> None:
-        super().__init__(name, reload_interval, allow_empty)
         self.path = path
+        super().__init__(name, reload_interval, allow_empty)
 
     @classmethod
     def from_config(cls, spec: FileMap, settings: Settings) -> TableStore:
@@ -266,17 +289,8 @@ class TableStore(FileStore[FixedTable | PatternTable]):
     def watched(self) -> list[Path]:
         return [self.path]
 
-    def load(self) -> Loaded[FixedTable | PatternTable]:
-        text = read_text(self.path)
-        try:
-            table, warnings = self.parse(text, str(self.path))
-        except TableError as error:
-            raise StoreError(error.problems) from None
-        return table, len(table), warnings
-
-    @abstractmethod
-    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
-        """The file's text as a table, and the warnings that did not stop it loading."""
+    def loader(self) -> Callable[[], Loaded[FixedTable | PatternTable]]:
+        return functools.partial(load_table, self.kind, self.path)
 
     def find(self, snapshot: FixedTable | PatternTable, key: str) -> Hit | None:
         entry = snapshot.get(key)
@@ -284,22 +298,39 @@ class TableStore(FileStore[FixedTable | PatternTable]):
 
 
 class TexthashStore(TableStore):
-    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
-        return parse_texthash(text, source)
+    kind = "texthash"
 
 
 class PcreStore(TableStore):
+    kind = "pcre"
     pattern = True
-
-    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
-        return parse_pcre(text, source), []
 
 
 class RegexpStore(TableStore):
+    kind = "regexp"
     pattern = True
 
-    def parse(self, text: str, source: str) -> tuple[FixedTable | PatternTable, list[Problem]]:
-        return parse_regexp(text, source), []
+
+def load_rules(grants_path: Path | None, deny_path: Path | None) -> Loaded[Rules]:
+    """The grants and deny files, either of which may be absent from the settings."""
+    problems: list[Problem] = []
+    grants: dict[str, tuple[Grant, ...]] = {}
+    sender_denies: tuple[SenderDeny, ...] = ()
+    login_denies: tuple[LoginDeny, ...] = ()
+    try:
+        if grants_path is not None:
+            grants = parse_grants(read_text(grants_path), str(grants_path))
+    except (TableError, StoreError) as error:
+        problems += error.problems
+    try:
+        if deny_path is not None:
+            sender_denies, login_denies = parse_denies(read_text(deny_path), str(deny_path))
+    except (TableError, StoreError) as error:
+        problems += error.problems
+    if problems:
+        raise StoreError(problems)
+    rules = Rules(grants, sender_denies, login_denies)
+    return rules, len(rules), []
 
 
 class RuleFiles:
@@ -311,8 +342,9 @@ class RuleFiles:
         self.name = "rules:" + ",".join(str(path) for path in (grants, deny) if path)
         self.status = StoreStatus(self.name)
         # An empty grants or deny file is a legitimate "no rules".
+        load = functools.partial(load_rules, grants, deny)
         self.files = Reloader(
-            self.name, self.status, self.watched, self.load, reload_interval, allow_empty=True
+            self.name, self.status, self.watched, load, reload_interval, allow_empty=True
         )
 
     @property
@@ -325,23 +357,3 @@ class RuleFiles:
 
     def watched(self) -> list[Path]:
         return [path for path in (self.grants, self.deny) if path is not None]
-
-    def load(self) -> Loaded[Rules]:
-        problems: list[Problem] = []
-        grants: dict[str, tuple[Grant, ...]] = {}
-        sender_denies: tuple[SenderDeny, ...] = ()
-        login_denies: tuple[LoginDeny, ...] = ()
-        try:
-            if self.grants is not None:
-                grants = parse_grants(read_text(self.grants), str(self.grants))
-        except (TableError, StoreError) as error:
-            problems += error.problems
-        try:
-            if self.deny is not None:
-                sender_denies, login_denies = parse_denies(read_text(self.deny), str(self.deny))
-        except (TableError, StoreError) as error:
-            problems += error.problems
-        if problems:
-            raise StoreError(problems)
-        rules = Rules(grants, sender_denies, login_denies)
-        return rules, len(rules), []
