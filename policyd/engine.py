@@ -213,24 +213,20 @@ def _unauthenticated(sender: str, key: str, policy: Policy) -> Lookups:
 
 
 def _out_of_scope(request: PolicyRequest, policy: Policy) -> Decision | None:
+    """Rule 1: the request is not for policyd to check (scope_*, exempt_networks)."""
     if policy.scope_ports and request.server_port not in policy.scope_ports:
         ports = ", ".join(sorted(policy.scope_ports, key=int))
-        return Decision(
-            Verdict.DUNNO,
-            "DUNNO",
-            "out_of_scope",
-            f"server_port {request.server_port or '(none)'} is not in scope_ports ({ports})",
-            Origin("scope_ports"),
+        port = request.server_port or "(none)"
+        return _skipped(
+            "out_of_scope", "scope_ports", f"server_port {port} is not in scope_ports ({ports})"
         )
     if policy.scope_contexts and request.policy_context not in policy.scope_contexts:
         contexts = ", ".join(sorted(policy.scope_contexts))
-        return Decision(
-            Verdict.DUNNO,
-            "DUNNO",
+        context = request.policy_context or "(none)"
+        return _skipped(
             "out_of_scope",
-            f"policy_context {request.policy_context or '(none)'} is not in"
-            f" scope_contexts ({contexts})",
-            Origin("scope_contexts"),
+            "scope_contexts",
+            f"policy_context {context} is not in scope_contexts ({contexts})",
         )
     if policy.exempt_networks and request.client_address:
         try:
@@ -239,14 +235,17 @@ def _out_of_scope(request: PolicyRequest, policy: Policy) -> Decision | None:
             return None
         for network in policy.exempt_networks:
             if client in network:
-                return Decision(
-                    Verdict.DUNNO,
-                    "DUNNO",
+                return _skipped(
                     "exempt_network",
+                    "exempt_networks",
                     f"client {client} is in exempt_networks ({network})",
-                    Origin("exempt_networks"),
                 )
     return None
+
+
+def _skipped(reason: str, setting: str, explanation: str) -> Decision:
+    """Not checked because of a setting; the deciding rule is that setting."""
+    return Decision(Verdict.DUNNO, "DUNNO", reason, explanation, Origin(setting))
 
 
 def _denied(
