@@ -216,9 +216,10 @@ class RequestParser:
         # count toward the limit.
         if len(buffer) > self.max_request and len(buffer.rstrip(b"\r\n")) > self.max_request:
             raise RequestTooLong(f"request over {self.max_request} bytes")
-        last_newline = buffer.rfind(b"\n")
-        if len(buffer) - last_newline - 1 > self.max_line:
-            raise LineTooLong(f"line over {self.max_line} bytes")
+        if len(buffer) > self.max_line:  # only then can a line be too long already
+            longest = max(len(line) for line in buffer.split(b"\n"))
+            if longest > self.max_line:
+                raise LineTooLong(f"line over {self.max_line} bytes")
         return requests
 
 

@@ -61,7 +61,10 @@ class CompactTable:
 
     def get(self, key: str) -> tuple[tuple[str, ...], int] | None:
         """(owners, line) for ``key``, or None."""
-        data = _encode(key)
+        try:
+            data = _encode(key)
+        except UnicodeEncodeError:  # a lone surrogate no file can contain
+            return None
         size = len(data)
         keys, offsets, slots, mask = self._keys, self._offsets, self._slots, self._mask
         index = zlib.crc32(data) & mask

@@ -31,10 +31,16 @@ REQUEST_TIMEOUT = 30.0
 
 # A real request is about 700 bytes and 29 attributes (reference/postfix-3.7-request.txt).
 # Postfix's own documented line limit is 4 * line_length_limit = 8192 bytes. The request limit
-# also bounds memory: at most max_connections * max_request_bytes can be buffered.
+# also bounds what a connection can make policyd buffer (see READ_CHUNK).
 MAX_LINE_BYTES = 8192
 MAX_REQUEST_BYTES = 16384
 MAX_ATTRIBUTES = 256
+
+# Memory per connection: a read takes at most READ_CHUNK bytes, and once this many bytes of
+# replies wait for a client that does not read, policyd stops reading it until it catches up.
+# So a connection holds at most about max_request_bytes + READ_CHUNK + WRITE_BUFFER_HIGH.
+READ_CHUNK = 32768
+WRITE_BUFFER_HIGH = 16384
 
 # Postfix opens at most one connection per smtpd process (default_process_limit 100 per
 # service); far more than that is a flood. Connections beyond the limit are closed at once.

@@ -67,10 +67,13 @@ def logfmt_value(value: object) -> str:
     return json.dumps(text)  # quotes, backslashes, control characters and surrogates escaped
 
 
-# What the writer thread takes from the queue: a log record, a decision to format, or None
-# (stop).
-Decision_ = tuple[float, PolicyRequest, Decision]
-Item = logging.LogRecord | Decision_ | None
+# What the writer thread takes from the queue: a log record, a decision's time and fields, or
+# None (stop).
+Item = logging.LogRecord | tuple[float, dict[str, str]] | None
+
+# A login or sender can be up to a request line long; the log keeps this much of it, so the
+# queue holds at most LOG_QUEUE_SIZE small lines whatever clients send.
+MAX_LOGGED_VALUE = 256
 
 
 class _QueueHandler(logging.Handler):
@@ -110,8 +113,7 @@ class _Writer(threading.Thread):
             if isinstance(item, logging.LogRecord):
                 line = self.formatter.format(item)
             else:
-                created, request, decision = item
-                fields = {"msg": "decision", **decision_fields(request, decision)}
+                created, fields = item
                 line = self.formatter.render(created, "info", "policyd.decision", fields)
             try:
                 self.stream.write(line + "\n")
@@ -140,7 +142,7 @@ class Logging:
     def log_decision(self, request: PolicyRequest, decision: Decision) -> None:
         """The daemon's decision log: about a microsecond on the event loop; the writer thread
         formats the line. (The logging module's own path costs ten times that.)"""
-        self.writer.put((time.time(), request, decision))
+        self.writer.put((time.time(), {"msg": "decision", **decision_fields(request, decision)}))
 
     def stop(self) -> None:
         """Write what is still queued, then give the root logger back its old handlers."""
@@ -155,13 +157,17 @@ def decision_fields(request: PolicyRequest, decision: Decision) -> dict[str, str
     return {
         "verdict": decision.verdict.value,
         "reason": decision.reason,
-        "login": request.sasl_username,
-        "sender": request.sender,
-        "action": decision.action,
+        "login": _clip(request.sasl_username),
+        "sender": _clip(request.sender),
+        "action": _clip(decision.action),
         "rule": str(decision.rule) if decision.rule else "-",
-        "instance": request.instance or "-",
-        "queue_id": request.queue_id or "-",
+        "instance": _clip(request.instance) or "-",
+        "queue_id": _clip(request.queue_id) or "-",
     }
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= MAX_LOGGED_VALUE else value[:MAX_LOGGED_VALUE] + "..."
 
 
 def log_decision(request: PolicyRequest, decision: Decision) -> None:

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from time import perf_counter
 
+from policyd import defaults
 from policyd.codec import PolicyRequest, ProtocolError, RequestParser, encode_reply
 from policyd.config import Endpoint, Settings
 from policyd.engine import Decision, store_failure
@@ -28,7 +29,14 @@ from policyd.service import Service
 log = logging.getLogger("policyd.server")
 
 
-class PolicyConnection(asyncio.Protocol):
+# Every connection reads into this one buffer: the event loop calls get_buffer(), recv_into()
+# and buffer_updated() back to back for one connection at a time, and buffer_updated() copies
+# the bytes out. Reading at most this much at once bounds what one read can make policyd
+# answer (and buffer) before a client that does not read is paused.
+_READ_BUFFER = memoryview(bytearray(defaults.READ_CHUNK))
+
+
+class PolicyConnection(asyncio.BufferedProtocol):
     """One client connection: frame requests, answer each exactly once, in order."""
 
     def __init__(self, server: PolicyServer) -> None:
@@ -64,8 +72,15 @@ class PolicyConnection(asyncio.Protocol):
             return
         self.server.connections.add(self)
         self.service.metrics.connections_total += 1
+        transport.set_write_buffer_limits(high=defaults.WRITE_BUFFER_HIGH)
         self.last_activity = self.loop.time()
         self._schedule(self.last_activity + self.server.settings.idle_timeout)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         now = self.loop.time()
