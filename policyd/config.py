@@ -145,6 +145,7 @@ class Settings(Strict):
     max_connections: int = Field(default=defaults.MAX_CONNECTIONS, ge=1)
     allowed_clients: list[IPvAnyNetwork] = Field(default_factory=list)
     lookup_timeout: float = Field(default=defaults.LOOKUP_TIMEOUT, gt=0)
+    decision_cache_size: int = Field(default=defaults.DECISION_CACHE_SIZE, ge=0)
     shutdown_timeout: float = Field(default=defaults.SHUTDOWN_TIMEOUT, ge=0)
     allow_empty_maps: bool = False
     user: str | None = None

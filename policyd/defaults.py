@@ -46,6 +46,10 @@ WRITE_BUFFER_HIGH = 16384
 # service); far more than that is a flood. Connections beyond the limit are closed at once.
 MAX_CONNECTIONS = 10000
 
+# Decisions remembered per (login, sender): Postfix asks once per recipient, and the same
+# users send again and again. About 1 kB each at most; 0 turns the cache off.
+DECISION_CACHE_SIZE = 65536
+
 # A lookup that waits (a network store) must fail well inside Postfix's
 # smtpd_policy_service_timeout (100 s; the README recommends 10 s), so the reply is our 4xx.
 LOOKUP_TIMEOUT = 5.0

@@ -85,6 +85,13 @@ class Service:
         self.maps = LoginMaps(self.stores, self.metrics)
         self.rule_files = RuleFiles(settings.grants, settings.deny, settings.reload_interval)
         self.metrics.store_statuses = self.statuses
+        # Postfix asks once per recipient, so the same (login, sender) question comes again
+        # and again; remembering answers skips most of the decision (issue 5). Forgotten
+        # whenever any map or rules file reloads; temporary failures are never remembered.
+        self.cache: dict[tuple[str, ...], Decision] = {}
+        self.cache_size = settings.decision_cache_size
+        for status in self.statuses():
+            status.on_loaded = self.cache.clear
         # Which verdicts get a decision log line (log_decisions).
         self.logged = {
             "rejects": frozenset({Verdict.REJECT, Verdict.TEMPFAIL}),
@@ -137,12 +144,36 @@ class Service:
 
     def decide_now(self, request: PolicyRequest) -> Decision:
         """Decide without awaiting; only valid when ``immediate``."""
-        try:
-            decision = run_now(decide(request, self.policy, self.rules), self.maps.find_now)
-        except StoreUnavailable as error:
-            decision = store_failure(self.policy, str(error))
+        key = self._cache_key(request)
+        decision = self.cache.get(key)
+        if decision is None:
+            try:
+                decision = run_now(decide(request, self.policy, self.rules), self.maps.find_now)
+            except StoreUnavailable as error:
+                decision = store_failure(self.policy, str(error))
+            else:
+                self._remember(key, decision)
         self.record(request, decision)
         return decision
+
+    def _cache_key(self, request: PolicyRequest) -> tuple[str, ...]:
+        """Everything a decision depends on: the sender and login, and what scoping reads."""
+        if self.policy.scoped:
+            return (
+                request.sender,
+                request.sasl_username,
+                request.server_port,
+                request.policy_context,
+                request.client_address,
+            )
+        return (request.sender, request.sasl_username)
+
+    def _remember(self, key: tuple[str, ...], decision: Decision) -> None:
+        if self.cache_size <= 0:
+            return
+        if len(self.cache) >= self.cache_size:
+            del self.cache[next(iter(self.cache))]  # the oldest: dicts keep insertion order
+        self.cache[key] = decision
 
     async def decide(self, request: PolicyRequest) -> Decision:
         """Decide with stores that may wait; a decision that takes longer than

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -82,6 +83,8 @@ class StoreStatus:
     load_failures: int = 0
     last_error: str | None = None
     warnings: tuple[Problem, ...] = ()
+    # Called after new data is in use, e.g. to forget decisions made with the old data.
+    on_loaded: Callable[[], None] | None = None
 
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True
@@ -89,6 +92,8 @@ class StoreStatus:
         self.last_load = time.time()
         self.last_error = None
         self.warnings = warnings
+        if self.on_loaded is not None:
+            self.on_loaded()
 
     def failed(self, error: str) -> None:
         self.load_failures += 1
