@@ -90,7 +90,6 @@ class PolicyConnection(asyncio.BufferedProtocol):
         except ProtocolError as error:
             self._drop(error.kind, f"protocol error ({error.kind}): {error}")
             return
-        self.queue.extend(requests)
         if self.parser.pending:
             if self.request_started is None:
                 # A request has begun; it must finish within request_timeout. Checked by the
@@ -99,6 +98,12 @@ class PolicyConnection(asyncio.BufferedProtocol):
                 self._schedule(now + self.server.settings.request_timeout)
         else:
             self.request_started = None
+        if len(requests) == 1 and not self.queue and self.task is None and self.service.immediate:
+            # The usual case, one whole request per read: answer it without the queue.
+            started = perf_counter()
+            self._reply(self._decide_now(requests[0]), started)
+            return
+        self.queue.extend(requests)
         self._answer_queued()
 
     def eof_received(self) -> bool | None:
@@ -161,7 +166,6 @@ class PolicyConnection(asyncio.BufferedProtocol):
             return
         self.transport.write(encode_reply(decision.action))
         self.service.metrics.latency.observe(perf_counter() - started)
-        self.last_activity = self.loop.time()
 
     # Timeouts
 
