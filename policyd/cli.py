@@ -25,7 +25,7 @@ from policyd.logs import Logging, log_decision
 from policyd.privileges import drop_privileges, raise_file_limit
 from policyd.server import PolicyServer
 from policyd.service import Service
-from policyd.stores import StoreError
+from policyd.stores import StoreError, builder
 
 EXIT_REJECT = 1
 EXIT_TEMPFAIL = 75
@@ -167,6 +167,7 @@ async def run_daemon(
         await http.stop()
         await server.stop(grace=0)
         await service.close()
+        builder.shutdown()
         raise
     await server.serve()
     await http.serve()
@@ -201,6 +202,7 @@ async def run_daemon(
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         await service.close()
+        builder.shutdown()
     return 0
 
 

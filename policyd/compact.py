@@ -80,11 +80,16 @@ class CompactTable:
 
 
 class CompactTableBuilder:
-    """Collects entries in file order; the first entry of a key wins, as in Postfix."""
+    """Collects entries in file order; the first entry of a key wins, as in Postfix.
+
+    Entries go into plain dicts while a file is parsed (fast, C-level); build() lays them out
+    flat. Building happens in the worker process (stores.builder), so its transient memory
+    never counts against the daemon.
+    """
 
     def __init__(self) -> None:
-        self._seen: dict[bytes, int] = {}  # key -> line of its entry; keys in insertion order
-        self._owners: list[int] = []
+        self._seen: dict[bytes, int] = {}  # key -> line of its entry, in file order
+        self._owners: list[int] = []  # per entry, the number of its owner group
         self._groups: dict[bytes, int] = {}  # owner group -> its number
 
     def add(self, key: str, owners: tuple[str, ...], line: int) -> int | None:
@@ -96,20 +101,19 @@ class CompactTableBuilder:
         first = self._seen.setdefault(data, line)
         if first != line:
             return first
-        number = self._groups.setdefault(group, len(self._groups))
-        self._owners.append(number)
+        groups = self._groups
+        self._owners.append(groups.setdefault(group, len(groups)))
         return None
 
     def build(self) -> CompactTable:
-        keys = list(self._seen)
-        count = len(keys)
+        keys = self._seen
         offsets = array("I", [0])
         offsets.extend(accumulate(map(len, keys)))
         groups = list(self._groups)
         group_offsets = array("I", [0])
         group_offsets.extend(accumulate(map(len, groups)))
         size = 8
-        while size < 2 * count:  # at most half full: short probe sequences
+        while size < 2 * len(keys):  # at most half full: short probe sequences
             size *= 2
         slots = array("i", [_EMPTY]) * size
         mask = size - 1
@@ -123,7 +127,7 @@ class CompactTableBuilder:
             offsets=offsets,
             slots=slots,
             owners=array("I", self._owners),
-            lines=array("I", self._seen.values()),
+            lines=array("I", keys.values()),
             groups=b"".join(groups),
             group_offsets=group_offsets,
         )

@@ -17,7 +17,7 @@ from policyd.engine import Decision, Policy, Verdict, decide, run, run_now, stor
 from policyd.logs import log_decision
 from policyd.metrics import Metrics
 from policyd.rules import NO_RULES, Rules
-from policyd.stores import Hit, Store, StoreUnavailable, builder, open_store
+from policyd.stores import Hit, Store, StoreUnavailable, open_store
 from policyd.stores.base import StoreStatus
 from policyd.stores.files import RuleFiles
 
@@ -133,7 +133,6 @@ class Service:
         for store in self.stores:
             await store.close()
         await self.rule_files.files.close()
-        builder.shutdown()
 
     async def reload(self) -> bool:
         """Reload every store and the rule files (SIGHUP); True only if all took the new data."""

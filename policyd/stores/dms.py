@@ -36,6 +36,7 @@ from policyd.tables import (
     TableError,
     parse_pcre,
     parse_texthash,
+    parse_texthash_file,
 )
 
 if TYPE_CHECKING:
@@ -101,7 +102,10 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
         problems += error.problems
     try:
         if virtual_path.exists():
-            virtual, warnings = parse_texthash(read_text(virtual_path), str(virtual_path))
+            plain = parse_texthash_file(virtual_path, str(virtual_path))
+            if plain is None:
+                plain = parse_texthash(read_text(virtual_path), str(virtual_path))
+            virtual, warnings = plain
     except TableError as error:
         problems += error.problems
     try:

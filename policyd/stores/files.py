@@ -33,6 +33,7 @@ from policyd.tables import (
     parse_pcre,
     parse_regexp,
     parse_texthash,
+    parse_texthash_file,
 )
 
 if TYPE_CHECKING:
@@ -149,7 +150,8 @@ class Reloader(Generic[Snapshot]):
         return loaded
 
     async def start(self) -> None:
-        self.load_now()
+        before = signature(self.watched())
+        self._install(self._checked(await self._load()), before)
         if self.interval > 0:
             self._watcher = asyncio.create_task(self._watch(), name=f"watch {self.name}")
 
@@ -179,7 +181,7 @@ class Reloader(Generic[Snapshot]):
                 self._reload_soon()
                 return False
             try:
-                loaded = self._checked(await builder.build(self.load, self.name))
+                loaded = self._checked(await self._load())
             except StoreError as error:
                 self.status.failed(str(error))
                 for problem in error.problems:
@@ -195,6 +197,13 @@ class Reloader(Generic[Snapshot]):
             self._install(loaded, before)
             log.info("reloaded %s: %d entries", self.name, self.status.entries)
             return True
+
+    async def _load(self) -> Loaded[Snapshot]:
+        """Load big files in the worker process, small ones at once in this one."""
+        size = sum(part[2] for part in signature(self.watched()) if len(part) == 4)
+        if size < defaults.LOAD_IN_PROCESS_BYTES:
+            return self.load()
+        return await builder.build(self.load, self.name)
 
     def _install(self, loaded: Loaded[Snapshot], before: Signature) -> None:
         snapshot, entries, warnings = loaded
@@ -255,6 +264,10 @@ class FileStore(Store, Generic[Snapshot]):
 
 def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
     """One Postfix table file of type ``kind``: texthash, pcre or regexp."""
+    if kind == "texthash":
+        plain = parse_texthash_file(path, str(path))
+        if plain is not None:
+            return plain[0], len(plain[0]), plain[1]
     text = read_text(path)
     table: FixedTable | PatternTable
     warnings: list[Problem] = []
