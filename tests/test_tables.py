@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from policyd.tables import (
@@ -11,6 +13,7 @@ from policyd.tables import (
     parse_pcre,
     parse_regexp,
     parse_texthash,
+    parse_texthash_file,
     split_owners,
 )
 
@@ -115,3 +118,59 @@ def test_regexp_posix_classes_and_double_pattern() -> None:
     assert table.get("bob@x") is not None
     assert table.get("root@x") is None
     assert table.get("bob1@x") is None
+
+
+def entries_of(table: object, keys: list[str]) -> list[object]:
+    return [table.get(key) for key in keys]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a@x u@x\nb@x u@x,v@x\n",
+        '# header with "quotes" and = signs\n\nA@X U@X\nb@x u@x, v@x\nb@x dup@x\n# end\n',
+        "a@x u@x,,v@x\nc@x w@x, \n",
+    ],
+)
+def test_plain_file_reader_matches_the_general_parser(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "virtual"
+    path.write_text(text)
+    plain = parse_texthash_file(path, "v")
+    assert plain is not None
+    general = parse_texthash(text, "v")
+    keys = ["a@x", "b@x", "c@x", "nobody@x"]
+    assert entries_of(plain[0], keys) == entries_of(general[0], keys)
+    assert [str(w) for w in plain[1]] == [str(w) for w in general[1]]
+    assert len(plain[0]) == len(general[0])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a@x u@x\n  v@x\n",  # a continuation line
+        '"a b"@x u@x\n',  # quotes
+        "a@x\tu@x\n",  # a tab
+        "jörg@x u@x\n",  # not ASCII
+        "a@x u@x\r\n",  # CRLF
+        "lonely@x\n",  # no value: the general parser names the error
+        "a@x u@x",  # no final newline
+    ],
+)
+def test_plain_file_reader_leaves_other_files_to_the_general_parser(
+    text: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "virtual"
+    path.write_text(text)
+    assert parse_texthash_file(path, "v") is None
+
+
+def test_plain_file_reader_on_a_big_file(tmp_path: Path) -> None:
+    """Blocks are cut at line ends: entries across a block boundary are read whole."""
+    text = "".join(f"alias{i}@d{i % 7}.example user{i % 977}@d.example\n" for i in range(120_000))
+    path = tmp_path / "virtual"
+    path.write_text(text)
+    plain = parse_texthash_file(path, "v")
+    assert plain is not None and len(plain[0]) == 120_000
+    entry = plain[0].get("alias99999@d4.example")
+    assert entry is not None and entry.owners == ("user345@d.example",)
+    assert entry.origin.line == 100_000
