@@ -172,7 +172,9 @@ class Service:
             return
         if len(self.cache) >= self.cache_size:
             del self.cache[next(iter(self.cache))]  # the oldest: dicts keep insertion order
-        self.cache[key] = decision
+        # The explanation is for people (`policyd check`); the daemon never shows it, and it
+        # is most of what a remembered decision would weigh.
+        self.cache[key] = decision._replace(explanation="")
 
     async def decide(self, request: PolicyRequest) -> Decision:
         """Decide with stores that may wait; a decision that takes longer than
