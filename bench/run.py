@@ -120,16 +120,21 @@ class Server:
         return process_tree(self.pid)
 
     def memory(self) -> dict[str, int | None]:
-        """Peak RSS of the main process and of its short-lived children; PSS of the tree.
+        """Peak RSS of the server's processes together; PSS of the tree.
 
-        policyd may parse maps in a child process; its peak counts too. The sum of the two
-        peaks is an upper bound of what was resident at once.
+        policyd parses big maps in a short-lived child process. ``peak_rss_kb`` is the most
+        that was resident at once: the main process's VmHWM (exact), or the largest sum of the
+        main process's and its children's VmRSS sampled while a child lived, if larger.
+        ``peak_rss_bound_kb`` adds the two peaks as if they had happened at the same moment.
         """
         pids = self.pids()
         main = memory_kb(self.pid, "VmHWM")
-        child = self.children.peak_kb() if self.children else 0
+        watch = self.children
+        child = watch.peak_kb() if watch else 0
+        together = watch.together_kb if watch else 0
         return {
-            "peak_rss_kb": (main or 0) + child if main is not None else None,
+            "peak_rss_kb": max(main or 0, together) if main is not None else None,
+            "peak_rss_bound_kb": (main or 0) + child if main is not None else None,
             "main_peak_rss_kb": main,
             "child_peak_rss_kb": child,
             "rss_kb": memory_kb(self.pid, "VmRSS"),
@@ -139,9 +144,10 @@ class Server:
 
 
 class ChildWatch(threading.Thread):
-    """Records the peak RSS (VmHWM) of every child process of ``pid`` while it lives.
+    """Watches the child processes of ``pid`` while they live: each one's peak RSS (VmHWM),
+    and the largest total RSS of ``pid`` and its children at one moment.
 
-    A child's VmHWM disappears with it, so it is read every 50 ms; /proc/PID/task/*/children
+    A child's VmHWM disappears with it, so it is read every 20 ms; /proc/PID/task/*/children
     keeps this cheap (no scan of /proc).
     """
 
@@ -149,17 +155,25 @@ class ChildWatch(threading.Thread):
         super().__init__(name=f"watch children of {pid}", daemon=True)
         self.pid = pid
         self.peaks: dict[int, int] = {}
+        self.together_kb = 0
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(0.05):
-            for child in _children(self.pid):
+        while not self.stopped.wait(0.02):
+            children = _children(self.pid)
+            if not children:
+                continue
+            total = memory_kb(self.pid, "VmRSS") or 0
+            for child in children:
+                total += memory_kb(child, "VmRSS") or 0
                 peak = memory_kb(child, "VmHWM")
                 if peak is not None:
                     self.peaks[child] = max(peak, self.peaks.get(child, 0))
+            self.together_kb = max(self.together_kb, total)
 
     def peak_kb(self) -> int:
-        return sum(self.peaks.values())
+        """The largest peak of one child (policyd runs one at a time)."""
+        return max(self.peaks.values(), default=0)
 
 
 def _children(pid: int) -> list[int]:
@@ -798,6 +812,7 @@ def aggregate(case: Case) -> dict[str, Any]:
         "p99_ms": median([r["p99_ms"] for r in results]),
         "p999_ms": median([r["p999_ms"] for r in results]),
         "peak_rss_mb": max((r["peak_rss_kb"] or 0) for r in results) / 1024,
+        "peak_rss_bound_mb": max((r.get("peak_rss_bound_kb") or 0) for r in results) / 1024,
         "end_rss_mb": max((r["rss_kb"] or 0) for r in results) / 1024,
         "pss_mb": max(r["tree_pss_kb"] for r in results) / 1024,
         "processes": max(r["processes"] for r in results),
@@ -808,6 +823,22 @@ def aggregate(case: Case) -> dict[str, Any]:
         "runs": len(results),
         "all_rps": [round(r["rps"]) for r in results],
     }
+
+
+def reload_targets(reloads: list[dict[str, Any]], target: Callable[..., None]) -> None:
+    """The rows of the targets table about reloading the 1M map under load."""
+    seconds = median([r["reload_s"] for r in reloads])
+    p99 = median([r["during_p99_ms"] for r in reloads])
+    worst = max(r["during_max_ms"] or 0 for r in reloads)
+    target("reload of the 1M map under load", "<= 10 s", seconds, seconds <= 10, " s")
+    target("p99 during the reload", "<= 50 ms", p99, p99 <= 50, " ms")
+    target("max latency during the reload", "(no request waits for it)", worst, None, " ms")
+    errors = sum(r["errors"] for r in reloads)
+    target("failed requests during the reload", "0", errors, errors == 0)
+    rss = max((r["peak_rss_kb"] or 0) for r in reloads) / 1024
+    target("peak RSS including the reload", "<= 300 MB", rss, rss <= 300, " MB")
+    value = max((r.get("peak_rss_bound_kb") or 0) for r in reloads) / 1024
+    target("... main peak + parsing process peak, as if at once", "report", value, None, " MB")
 
 
 def markdown(
@@ -832,7 +863,7 @@ def markdown(
             continue
         row = rows[case.name]
         rss = f"{row['peak_rss_mb']:.0f} ({row['end_rss_mb']:.0f})"
-        if row["processes"] > 1:
+        if row["processes"] > 10:  # a prefork server (postfwd2): shared pages count once
             rss = f"{row['pss_mb']:.0f} (PSS, {row['processes']} processes)"
         lines.append(
             f"| {case.name} | {case.data} | {row['rps']:,.0f} | {row['p50_ms']:.2f} "
@@ -866,12 +897,11 @@ def markdown(
     for name in ("postfwd2", "postfwd2 (cache)"):
         value = ratio("policyd", name, "rps")
         target(f"throughput policyd 1M / {name}", ">= 15", value, value is not None and value >= 15)
-    quiet = "policyd (decision log off)"
-    value = ratio(quiet, "floor", "rps")
+    value = ratio("policyd (decision log off)", "floor", "rps")
     target(
         "... with the decision log off / floor", ">= 0.7", value, value is not None and value >= 0.7
     )
-    value = ratio(quiet, "postfwd2", "rps")
+    value = ratio("policyd (decision log off)", "postfwd2", "rps")
     target(
         "... with the decision log off / postfwd2",
         ">= 15",
@@ -885,17 +915,10 @@ def markdown(
     if "policyd" in rows:
         rss = rows["policyd"]["peak_rss_mb"]
         target("peak RSS policyd 1M", "<= 300 MB", rss, rss <= 300, " MB")
+        value = rows["policyd"]["peak_rss_bound_mb"]
+        target("... main peak + parsing process peak, as if at once", "report", value, None, " MB")
     if reloads:
-        seconds = median([r["reload_s"] for r in reloads])
-        p99 = median([r["during_p99_ms"] for r in reloads])
-        worst = max(r["during_max_ms"] or 0 for r in reloads)
-        errors = sum(r["errors"] for r in reloads)
-        rss = max((r["peak_rss_kb"] or 0) for r in reloads) / 1024
-        target("reload of the 1M map under load", "<= 10 s", seconds, seconds <= 10, " s")
-        target("p99 during the reload", "<= 50 ms", p99, p99 <= 50, " ms")
-        target("max latency during the reload", "(no request waits for it)", worst, None, " ms")
-        target("failed requests during the reload", "0", errors, errors == 0)
-        target("peak RSS including the reload", "<= 300 MB", rss, rss <= 300, " MB")
+        reload_targets(reloads, target)
     if startup:
         target(
             "startup with the 1M map (exec to first reply)", "report", median(startup), None, " s"

@@ -13,9 +13,12 @@ line; owner groups (``"a@x,b@x"``, shared by every alias with the same targets) 
 
 from __future__ import annotations
 
+import pickle
 import zlib
 from array import array
-from itertools import accumulate
+from collections import defaultdict
+from collections.abc import Sequence
+from itertools import accumulate, count
 
 _EMPTY = -1
 
@@ -39,13 +42,13 @@ class CompactTable:
     def __init__(
         self,
         *,
-        keys: bytes,
-        offsets: array[int],
-        slots: array[int],
-        owners: array[int],
-        lines: array[int],
-        groups: bytes,
-        group_offsets: array[int],
+        keys: bytes | bytearray,
+        offsets: Sequence[int],
+        slots: Sequence[int],
+        owners: Sequence[int],
+        lines: Sequence[int],
+        groups: bytes | bytearray,
+        group_offsets: Sequence[int],
     ) -> None:
         self._keys = keys
         self._offsets = offsets
@@ -55,6 +58,21 @@ class CompactTable:
         self._lines = lines
         self._groups = groups
         self._group_offsets = group_offsets
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        """Pickle as the raw buffers; with protocol 5 they may travel out of band
+        (stores.builder writes them to a file as they are)."""
+        wrap = pickle.PickleBuffer if isinstance(protocol, int) and protocol >= 5 else bytes
+        buffers = (
+            self._keys,
+            self._offsets,
+            self._slots,
+            self._owners,
+            self._lines,
+            self._groups,
+            self._group_offsets,
+        )
+        return (_restore, (tuple(wrap(buffer) for buffer in buffers),))
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -79,55 +97,138 @@ class CompactTable:
         return None
 
 
+def _restore(buffers: tuple[bytes | bytearray, ...]) -> CompactTable:
+    """A pickled table's buffers back in use, without copying the integer arrays."""
+    keys, offsets, slots, owners, lines, groups, group_offsets = buffers
+    return CompactTable(
+        keys=bytes(keys) if isinstance(keys, bytearray) else keys,  # bytes compare faster
+        offsets=memoryview(offsets).cast("I"),
+        slots=memoryview(slots).cast("i"),
+        owners=memoryview(owners).cast("I"),
+        lines=memoryview(lines).cast("I"),
+        groups=groups,
+        group_offsets=memoryview(group_offsets).cast("I"),
+    )
+
+
 class CompactTableBuilder:
     """Collects entries in file order; the first entry of a key wins, as in Postfix.
 
-    Entries go into plain dicts while a file is parsed (fast, C-level); build() lays them out
-    flat. Building happens in the worker process (stores.builder), so its transient memory
-    never counts against the daemon.
+    Entries go straight into the flat layout while a file is parsed: a million entries never
+    become a million Python objects (about 150 bytes each in a dict), so the process that
+    builds the table (stores.builder) needs little more memory than the table itself.
+    Entries come in batches (add_many), so that all but the probing of the slots happens in
+    C-level bulk operations: a million-line alias file must reload within seconds.
+    The slots table stays at most half full (short probe sequences), growing by doubling.
     """
 
-    def __init__(self) -> None:
-        self._seen: dict[bytes, int] = {}  # key -> line of its entry, in file order
-        self._owners: list[int] = []  # per entry, the number of its owner group
-        self._groups: dict[bytes, int] = {}  # owner group -> its number
+    def __init__(self, expected: int = 0) -> None:
+        """``expected``: about how many entries will come; growing the slots costs time."""
+        self._keys = bytearray()
+        self._offsets = array("I", [0])
+        self._lines = array("I")
+        self._owners = array("I")  # per entry, the number of its owner group
+        # owner group -> its number, numbered in order of first appearance
+        self._groups: defaultdict[bytes, int] = defaultdict(count().__next__)
+        self._slots = array("i", [_EMPTY]) * _slots_for(expected)
 
     def add(self, key: str, owners: tuple[str, ...], line: int) -> int | None:
         """Add an entry; if the key is already there, keep the first and return its line."""
-        return self.add_encoded(_encode(key), _encode(",".join(owners)), line)
+        duplicates = self.add_many([_encode(key)], [_encode(",".join(owners))], [line])
+        return duplicates[0][1] if duplicates else None
 
-    def add_encoded(self, data: bytes, group: bytes, line: int) -> int | None:
-        """add() for a key and a comma-joined owner list already folded and encoded."""
-        first = self._seen.setdefault(data, line)
-        if first != line:
-            return first
-        groups = self._groups
-        self._owners.append(groups.setdefault(group, len(groups)))
-        return None
+    def add_many(
+        self, keys: list[bytes], groups: list[bytes], lines: list[int]
+    ) -> list[tuple[int, int]]:
+        """Add entries whose keys are folded and encoded, each with its comma-joined owners.
 
-    def build(self) -> CompactTable:
-        keys = self._seen
-        offsets = array("I", [0])
-        offsets.extend(accumulate(map(len, keys)))
-        groups = list(self._groups)
-        group_offsets = array("I", [0])
-        group_offsets.extend(accumulate(map(len, groups)))
-        size = 8
-        while size < 2 * len(keys):  # at most half full: short probe sequences
-            size *= 2
+        Returns (position in ``keys``, line of the entry kept) for every key already present
+        (earlier, or earlier in ``keys``): those entries are left out.
+        """
+        if 2 * (len(self._lines) + len(keys)) > len(self._slots):
+            self._grow(_slots_for(len(self._lines) + len(keys)))
+        blob, offsets, slots = self._keys, self._offsets, self._slots
+        mask = len(slots) - 1
+        base = entry = len(self._lines)
+        duplicates: list[tuple[int, int]] = []
+        for position, code in enumerate(map(zlib.crc32, keys)):
+            index = code & mask
+            if slots[index] == _EMPTY:  # the usual case, kept short: a free slot at once
+                slots[index] = entry
+                entry += 1
+                continue
+            data = keys[position]
+            while (other := slots[index]) != _EMPTY:
+                if other >= base:  # an entry of this batch
+                    kept = _kept_position(other - base, duplicates)
+                    if keys[kept] == data:
+                        duplicates.append((position, lines[kept]))
+                        break
+                else:
+                    start = offsets[other]
+                    if offsets[other + 1] - start == len(data) and blob.startswith(data, start):
+                        duplicates.append((position, self._lines[other]))
+                        break
+                index = (index + 1) & mask
+            else:
+                slots[index] = entry
+                entry += 1
+        if duplicates:
+            left_out = {position for position, _ in duplicates}
+            kept_positions = [p for p in range(len(keys)) if p not in left_out]
+            keys = [keys[p] for p in kept_positions]
+            groups = [groups[p] for p in kept_positions]
+            lines = [lines[p] for p in kept_positions]
+        ends = accumulate(map(len, keys), initial=len(blob))
+        next(ends)  # the offset where this batch starts is there already
+        offsets.extend(ends)
+        blob += b"".join(keys)
+        self._lines.extend(lines)
+        self._owners.extend(map(self._groups.__getitem__, groups))
+        return duplicates
+
+    def _grow(self, size: int) -> None:
+        blob, offsets = memoryview(self._keys), self._offsets
         slots = array("i", [_EMPTY]) * size
         mask = size - 1
-        for entry, key in enumerate(keys):
-            index = zlib.crc32(key) & mask
+        for entry in range(len(self._lines)):
+            index = zlib.crc32(blob[offsets[entry] : offsets[entry + 1]]) & mask
             while slots[index] != _EMPTY:
                 index = (index + 1) & mask
             slots[index] = entry
+        blob.release()
+        self._slots = slots
+
+    def build(self) -> CompactTable:
+        """The table; the builder must not be used afterwards (the table takes its buffers)."""
+        group_offsets = array("I", accumulate(map(len, self._groups), initial=0))
+        groups = b"".join(self._groups)
+        self._groups.clear()
         return CompactTable(
-            keys=b"".join(keys),
-            offsets=offsets,
-            slots=slots,
-            owners=array("I", self._owners),
-            lines=array("I", keys.values()),
-            groups=b"".join(groups),
+            keys=self._keys,
+            offsets=self._offsets,
+            slots=self._slots,
+            owners=self._owners,
+            lines=self._lines,
+            groups=groups,
             group_offsets=group_offsets,
         )
+
+
+def _kept_position(kept: int, duplicates: list[tuple[int, int]]) -> int:
+    """The position in its batch of the ``kept``-th entry kept, given the positions left
+    out so far (in increasing order). Only duplicates need this: they are rare."""
+    position = kept
+    for left_out, _ in duplicates:
+        if left_out > position:
+            break
+        position += 1
+    return position
+
+
+def _slots_for(entries: int) -> int:
+    """A power of two at least twice ``entries``."""
+    size = 8
+    while size < 2 * entries:
+        size *= 2
+    return size

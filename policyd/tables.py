@@ -8,6 +8,7 @@ they occur.
 
 from __future__ import annotations
 
+import os
 import re
 
 # The re module's own pattern parser (not public API), see _literal_domain.
@@ -171,11 +172,11 @@ def parse_texthash_file(path: Path, source: str) -> tuple[FixedTable, list[Probl
         stream = path.open("rb")
     except OSError:
         return None
-    entries = CompactTableBuilder()
-    add = entries.add_encoded
+    entries: CompactTableBuilder | None = None
     warnings: list[Problem] = []
     number = 0
     with stream:
+        size = os.fstat(stream.fileno()).st_size
         rest = b""
         for chunk in iter(lambda: stream.read(_BLOCK), b""):
             block = rest + chunk
@@ -187,6 +188,11 @@ def parse_texthash_file(path: Path, source: str) -> tuple[FixedTable, list[Probl
                 return None
             lines = block.lower().split(b"\n")
             lines.pop()  # what follows the last newline: nothing
+            if entries is None:  # as many entries as lines, if the first block is typical
+                entries = CompactTableBuilder(len(lines) * size // max(len(block), 1))
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            numbers: list[int] = []
             for line in lines:
                 number += 1
                 if skippable and (not line or line[0] == _HASH):
@@ -196,13 +202,15 @@ def parse_texthash_file(path: Path, source: str) -> tuple[FixedTable, list[Probl
                     return None  # let the general parser name the error
                 if b"," in value or b" " in value:
                     value = _SEPARATORS.sub(b",", value).strip(b",")
-                first = add(key, value, number)
-                if first is not None:
-                    message = f'duplicate entry "{key.decode()}": line {first} wins'
-                    warnings.append(Problem(source, number, message, fatal=False))
+                keys.append(key)
+                values.append(value)
+                numbers.append(number)
+            for position, first in entries.add_many(keys, values, numbers):
+                message = f'duplicate entry "{keys[position].decode()}": line {first} wins'
+                warnings.append(Problem(source, numbers[position], message, fatal=False))
         if rest:  # no newline at the end of the file
             return None
-    return FixedTable(source, entries.build()), warnings
+    return FixedTable(source, (entries or CompactTableBuilder()).build()), warnings
 
 
 _BLOCK = 1 << 20

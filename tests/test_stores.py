@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from policyd import defaults
 from policyd.config import Settings
 from policyd.stores import StoreError, open_store, store_class
 from policyd.stores.dms import IDENTITY, DmsStore
@@ -242,3 +244,44 @@ def test_empty_map_is_refused_at_startup_unless_allowed(tmp_path: Path) -> None:
     store = TexthashStore("t", table, 0, allow_empty=True)
     store.load_now()
     assert store.status.entries == 0
+
+
+@pytest.fixture
+def in_a_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load every map in a parsing process, however small (big maps do so by default)."""
+    monkeypatch.setattr(defaults, "LOAD_IN_PROCESS_BYTES", 0)
+
+
+@pytest.mark.usefixtures("in_a_process")
+@pytest.mark.parametrize("handover", ["temporary file", "pipe, no writable temporary directory"])
+async def test_maps_parsed_in_a_process_answer_the_same(
+    dms_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handover: str
+) -> None:
+    scratch = tmp_path / "tmp"
+    if handover == "temporary file":
+        scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkstemp() writes
+    in_this_process = DmsStore("dms", dms_dir, 0)
+    in_this_process.load_now()
+    store = DmsStore("dms", dms_dir, 0)
+    await store.start()
+    for key in ("alias1@localhost.localdomain", "user1@localhost.localdomain", "nobody@x"):
+        assert owners(store, key) == owners(in_this_process, key)
+    assert store.status.entries == in_this_process.status.entries
+    if scratch.exists():
+        assert list(scratch.iterdir()) == []  # the snapshot file is gone
+    await store.close()
+
+
+@pytest.mark.usefixtures("in_a_process")
+async def test_a_bad_file_parsed_in_a_process_keeps_the_last_good_map(tmp_path: Path) -> None:
+    table = tmp_path / "logins"
+    table.write_text("a@x old@x\n")
+    store = TexthashStore("t", table, 0)
+    await store.start()
+    table.write_text("a@x new@x\nno-value-here\n")
+    settle(table)
+    assert not await store.reload()
+    assert owners(store, "a@x") == ["old@x"]
+    assert f"{table}:2" in (store.status.last_error or "")
+    await store.close()

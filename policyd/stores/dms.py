@@ -66,8 +66,9 @@ def parse_accounts(text: str, source: str) -> CompactTable:
     docker-mailserver ignores blank lines and ``#`` comments (leading whitespace allowed) and
     strips CR. Only the address matters here; the password hash is never kept.
     """
-    accounts = CompactTableBuilder()
     problems: list[Problem] = []
+    keys: list[bytes] = []
+    numbers: list[int] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -76,9 +77,12 @@ def parse_accounts(text: str, source: str) -> CompactTable:
         if "@" not in address or "|" not in line:
             problems.append(Problem(source, number, "expected ADDRESS|{SCHEME}HASH"))
             continue
-        accounts.add(fold(address), (), number)  # a duplicate keeps its first line
+        keys.append(fold(address).encode("utf-8", "surrogateescape"))
+        numbers.append(number)
     if problems:
         raise TableError(problems)
+    accounts = CompactTableBuilder(len(keys))
+    accounts.add_many(keys, [b""] * len(keys), numbers)  # a duplicate keeps its first line
     return accounts.build()
 
 

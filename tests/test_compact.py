@@ -1,0 +1,117 @@
+"""The flat hash table behind big maps, and how a parsed snapshot reaches the daemon.
+
+A reload of a million-line alias file must give exactly the answers a dict would: the first
+entry of a key wins (as in Postfix), every later one is reported as a duplicate with the line
+that won, and nothing changes on the way from the parsing process to the daemon.
+"""
+
+from __future__ import annotations
+
+import pickle
+from functools import partial
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policyd.compact import CompactTable, CompactTableBuilder
+from policyd.stores.base import StoreError
+from policyd.stores.builder import read_snapshot, write_snapshot
+
+# Few distinct keys, so that duplicates (within a batch and across batches) are common.
+KEYS = st.sampled_from([f"user{n}@d{n % 3}.example" for n in range(40)] + ["é@x", "a"])
+ENTRIES = st.lists(st.tuples(KEYS, st.sampled_from(["o1@x", "o2@x,o3@x", ""])), max_size=300)
+
+
+Expected = dict[str, tuple[str, int]]
+
+
+def model(entries: list[tuple[str, str]]) -> tuple[Expected, list[tuple[int, int]]]:
+    """What the table must hold (key -> owners, line) and which lines are duplicates of which."""
+    table: Expected = {}
+    duplicates = []
+    for line, (key, owners) in enumerate(entries, start=1):
+        if key in table:
+            duplicates.append((line, table[key][1]))
+        else:
+            table[key] = (owners, line)
+    return table, duplicates
+
+
+def build(entries: list[tuple[str, str]], batch: int) -> tuple[CompactTable, list[tuple[int, int]]]:
+    builder = CompactTableBuilder(expected=len(entries) // 4)  # small: the slots must grow
+    duplicates = []
+    for start in range(0, len(entries), batch):
+        chunk = entries[start : start + batch]
+        found = builder.add_many(
+            [key.encode() for key, _ in chunk],
+            [owners.encode() for _, owners in chunk],
+            list(range(start + 1, start + len(chunk) + 1)),
+        )
+        duplicates += [(start + position + 1, first) for position, first in found]
+    return builder.build(), duplicates
+
+
+def assert_holds(table: CompactTable, expected: Expected) -> None:
+    assert len(table) == len(expected)
+    for key, (owners, line) in expected.items():
+        assert table.get(key) == (tuple(owners.split(",")) if owners else (), line)
+    assert table.get("nobody@nowhere") is None
+    assert table.get("user1@d1.exampl") is None  # a prefix of a key is not the key
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=ENTRIES, batch=st.integers(1, 50))
+def test_the_first_entry_of_a_key_wins_and_later_ones_are_reported(
+    entries: list[tuple[str, str]], batch: int
+) -> None:
+    expected, duplicates = model(entries)
+    table, reported = build(entries, batch)
+    assert reported == duplicates
+    assert_holds(table, expected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(entries=ENTRIES)
+def test_a_table_survives_pickling_in_and_out_of_band(entries: list[tuple[str, str]]) -> None:
+    expected, _ = model(entries)
+    table, _ = build(entries, 7)
+    assert_holds(pickle.loads(pickle.dumps(table, protocol=4)), expected)
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(table, protocol=5, buffer_callback=buffers.append)
+    assert buffers  # the big buffers travel out of band, as raw bytes
+    assert_holds(pickle.loads(data, buffers=[bytes(b.raw()) for b in buffers]), expected)
+
+
+def parsed() -> dict[str, CompactTable]:
+    """What a loader returns: any picklable object holding tables (run in the child)."""
+    table, _ = build([("alias@d.example", "user@d.example"), ("user@d.example", "")], 1)
+    return {"virtual": table}
+
+
+def test_a_snapshot_written_by_the_parser_reads_back_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_snapshot(parsed, path)
+    back = read_snapshot(path)
+    assert back["virtual"].get("alias@d.example") == (("user@d.example",), 1)
+    assert back["virtual"].get("user@d.example") == ((), 2)
+
+
+def test_a_truncated_snapshot_is_a_store_error_not_a_wrong_map(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_snapshot(parsed, path)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(StoreError, match="truncated"):
+        read_snapshot(path)
+
+
+def failing() -> None:
+    raise StoreError([])
+
+
+def test_a_failing_load_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    with pytest.raises(StoreError):
+        write_snapshot(partial(failing), path)
+    assert not path.exists()
