@@ -2,10 +2,11 @@
 
 Parsing a million-line alias file is seconds of pure Python. In a thread of the daemon it would
 compete with the event loop for the GIL, and a busy loop can starve it for as long as the load
-lasts. A fresh process parses on another core, writes the snapshot to a temporary file and
-exits; only then does the daemon read the file, in a thread. So the two never hold a copy of
-the map at the same time, and the parser's memory is back with the system before the new map
-arrives: the daemon's peak during a reload is its steady size plus one map.
+lasts. A fresh process (``python -m policyd.stores.builder``, the job pickled on its stdin)
+parses on another core, writes the snapshot to a temporary file and exits; only then does the
+daemon read the file, in a thread. So the two never hold a copy of the map at the same time,
+and the parser's memory is back with the system before the new map arrives: the daemon's
+peak during a reload is its steady size plus one map.
 
 The big tables (policyd.compact) are a few flat buffers. They go into the file as raw bytes
 beside a small pickle (pickle protocol 5, out-of-band buffers), and come back as one read
@@ -19,15 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import pickle
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,7 +34,7 @@ from policyd.tables import Problem
 
 T = TypeVar("T")
 
-_running: set[ProcessPoolExecutor] = set()
+_running: set[asyncio.subprocess.Process] = set()
 
 _COUNT = struct.Struct("<Q")
 
@@ -48,28 +46,51 @@ async def build(load: Callable[[], T], name: str) -> T:
     fail with a StoreError.
     """
     path = _temporary_file()
-    # "spawn": a fresh interpreter. Forking a process that runs threads (the log writer)
-    # could copy a lock some thread holds.
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    _running.add(pool)
-    loop = asyncio.get_running_loop()
     try:
-        try:
-            if path is None:
-                result: T = await loop.run_in_executor(pool, load)
-                return result
-            await loop.run_in_executor(pool, partial(write_snapshot, load, path))
-        except BrokenProcessPool:
-            raise StoreError([Problem(name, 0, "the process parsing the files died")]) from None
-        finally:
-            _running.discard(pool)
-            await asyncio.to_thread(pool.shutdown)  # waits until the process has exited
+        outcome = await _run_parser(pickle.dumps((load, path)))
+        if outcome is None:
+            raise StoreError([Problem(name, 0, "the process parsing the files died")])
+        kind, value = outcome
+        if kind == "error":
+            raise value
+        if path is None:
+            result: T = value
+            return result
         loaded: T = await asyncio.to_thread(read_snapshot, path)
         return loaded
     finally:
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+async def _run_parser(job: bytes) -> tuple[str, Any] | None:
+    """Start ``python -m policyd.stores.builder``, hand it ``job`` and wait until it has
+    exited; what it printed, or None if it died."""
+    environment = dict(os.environ)
+    # The parser grows a few buffers to tens of megabytes. glibc's malloc would move buffers
+    # that big into the heap after the first one is freed, where each growth leaves a hole:
+    # 30 MB more at the peak for the 1M map. A fixed threshold keeps them in their own
+    # mappings, which grow in place. (Other C libraries ignore the variable; an admin's own
+    # setting stays.)
+    environment.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        __name__,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=environment,
+    )
+    _running.add(process)
+    try:
+        output, _ = await process.communicate(job)
+    finally:
+        _running.discard(process)
+    if process.returncode != 0 or not output:
+        return None
+    outcome: tuple[str, Any] = pickle.loads(output)
+    return outcome
 
 
 def _temporary_file() -> Path | None:
@@ -121,6 +142,26 @@ def read_snapshot(path: Path) -> Any:
 
 def shutdown() -> None:
     """Stop any parsing process still running."""
-    for pool in list(_running):
-        pool.shutdown(wait=True, cancel_futures=True)
+    for process in list(_running):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
     _running.clear()
+
+
+def main() -> None:
+    """The parsing process: load, then write the snapshot to the file (or, without one,
+    print it) and print what happened."""
+    load, path = pickle.load(sys.stdin.buffer)
+    try:
+        if path is None:
+            outcome: tuple[str, Any] = ("result", load())
+        else:
+            write_snapshot(load, path)
+            outcome = ("written", None)
+    except StoreError as error:
+        outcome = ("error", error)
+    sys.stdout.buffer.write(pickle.dumps(outcome))
+
+
+if __name__ == "__main__":
+    main()

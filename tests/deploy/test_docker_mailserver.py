@@ -83,6 +83,8 @@ def test_policyd_reads_the_mail_servers_config_directory_read_only() -> None:
     # Shipped as a dry run: step 1 of the README.
     assert "POLICYD_MODE=permit" in policyd["environment"]
     assert (HERE / policyd["build"] / "Dockerfile").is_file()
+    # A read-only container still needs /tmp: big maps reach the daemon through a file there.
+    assert policyd["read_only"] is True and "/tmp" in policyd["tmpfs"]
 
 
 def test_files_the_compose_file_mounts_exist() -> None:

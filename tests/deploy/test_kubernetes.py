@@ -203,8 +203,9 @@ def write_configmap(directory: Path) -> None:
 
 
 def test_policyd_accepts_the_deployments_settings_and_the_configmap(tmp_path: Path) -> None:
-    (volume,) = pod()["spec"]["volumes"]
-    (mount,) = container()["volumeMounts"]
+    volumes = {volume["name"]: volume for volume in pod()["spec"]["volumes"]}
+    mounts = {mount["name"]: mount for mount in container()["volumeMounts"]}
+    volume, mount = volumes["maps"], mounts["maps"]
     assert volume["configMap"]["name"] == RESOURCES["ConfigMap"]["metadata"]["name"]
     assert mount["name"] == volume["name"] and mount["readOnly"] is True
     assert environment()["POLICYD_MAPS"] == f"dms:{mount['mountPath']}"
@@ -213,6 +214,14 @@ def test_policyd_accepts_the_deployments_settings_and_the_configmap(tmp_path: Pa
     result = run([*POLICYD, "validate"], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"map dms:{tmp_path}:" in result.stdout
+
+
+def test_big_maps_have_a_writable_tmp_to_reach_the_daemon_through() -> None:
+    """The root filesystem is read-only; the parsing process writes its snapshot to /tmp."""
+    volumes = {volume["name"]: volume for volume in pod()["spec"]["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in container()["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert not mounts["/tmp"].get("readOnly", False)
 
 
 def project_configmap(directory: Path, version: str, files: dict[str, str]) -> None:
