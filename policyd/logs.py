@@ -39,7 +39,9 @@ class Formatter(logging.Formatter):
         super().__init__()
         self.json = style == "json"
         self._second = -1
-        self._stamp = ""
+        self._stamp = ""  # the current second, formatted
+        self._millisecond = -1
+        self._stamp_ms = ""  # the current millisecond, formatted
         self._middles: dict[int, tuple[Decision, str]] = {}
 
     def format(self, record: logging.LogRecord) -> str:
@@ -59,11 +61,17 @@ class Formatter(logging.Formatter):
         return " ".join([f"{key}={logfmt_value(value)}" for key, value in line.items()])
 
     def stamp(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:  # strftime once a second, not once a line
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int(created % 1 * 1000):03d}Z"
+        # Formatted once a millisecond (a busy daemon logs several lines in one), and the
+        # date and time once a second.
+        millisecond = int(created * 1000)
+        if millisecond != self._millisecond:
+            second = millisecond // 1000
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._millisecond = millisecond
+            self._stamp_ms = f"{self._stamp}.{millisecond % 1000:03d}Z"
+        return self._stamp_ms
 
     def decision(self, created: float, request: PolicyRequest, decision: Decision) -> str:
         """render() of a decision line, spelt out: it is written for every refusal.

@@ -91,3 +91,13 @@ async def test_all_and_none(caplog: pytest.LogCaptureFixture) -> None:
     assert [line["verdict"] for line in await decisions("all", caplog)] == ["reject", "permit"]
     caplog.clear()
     assert await decisions("none", caplog) == []
+
+
+def test_timestamps_are_utc_to_the_millisecond_across_second_boundaries() -> None:
+    formatter = Formatter("logfmt")
+    stamps = [formatter.stamp(t) for t in (1700000000.9991, 1700000000.9999, 1700000001.0004)]
+    assert stamps == [
+        "2023-11-14T22:13:20.999Z",
+        "2023-11-14T22:13:20.999Z",  # the same millisecond
+        "2023-11-14T22:13:21.000Z",  # the next second, although only a millisecond later
+    ]
