@@ -193,6 +193,6 @@ class Service:
 
     def record(self, request: PolicyRequest, decision: Decision) -> None:
         """Count the decision, and log it if log_decisions asks for its verdict."""
-        self.metrics.requests[decision.verdict.value, decision.reason] += 1
+        self.metrics.requests[decision.verdict, decision.reason] += 1
         if decision.verdict in self.logged:
             self.log_decision(request, decision)
