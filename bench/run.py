@@ -507,22 +507,33 @@ def measure(case: Case, options: argparse.Namespace) -> dict[str, Any]:
     return best
 
 
+def load_run(
+    server: Server,
+    workload: Workload,
+    options: argparse.Namespace,
+    duration: float,
+    **extra: Any,
+) -> LoadRun:
+    """The load generator against ``server``, as the options say."""
+    return LoadRun(
+        server.target,
+        workload,
+        connections=options.connections,
+        workers=options.workers,
+        warmup=options.warmup,
+        duration=duration,
+        engine=options.engine,
+        **extra,
+    )
+
+
 def measure_once(case: Case, options: argparse.Namespace) -> dict[str, Any]:
     if options.quiet_wait > 0:
         other = wait_quiet(options.other_limit, options.quiet_wait)
         if other > options.other_limit:
             log(f"machine busy before {case.name}: {other:.2f} cores used by other work")
     with running(case.start) as server:
-        run = LoadRun(
-            server.target,
-            case.workload,
-            connections=options.connections,
-            workers=options.workers,
-            warmup=options.warmup,
-            duration=options.duration,
-            engine=options.engine,
-            server_pids=server.pids,
-        )
+        run = load_run(server, case.workload, options, options.duration, server_pids=server.pids)
         run.start()
         result = run.finish()
         summary = result.summary()
@@ -547,16 +558,7 @@ def measure_reload(
     if options.quiet_wait > 0:
         wait_quiet(0.15, options.quiet_wait)
     with running(start) as server:
-        run = LoadRun(
-            server.target,
-            workload,
-            connections=options.connections,
-            workers=options.workers,
-            warmup=options.warmup,
-            duration=3600,  # ended below, once the reload is done
-            engine=options.engine,
-            timeline=True,
-        )
+        run = load_run(server, workload, options, 3600, timeline=True)  # ended below
         run.start()
         trigger_at = run.measure_from + int(before * 1e9)
         while time.monotonic_ns() < trigger_at:
@@ -629,15 +631,7 @@ def profile(
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     with running(start) as server:
-        run = LoadRun(
-            server.target,
-            workload,
-            connections=options.connections,
-            workers=options.workers,
-            warmup=options.warmup,
-            duration=3600,
-            engine=options.engine,
-        )
+        run = load_run(server, workload, options, 3600)  # ended below
         run.start()
         while time.monotonic_ns() < run.measure_from:
             time.sleep(0.01)
