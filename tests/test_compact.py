@@ -7,7 +7,9 @@ that won, and nothing changes on the way from the parsing process to the daemon.
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.compact import CompactTable, CompactTableBuilder
+from policyd.stores import builder
 from policyd.stores.base import StoreError
 from policyd.stores.builder import read_snapshot, write_snapshot
 
@@ -115,3 +118,29 @@ def test_a_failing_load_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         write_snapshot(partial(failing), path)
     assert not path.exists()
+
+
+def dies() -> None:
+    os._exit(3)  # what the kernel's OOM killer or a crash looks like from outside
+
+
+def chatty() -> dict[str, CompactTable]:
+    print("a load that prints")  # must not corrupt what the process hands back
+    return parsed()
+
+
+async def test_a_parsing_process_that_dies_fails_the_load_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(StoreError, match="the process parsing the files died"):
+        await builder.build(dies, "dms:/somewhere")
+    assert os.listdir(tmp_path) == []
+
+
+async def test_what_a_load_prints_does_not_reach_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = await builder.build(chatty, "t")
+    assert result["virtual"].get("alias@d.example") == (("user@d.example",), 1)

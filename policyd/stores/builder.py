@@ -89,7 +89,10 @@ async def _run_parser(job: bytes) -> tuple[str, Any] | None:
         _running.discard(process)
     if process.returncode != 0 or not output:
         return None
-    outcome: tuple[str, Any] = pickle.loads(output)
+    try:
+        outcome: tuple[str, Any] = pickle.loads(output)
+    except Exception:  # cut short or garbled: the same as a process that died
+        return None
     return outcome
 
 
@@ -152,6 +155,8 @@ def main() -> None:
     """The parsing process: load, then write the snapshot to the file (or, without one,
     print it) and print what happened."""
     load, path = pickle.load(sys.stdin.buffer)
+    result = sys.stdout.buffer
+    sys.stdout = sys.stderr  # stdout carries only the outcome, whatever the load prints
     try:
         if path is None:
             outcome: tuple[str, Any] = ("result", load())
@@ -160,7 +165,7 @@ def main() -> None:
             outcome = ("written", None)
     except StoreError as error:
         outcome = ("error", error)
-    sys.stdout.buffer.write(pickle.dumps(outcome))
+    result.write(pickle.dumps(outcome))
 
 
 if __name__ == "__main__":
