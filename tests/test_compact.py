@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -144,3 +145,10 @@ async def test_what_a_load_prints_does_not_reach_the_daemon(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = await builder.build(chatty, "t")
     assert result["virtual"].get("alias@d.example") == (("user@d.example",), 1)
+
+
+async def test_no_parsing_process_at_all_is_a_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed start (no interpreter, no processes left) fails the load, not the daemon."""
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(StoreError, match="parsing in a separate process"):
+        await builder.build(parsed, "dms:/somewhere")

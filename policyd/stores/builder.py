@@ -47,21 +47,27 @@ async def build(load: Callable[[], T], name: str) -> T:
     """
     path = _temporary_file()
     try:
-        outcome = await _run_parser(pickle.dumps((load, path)))
-        if outcome is None:
-            raise StoreError([Problem(name, 0, "the process parsing the files died")])
-        kind, value = outcome
-        if kind == "error":
-            raise value
-        if path is None:
-            result: T = value
-            return result
-        loaded: T = await asyncio.to_thread(read_snapshot, path)
-        return loaded
+        return await _build(load, name, path)
+    except OSError as error:  # no process could start, or its file went missing
+        raise StoreError([Problem(name, 0, f"parsing in a separate process: {error}")]) from None
     finally:
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+async def _build(load: Callable[[], T], name: str, path: Path | None) -> T:
+    outcome = await _run_parser(pickle.dumps((load, path)))
+    if outcome is None:
+        raise StoreError([Problem(name, 0, "the process parsing the files died")])
+    kind, value = outcome
+    if kind == "error":
+        raise value
+    if path is None:
+        result: T = value
+        return result
+    loaded: T = await asyncio.to_thread(read_snapshot, path)
+    return loaded
 
 
 async def _run_parser(job: bytes) -> tuple[str, Any] | None:
