@@ -7,10 +7,13 @@ that won, and nothing changes on the way from the parsing process to the daemon.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
+import signal
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from policyd.compact import CompactTable, CompactTableBuilder
 from policyd.stores import builder
 from policyd.stores.base import StoreError
 from policyd.stores.builder import read_snapshot, write_snapshot
+from tests.helpers import wait_until
 
 # Few distinct keys, so that duplicates (within a batch and across batches) are common.
 KEYS = st.sampled_from([f"user{n}@d{n % 3}.example" for n in range(40)] + ["é@x", "a"])
@@ -152,3 +156,30 @@ async def test_no_parsing_process_at_all_is_a_store_error(monkeypatch: pytest.Mo
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     with pytest.raises(StoreError, match="parsing in a separate process"):
         await builder.build(parsed, "dms:/somewhere")
+
+
+def slow() -> None:
+    time.sleep(60)
+
+
+async def test_a_cancelled_load_kills_its_parsing_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon stopping mid-reload leaves no parser running and no file behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    load = asyncio.create_task(builder.build(slow, "t"))
+    await wait_until(lambda: bool(builder._running))
+    (process,) = builder._running
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    assert await asyncio.wait_for(process.wait(), 10) == -signal.SIGKILL
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_parser_whose_daemon_is_gone_removes_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    path.touch()  # made by the daemon before it started the parser
+    with pytest.raises(SystemExit):
+        write_snapshot(parsed, path, wanted=lambda: False)
+    assert not path.exists()

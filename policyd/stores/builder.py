@@ -91,6 +91,10 @@ async def _run_parser(job: bytes) -> tuple[str, Any] | None:
     _running.add(process)
     try:
         output, _ = await process.communicate(job)
+    except BaseException:  # cancelled (the daemon is stopping): the parse is not wanted
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        raise
     finally:
         _running.discard(process)
     if process.returncode != 0 or not output:
@@ -112,14 +116,21 @@ def _temporary_file() -> Path | None:
     return Path(name)
 
 
-def write_snapshot(load: Callable[[], Any], path: Path) -> None:
-    """In the parsing process: run ``load`` and write its result to ``path``.
+def write_snapshot(
+    load: Callable[[], Any], path: Path, wanted: Callable[[], bool] = lambda: True
+) -> None:
+    """In the parsing process: run ``load`` and write its result to ``path``, unless it is no
+    longer ``wanted`` by then (the daemon is gone): then remove the file instead.
 
     Layout: the pickle's length and the number of buffers, the pickle, each buffer's length,
     then the buffers' bytes.
     """
+    loaded = load()
+    if not wanted():
+        path.unlink(missing_ok=True)
+        raise SystemExit(1)
     buffers: list[pickle.PickleBuffer] = []
-    head = pickle.dumps(load(), protocol=5, buffer_callback=buffers.append)
+    head = pickle.dumps(loaded, protocol=5, buffer_callback=buffers.append)
     raws = [buffer.raw() for buffer in buffers]
     with path.open("wb") as out:
         out.write(_COUNT.pack(len(head)) + _COUNT.pack(len(raws)))
@@ -160,6 +171,7 @@ def shutdown() -> None:
 def main() -> None:
     """The parsing process: load, then write the snapshot to the file (or, without one,
     print it) and print what happened."""
+    daemon = os.getppid()
     load, path = pickle.load(sys.stdin.buffer)
     result = sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries only the outcome, whatever the load prints
@@ -167,7 +179,7 @@ def main() -> None:
         if path is None:
             outcome: tuple[str, Any] = ("result", load())
         else:
-            write_snapshot(load, path)
+            write_snapshot(load, path, lambda: os.getppid() == daemon)
             outcome = ("written", None)
     except StoreError as error:
         outcome = ("error", error)
