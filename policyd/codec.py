@@ -7,6 +7,8 @@ whatever the socket delivered, split anywhere, and it returns the requests compl
 
 from __future__ import annotations
 
+import re
+
 from policyd import defaults
 
 
@@ -126,6 +128,10 @@ class PolicyRequest:
 
 
 _KEYS = {name: f"\n{name}=".encode() for name in ATTRIBUTES}
+# Where a request ends. bytes.find() is slow for this needle (both bytes are the most common
+# byte of a request, the end of every line); re's literal search takes half as long, and this
+# search runs once for every request.
+_EMPTY_LINE = re.compile(b"\n\n")
 _LF = ord("\n")
 
 
@@ -193,7 +199,8 @@ class RequestParser:
         buffer = self._buffer
         if (
             not buffer
-            and data.find(b"\n\n") == len(data) - 2 > 0
+            and (empty_line := _EMPTY_LINE.search(data)) is not None
+            and empty_line.start() == len(data) - 2 > 0
             and data[0] != _LF  # a leading empty line is an (empty) request of its own
             and b"\r" not in data
         ):
