@@ -29,3 +29,25 @@ def test_every_reply_is_correct(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "smoke: every reply correct" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_hot_path_harness_checks_and_measures(tmp_path: Path) -> None:
+    """bench/hotpath.py (policyd's own cost per request) runs, and agrees with the model."""
+    subprocess.run(
+        [sys.executable, "gen_data.py", "--preset", "1k", "--out", str(tmp_path / "dms")],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    result = subprocess.run(
+        [sys.executable, "hotpath.py", "--data", str(tmp_path / "dms"), "--passes", "1"],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "us per request" in result.stdout
