@@ -16,17 +16,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def bench(*args: str, timeout: float = 110) -> subprocess.CompletedProcess[str]:
+    """Run a bench/ script as a user would, from bench/."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the load generator uses epoll")
 @pytest.mark.timeout(120)
 def test_every_reply_is_correct(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--data-root", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
+    result = bench("run.py", "--smoke", "--data-root", str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "smoke: every reply correct" in result.stderr
 
@@ -34,20 +39,8 @@ def test_every_reply_is_correct(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_the_hot_path_harness_checks_and_measures(tmp_path: Path) -> None:
     """bench/hotpath.py (policyd's own cost per request) runs, and agrees with the model."""
-    subprocess.run(
-        [sys.executable, "gen_data.py", "--preset", "1k", "--out", str(tmp_path / "dms")],
-        cwd=ROOT / "bench",
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    result = subprocess.run(
-        [sys.executable, "hotpath.py", "--data", str(tmp_path / "dms"), "--passes", "1"],
-        cwd=ROOT / "bench",
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
+    generated = bench("gen_data.py", "--preset", "1k", "--out", str(tmp_path / "dms"), timeout=60)
+    assert generated.returncode == 0, generated.stderr[-4000:]
+    result = bench("hotpath.py", "--data", str(tmp_path / "dms"), "--passes", "1", timeout=100)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "us per request" in result.stdout
