@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from policyd.cli import main
+from policyd.config import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -29,3 +30,10 @@ def test_readme_check_example(
     monkeypatch.chdir(Path(__file__).parent.parent)  # the examples use paths relative to the repo
     main(shlex.split(command)[1:])
     assert f"{reason}\n" in capsys.readouterr().out
+
+
+def test_every_setting_is_in_the_configuration_reference() -> None:
+    reference = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    first_cells = re.findall(r"^\| ([^|]+) \|", reference, re.MULTILINE)
+    documented = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
+    assert documented == set(Settings.model_fields)
