@@ -28,18 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports(include=["policyd"]):
     from policyd import defaults
-    from policyd.codec import PolicyRequest, ProtocolError, RequestParser, encode_reply
+    from policyd.codec import (
+        ATTRIBUTES,
+        PolicyRequest,
+        ProtocolError,
+        RequestParser,
+        encode_reply,
+    )
 
-ATTRIBUTES = (
-    "sender",
-    "sasl_username",
-    "client_address",
-    "server_port",
-    "policy_context",
-    "instance",
-    "queue_id",
-    "protocol_state",
-)
 LIMITS = (
     {"max_line": 64, "max_request": 256, "max_attributes": 8},
     {

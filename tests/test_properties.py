@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from policyd import defaults
 from policyd.address import SearchKey
 from policyd.codec import (
+    ATTRIBUTES,
     LineTooLong,
     PolicyRequest,
     ProtocolError,
@@ -58,17 +59,6 @@ DEFAULT = {
     "max_request": defaults.MAX_REQUEST_BYTES,
     "max_attributes": defaults.MAX_ATTRIBUTES,
 }
-# The attributes policyd reads; every other attribute is skipped.
-FIELDS = (
-    "sender",
-    "sasl_username",
-    "client_address",
-    "server_port",
-    "policy_context",
-    "instance",
-    "queue_id",
-    "protocol_state",
-)
 
 
 # The codec
@@ -92,7 +82,7 @@ def parse(chunks: list[bytes], limits: dict[str, int]) -> Parsed:
         except ProtocolError as error:
             return Parsed(requests, error)
         for request in completed:
-            for name in FIELDS:  # values may be parsed only when read: read them all
+            for name in ATTRIBUTES:  # values may be parsed only when read: read them all
                 assert isinstance(getattr(request, name), str)
         requests += completed
     return Parsed(requests, None)
@@ -178,13 +168,13 @@ VALUE = st.lists(
     max_size=5,
 ).map(lambda parts: b"".join(parts).replace(b"\n", b"").replace(b"\0", b""))
 NAME = st.one_of(
-    st.sampled_from([name.encode() for name in FIELDS]),
+    st.sampled_from([name.encode() for name in ATTRIBUTES]),
     st.sampled_from([b"request", b"recipient", b"size", b"ccert_subject", b"SENDER"]),
     st.binary(min_size=1, max_size=10).map(
         lambda name: name.replace(b"\n", b"").replace(b"\0", b"").replace(b"=", b"") or b"n"
     ),
 )
-ATTRIBUTES = st.lists(st.tuples(NAME, VALUE), max_size=8)
+ATTRIBUTE_LISTS = st.lists(st.tuples(NAME, VALUE), max_size=8)
 
 
 def encode_request(attributes: list[tuple[bytes, bytes]], crlf: bool) -> bytes:
@@ -198,13 +188,13 @@ def expected_request(attributes: list[tuple[bytes, bytes]], crlf: bool) -> Polic
     values: dict[str, str] = {}
     for name, value in attributes:
         raw = value if crlf else value.removesuffix(b"\r")
-        if name.decode("latin-1") in FIELDS:
+        if name.decode("latin-1") in ATTRIBUTES:
             values[name.decode()] = raw.decode("utf-8", "surrogateescape")
     return PolicyRequest(**values)
 
 
 @settings(PROPERTIES, max_examples=150)
-@given(requests=st.lists(st.tuples(ATTRIBUTES, st.booleans()), max_size=6), cuts=CUTS)
+@given(requests=st.lists(st.tuples(ATTRIBUTE_LISTS, st.booleans()), max_size=6), cuts=CUTS)
 def test_a_stream_of_valid_requests_gives_each_request_in_order(
     requests: list[tuple[list[tuple[bytes, bytes]], bool]], cuts: list[int]
 ) -> None:
@@ -421,7 +411,7 @@ def test_modes_and_opt_in_rules_relate_as_documented(
 
 
 def _respelled(request: PolicyRequest, sender: str, login: str) -> PolicyRequest:
-    values = {name: getattr(request, name) for name in FIELDS}
+    values = {name: getattr(request, name) for name in ATTRIBUTES}
     return PolicyRequest(**{**values, "sender": sender, "sasl_username": login})
 
 
