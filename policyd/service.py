@@ -7,7 +7,7 @@ with `policyd serve`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from time import perf_counter
 
 from policyd.address import SearchKey
@@ -15,7 +15,7 @@ from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.engine import Decision, Policy, Verdict, decide, run, run_now, store_failure
 from policyd.logs import log_decision
-from policyd.metrics import Metrics
+from policyd.metrics import Metrics, StoreStats
 from policyd.rules import NO_RULES, Rules
 from policyd.stores import Hit, Store, StoreUnavailable, open_store
 from policyd.stores.base import StoreStatus
@@ -34,38 +34,45 @@ class LoginMaps:
         self.immediate = all(store.immediate for store in stores)
 
     def find_now(self, search: SearchKey) -> Hit | None:
-        for store, stats in self.stores:
-            if search.partial and store.pattern:
-                continue
-            started = perf_counter()
-            try:
+        for store, stats in self._asked(search):
+            with _Counted(stats):
                 hit = store.lookup_now(search.key)
-            except StoreUnavailable:
-                stats.errors += 1
-                raise
-            finally:
-                stats.lookups += 1
-                stats.latency.observe(perf_counter() - started)
             if hit is not None:
                 return hit
         return None
 
     async def find(self, search: SearchKey) -> Hit | None:
-        for store, stats in self.stores:
-            if search.partial and store.pattern:
-                continue
-            started = perf_counter()
-            try:
+        for store, stats in self._asked(search):
+            with _Counted(stats):
                 hit = await store.lookup(search.key)
-            except StoreUnavailable:
-                stats.errors += 1
-                raise
-            finally:
-                stats.lookups += 1
-                stats.latency.observe(perf_counter() - started)
             if hit is not None:
                 return hit
         return None
+
+    def _asked(self, search: SearchKey) -> Iterator[tuple[Store, StoreStats]]:
+        """The stores that see this key, in order: pattern stores only see full addresses."""
+        for store, stats in self.stores:
+            if not (search.partial and store.pattern):
+                yield store, stats
+
+
+class _Counted:
+    """Counts and times one store lookup for the metrics, failed or not."""
+
+    __slots__ = ("started", "stats")
+
+    def __init__(self, stats: StoreStats) -> None:
+        self.stats = stats
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.stats.lookups += 1
+        self.stats.latency.observe(perf_counter() - self.started)
+        if kind is not None and issubclass(kind, StoreUnavailable):
+            self.stats.errors += 1
 
 
 class Service:

@@ -65,7 +65,10 @@ async def test_temporary_failures_are_not_remembered() -> None:
         raise StoreUnavailable("down")
 
     store.lookup_now = down  # type: ignore[method-assign,assignment]
+    asked = lookups(service)
     assert service.decide_now(OWNED).verdict is Verdict.TEMPFAIL
+    stats = service.metrics.stores[store.name]
+    assert (stats.errors, lookups(service)) == (1, asked + 1)  # the failed lookup is counted
     store.lookup_now = real  # type: ignore[method-assign]
     assert service.decide_now(OWNED).verdict is Verdict.PERMIT
     await service.close()
