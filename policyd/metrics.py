@@ -105,14 +105,12 @@ class _Collector(Collector):
         )
         yield start
 
-        requests = CounterMetricFamily(
+        yield _counter(
             "policyd_requests",
             "Policy requests answered, by verdict and by the reason word of the decision",
-            labels=["verdict", "reason"],
+            ["verdict", "reason"],
+            [([verdict, reason], count) for (verdict, reason), count in sorted(m.requests.items())],
         )
-        for (verdict, reason), count in sorted(m.requests.items()):
-            requests.add_metric([verdict, reason], count)
-        yield requests
         yield _histogram(
             "policyd_request_duration_seconds",
             "Time from a complete request to its reply",
@@ -126,22 +124,18 @@ class _Collector(Collector):
         yield CounterMetricFamily(
             "policyd_connections", "Policy connections accepted", value=m.connections_total
         )
-        refused = CounterMetricFamily(
+        yield _counter(
             "policyd_connections_refused",
             "Connections closed at once: over max_connections, or not in allowed_clients",
-            labels=["reason"],
+            ["reason"],
+            [([reason], count) for reason, count in sorted(m.connections_refused.items())],
         )
-        for reason, count in sorted(m.connections_refused.items()):
-            refused.add_metric([reason], count)
-        yield refused
-        errors = CounterMetricFamily(
+        yield _counter(
             "policyd_protocol_errors",
             "Connections dropped for breaking the policy protocol, by kind",
-            labels=["kind"],
+            ["kind"],
+            [([kind], count) for kind, count in sorted(m.protocol_errors.items())],
         )
-        for kind, count in sorted(m.protocol_errors.items()):
-            errors.add_metric([kind], count)
-        yield errors
 
         yield from self._stores()
 
@@ -193,6 +187,15 @@ class _Collector(Collector):
         yield ready
         yield reloaded
         yield failures
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], series: list[tuple[list[str], float]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in series:
+        family.add_metric(values, count)
+    return family
 
 
 def _histogram(
