@@ -112,11 +112,17 @@ def test_missing_table_file(tmp_path: Path) -> None:
         TexthashStore("t", tmp_path / "absent", 0).load_now()
 
 
-async def test_reload_picks_up_a_change(tmp_path: Path) -> None:
+async def started_table(tmp_path: Path, reload_interval: float = 0) -> tuple[Path, TexthashStore]:
+    """A texthash store running on a file that maps a@x to old@x."""
     table = tmp_path / "logins"
     table.write_text("a@x old@x\n")
-    store = TexthashStore("t", table, 0)
+    store = TexthashStore("t", table, reload_interval)
     await store.start()
+    return table, store
+
+
+async def test_reload_picks_up_a_change(tmp_path: Path) -> None:
+    table, store = await started_table(tmp_path)
     table.write_text("a@x new@x\nb@x new@x\n")
     settle(table)
     assert await store.reload()
@@ -131,10 +137,7 @@ async def test_failed_reload_keeps_the_last_good_map(
 ) -> None:
     if parsed == "in a parsing process":
         monkeypatch.setattr(defaults, "LOAD_IN_PROCESS_BYTES", 0)
-    table = tmp_path / "logins"
-    table.write_text("a@x old@x\n")
-    store = TexthashStore("t", table, 0)
-    await store.start()
+    table, store = await started_table(tmp_path)
     table.write_text("a@x new@x\nbroken\n")
     settle(table)
     assert not await store.reload()
@@ -149,10 +152,7 @@ async def test_failed_reload_keeps_the_last_good_map(
 
 
 async def test_watcher_reloads_changed_files_on_its_own(tmp_path: Path) -> None:
-    table = tmp_path / "logins"
-    table.write_text("a@x old@x\n")
-    store = TexthashStore("t", table, reload_interval=0.01)
-    await store.start()
+    table, store = await started_table(tmp_path, reload_interval=0.01)
     replacement = tmp_path / "logins.new"
     replacement.write_text("a@x new@x\n")
     os.replace(settle(replacement), table)  # how editors and config managers write files
@@ -184,10 +184,7 @@ async def test_reload_is_atomic_for_concurrent_lookups(tmp_path: Path) -> None:
 
 async def test_a_file_just_written_is_read_a_moment_later(tmp_path: Path) -> None:
     """An editor may still be writing it; reading now could load half a file."""
-    table = tmp_path / "logins"
-    table.write_text("a@x old@x\n")
-    store = TexthashStore("t", table, 0)
-    await store.start()
+    table, store = await started_table(tmp_path)
     table.write_text("a@x new@x\n")
     assert not await store.reload()
     assert owners(store, "a@x") == ["old@x"]
@@ -226,10 +223,7 @@ async def test_file_faults_keep_the_last_good_map(dms_dir: Path, fault: str) -> 
 
 async def test_unreadable_file_keeps_the_last_good_map(tmp_path: Path) -> None:
     """Permission denied, simulated so that it also fails for root."""
-    table = tmp_path / "logins"
-    table.write_text("a@x old@x\n")
-    store = TexthashStore("t", table, 0)
-    await store.start()
+    table, store = await started_table(tmp_path)
     table.unlink()
     table.mkdir()  # reading a directory fails like an unreadable file does
     settle(table)
