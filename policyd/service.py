@@ -97,6 +97,7 @@ class Service:
         # whenever any map or rules file reloads; temporary failures are never remembered.
         self.cache: dict[tuple[str, ...], Decision] = {}
         self.cache_size = settings.decision_cache_size
+        self.scoped = self.policy.scoped  # settled at start; read for every request
         for status in self.statuses():
             status.on_loaded = self.cache.clear
         # Which verdicts get a decision log line (log_decisions).
@@ -164,7 +165,7 @@ class Service:
 
     def _cache_key(self, request: PolicyRequest) -> tuple[str, ...]:
         """Everything a decision depends on: the sender and login, and what scoping reads."""
-        if self.policy.scoped:
+        if self.scoped:
             return (
                 request.sender,
                 request.sasl_username,
