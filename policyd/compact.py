@@ -24,7 +24,8 @@ from typing import Any
 _EMPTY = -1
 
 
-def _encode(text: str) -> bytes:
+def encode(text: str) -> bytes:
+    """A key or owner as the table stores it (any str a file can hold survives the trip)."""
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -81,7 +82,7 @@ class CompactTable:
     def get(self, key: str) -> tuple[tuple[str, ...], int] | None:
         """(owners, line) for ``key``, or None."""
         try:
-            data = _encode(key)
+            data = encode(key)
         except UnicodeEncodeError:  # a lone surrogate no file can contain
             return None
         size = len(data)
@@ -136,7 +137,7 @@ class CompactTableBuilder:
 
     def add(self, key: str, owners: tuple[str, ...], line: int) -> int | None:
         """Add an entry; if the key is already there, keep the first and return its line."""
-        duplicates = self.add_many([_encode(key)], [_encode(",".join(owners))], [line])
+        duplicates = self.add_many([encode(key)], [encode(",".join(owners))], [line])
         return duplicates[0][1] if duplicates else None
 
     def add_many(

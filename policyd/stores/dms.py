@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from policyd.address import fold
-from policyd.compact import CompactTable, CompactTableBuilder
+from policyd.compact import CompactTable, CompactTableBuilder, encode
 from policyd.stores.base import Hit, StoreError
 from policyd.stores.files import FileStore, Loaded, read_text
 from policyd.tables import (
@@ -77,7 +77,7 @@ def parse_accounts(text: str, source: str) -> CompactTable:
         if "@" not in address or "|" not in line:
             problems.append(Problem(source, number, "expected ADDRESS|{SCHEME}HASH"))
             continue
-        keys.append(fold(address).encode("utf-8", "surrogateescape"))
+        keys.append(encode(fold(address)))
         numbers.append(number)
     if problems:
         raise TableError(problems)
