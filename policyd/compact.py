@@ -103,7 +103,7 @@ def _restore(buffers: tuple[bytes | bytearray, ...]) -> CompactTable:
     """A pickled table's buffers back in use, without copying the integer arrays."""
     keys, offsets, slots, owners, lines, groups, group_offsets = buffers
     return CompactTable(
-        keys=bytes(keys) if isinstance(keys, bytearray) else keys,  # bytes compare faster
+        keys=bytes(keys),  # bytes compare faster; no copy when read from the file as bytes
         offsets=memoryview(offsets).cast("I"),
         slots=memoryview(slots).cast("i"),
         owners=memoryview(owners).cast("I"),
@@ -148,8 +148,9 @@ class CompactTableBuilder:
         Returns (position in ``keys``, line of the entry kept) for every key already present
         (earlier, or earlier in ``keys``): those entries are left out.
         """
-        if _slots_for(len(self._lines) + len(keys)) > len(self._slots):
-            self._grow(_slots_for(len(self._lines) + len(keys)))
+        wanted = _slots_for(len(self._lines) + len(keys))
+        if wanted > len(self._slots):
+            self._grow(wanted)
         blob, offsets, slots = self._keys, self._offsets, self._slots
         mask = len(slots) - 1
         base = entry = len(self._lines)
