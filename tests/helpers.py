@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def settle(path: Path) -> Path:
@@ -30,3 +34,19 @@ async def wait_until(condition: Callable[[], bool], deadline_s: float = 5.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within the deadline")
         await asyncio.sleep(0.005)
+
+
+def run_script(
+    script: Path, *args: str, timeout: float, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's scripts with this Python, from the repository unless told
+    otherwise, its output captured as text (undecodable bytes replaced)."""
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
+    )

@@ -13,19 +13,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, run_script
+
+BENCH = ROOT / "bench"
 
 
-def bench(*args: str, timeout: float = 110) -> subprocess.CompletedProcess[str]:
+def bench(script: str, *args: str, timeout: float = 110) -> subprocess.CompletedProcess[str]:
     """Run a bench/ script as a user would, from bench/."""
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT / "bench",
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_script(BENCH / script, *args, timeout=timeout, cwd=BENCH)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the load generator uses epoll")

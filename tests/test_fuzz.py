@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DATA, require
+from tests.helpers import ROOT, run_script
 
-ROOT = Path(__file__).parent.parent
 TARGET = ROOT / "fuzz" / "fuzz_codec.py"
 SEEDS = ROOT / "fuzz" / "corpus" / "codec"
 # About 500 inputs a second on one core: a few seconds of fuzzing after the seeds.
@@ -34,24 +32,16 @@ def test_codec_fuzz_target_finds_nothing(tmp_path: Path) -> None:
     require(importlib.util.find_spec("atheris") is not None, "atheris is not installed")
     found = tmp_path / "corpus"
     found.mkdir()
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(TARGET),
-            str(found),
-            str(SEEDS),
-            f"-runs={RUNS}",
-            "-seed=1",
-            "-max_len=512",
-            "-timeout=10",
-            f"-artifact_prefix={tmp_path}/",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        errors="replace",
+    run = run_script(
+        TARGET,
+        str(found),
+        str(SEEDS),
+        f"-runs={RUNS}",
+        "-seed=1",
+        "-max_len=512",
+        "-timeout=10",
+        f"-artifact_prefix={tmp_path}/",
         timeout=120,
-        check=False,
     )
     crashes = sorted(path.name for path in tmp_path.glob("crash-*"))
     assert run.returncode == 0 and not crashes, (crashes, run.stderr[-6000:])

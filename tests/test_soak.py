@@ -6,32 +6,21 @@ starts two `policyd serve` daemons of its own. Any violation fails the test with
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+from tests.helpers import ROOT, run_script
 
-ROOT = Path(__file__).parent.parent
 SOAK = ROOT / "tests" / "soak" / "soak.py"
 
 
 def test_soak_every_hostile_case_once() -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(SOAK),
-            "--duration=0",  # one round
-            "--iterations=3",
-            "--idle=10000",
-            "--churn=1000",
-            "--flood=200",
-            "--request-timeout=1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        errors="replace",
+    run = run_script(
+        SOAK,
+        "--duration=0",  # one round
+        "--iterations=3",
+        "--idle=10000",
+        "--churn=1000",
+        "--flood=200",
+        "--request-timeout=1",
         timeout=120,
-        check=False,
     )
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
     table = run.stdout
