@@ -51,7 +51,7 @@ async def measure(data: Path, log_decisions: str, passes: int, log: TextIO) -> f
     logging = Logging("info", "logfmt")
     logging.writer.stream = log
     settings = Settings(maps=[f"dms:{data}"], reload_interval=0, log_decisions=log_decisions)
-    service = Service(settings, decision_log=logging.log_decision)
+    service = Service.from_settings(settings, decision_log=logging.log_decision)
     await service.start()
     connection = PolicyConnection(PolicyServer(service, settings))
     transport = DiscardingTransport()

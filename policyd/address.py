@@ -7,8 +7,7 @@ keeps the original spelling only for reply text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+from policyd.model import Lookup
 
 # Local parts Postfix never splits at the recipient delimiter (global/split_addr.c).
 _NEVER_SPLIT = frozenset({"postmaster", "mailer-daemon", "double-bounce"})
@@ -64,34 +63,25 @@ def strip_extension(address: str, delimiters: str) -> str | None:
     return f"{base}@{domain}" if domain else base
 
 
-class SearchKey(NamedTuple):
-    """One key of Postfix's mail_addr_find() search and whether it is a partial key.
-
-    Partial keys (no extension, bare local part, @domain) are only offered to fixed-string
-    tables; regexp and pcre tables see the full address only (maps.c, DICT_FLAG_FIXED).
-    """
-
-    key: str
-    partial: bool
-
-
 def search_keys(
     address: str, delimiters: str, local_domains: frozenset[str] = frozenset()
-) -> Iterator[SearchKey]:
+) -> Lookup:
     """The keys Postfix tries for ``address``, in order; the first key any table answers wins.
 
-    ``address`` must already be canonical. The bare local-part keys are only tried for local
-    domains, which Postfix takes from $myorigin and $mydestination. A generator: the first key
-    usually answers, and the others are then never computed.
+    ``address`` must already be canonical. Postfix's mail_addr_find(): the full address, the
+    address without its extension, the bare local part with and without extension (only for
+    local domains, which Postfix takes from $myorigin and $mydestination), then ``@domain``.
+    Only the full address is offered to pattern tables.
     """
-    yield SearchKey(address, partial=False)
+    keys = [address]
     bare = strip_extension(address, delimiters)
     if bare is not None:
-        yield SearchKey(bare, partial=True)
+        keys.append(bare)
     local, domain = split(address)
     if domain and domain in local_domains:
-        yield SearchKey(local, partial=True)
+        keys.append(local)
         if bare is not None:
-            yield SearchKey(split(bare)[0], partial=True)
+            keys.append(split(bare)[0])
     if domain:
-        yield SearchKey("@" + domain, partial=True)
+        keys.append("@" + domain)
+    return Lookup(tuple(keys), (address,))

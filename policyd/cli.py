@@ -10,22 +10,19 @@ import argparse
 import asyncio
 import logging
 import re
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policyd import __version__
+from policyd import __version__, stores
 from policyd.codec import PolicyRequest
-from policyd.config import ConfigError, Mode, Settings, load_settings
+from policyd.config import ConfigError, Settings, load_settings
+from policyd.daemon import Daemon
 from policyd.engine import Decision, Verdict
-from policyd.http import HttpServer
-from policyd.logs import Logging, log_decision
-from policyd.privileges import drop_privileges, raise_file_limit
-from policyd.server import PolicyServer
+from policyd.logs import Logging
+from policyd.model import LoadError, Mode
 from policyd.service import Service
-from policyd.stores import StoreError, builder
 
 EXIT_REJECT = 1
 EXIT_TEMPFAIL = 75
@@ -55,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="maps",
         action="append",
         metavar="TYPE:LOCATION",
-        help="dms:DIR, texthash:FILE, pcre:FILE or regexp:FILE; repeat, searched in order",
+        help=f"{stores.map_types_help()}; repeat, searched in order",
     )
     common.add_argument("--mode", choices=[mode.value for mode in Mode])
     rules = common.add_argument_group("ownership rules (README: Ownership rules)")
@@ -125,7 +122,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, flags=flags)
 
 
-def _print_store_error(error: StoreError) -> None:
+def _print_load_error(error: LoadError) -> None:
     for problem in error.problems:
         print(f"policyd: {problem}", file=sys.stderr)
 
@@ -135,75 +132,13 @@ def _print_store_error(error: StoreError) -> None:
 
 def serve(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     try:
-        return asyncio.run(run_daemon(settings, decision_log=logs.log_decision))
-    except StoreError as error:
-        _print_store_error(error)
+        return asyncio.run(Daemon(settings, decision_log=logs.log_decision).run())
+    except LoadError as error:
+        _print_load_error(error)
         return EXIT_CONFIG
     except OSError as error:  # cannot bind: address in use, permission denied
         print(f"policyd: listen: {error.strerror or error}", file=sys.stderr)
         return EXIT_CONFIG
-
-
-async def run_daemon(
-    settings: Settings,
-    ready: asyncio.Event | None = None,
-    decision_log: Callable[[PolicyRequest, Decision], None] = log_decision,
-) -> int:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the maps. A second SIGTERM exits at once.
-
-    Order: bind the sockets (not yet accepting), give up root, load the maps, then accept.
-    """
-    raise_file_limit(settings.max_connections)
-    service = Service(settings, decision_log=decision_log)
-    server = PolicyServer(service, settings)
-    http = HttpServer(service.metrics, service.statuses)
-    try:
-        await server.start()
-        if settings.metrics_listen is not None:
-            await http.start(settings.metrics_listen)
-        drop_privileges(settings.user, settings.group)
-        await service.start()
-    except BaseException:
-        await http.stop()
-        await server.stop(grace=0)
-        await service.close()
-        builder.shutdown()
-        raise
-    await server.serve()
-    await http.serve()
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def on_stop(signame: str) -> None:
-        if stopping.is_set():
-            log.warning("second %s: exiting now", signame)
-            raise SystemExit(1)
-        log.info("%s: shutting down", signame)
-        stopping.set()
-
-    def on_reload() -> None:
-        log.info("SIGHUP: reloading maps")
-        task = loop.create_task(service.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
-    log.info("ready")
-    if ready is not None:
-        ready.set()
-    try:
-        await stopping.wait()
-        await http.stop()
-        await server.stop(grace=settings.shutdown_timeout)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        await service.close()
-        builder.shutdown()
-    return 0
 
 
 # check
@@ -222,8 +157,8 @@ def check(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     logging.getLogger("policyd.decision").setLevel(logging.WARNING)
     try:
         decision = asyncio.run(_decide_once(settings, request))
-    except StoreError as error:
-        _print_store_error(error)
+    except LoadError as error:
+        _print_load_error(error)
         return EXIT_CONFIG
     print(f"verdict: {decision.verdict}")
     print(f"action:  {decision.action}")
@@ -239,12 +174,8 @@ def check(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
 
 
 async def _decide_once(settings: Settings, request: PolicyRequest) -> Decision:
-    service = Service(settings.model_copy(update={"reload_interval": 0}))
-    await service.start()
-    try:
-        return await service.decide(request)
-    finally:
-        await service.close()
+    async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
+        return await service.answer(request)
 
 
 _CODED = re.compile(r"([45])(\d\d)(?:\s+(\d\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.DOTALL)
@@ -277,34 +208,38 @@ def postfix_reply(action: str, sender: str) -> str:
 
 
 def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
-    service = Service(settings.model_copy(update={"reload_interval": 0}))
-    failed = False
+    """Start the service as serve does, without listening, and report on every map."""
     print(f"mode: {settings.mode}")
     print(f"listen: {', '.join(str(endpoint) for endpoint in settings.listen)}")
-    for store in service.stores:
-        try:
-            asyncio.run(store.start())
-        except StoreError as error:
-            failed = True
-            print(f"map {store.name}: FAILED")
-            _print_store_error(error)
+    try:
+        service = Service.from_settings(settings.model_copy(update={"reload_interval": 0}))
+    except LoadError as error:
+        _print_load_error(error)
+        return EXIT_CONFIG
+    try:
+        asyncio.run(service.start())
+    except LoadError as error:
+        failure: LoadError | None = error
+    else:
+        failure = None
+        asyncio.run(service.close())
+    for status in service.statuses():
+        is_rules = service.rule_files is not None and status is service.rule_files.status
+        if not status.ready:
+            print(f"{status.name if is_rules else 'map ' + status.name}: FAILED")
             continue
-        print(f"map {store.name}: {store.status.entries} entries")
-        for warning in store.status.warnings:
-            print(f"policyd: warning: {warning}", file=sys.stderr)
-        asyncio.run(store.close())
-    if service.rule_files.configured:
-        try:
-            service.rule_files.files.load_now()
-        except StoreError as error:
-            failed = True
-            print(f"{service.rule_files.name}: FAILED")
-            _print_store_error(error)
-        else:
+        if service.rule_files is not None and is_rules:
             rules = service.rule_files.rules
             grants = sum(len(items) for items in rules.grants.values())
             print(
-                f"{service.rule_files.name}: {grants} grants, {len(rules.sender_denies)} denied"
+                f"{status.name}: {grants} grants, {len(rules.sender_denies)} denied"
                 f" senders, {len(rules.login_denies)} denied logins"
             )
-    return EXIT_CONFIG if failed else 0
+        else:
+            print(f"map {status.name}: {status.entries} entries")
+        for warning in status.warnings:
+            print(f"policyd: warning: {warning}", file=sys.stderr)
+    if failure is not None:
+        _print_load_error(failure)
+        return EXIT_CONFIG
+    return 0

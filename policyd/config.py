@@ -14,9 +14,8 @@ import pwd
 import re
 import tomllib
 from collections.abc import Mapping
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -28,7 +27,9 @@ from pydantic import (
     model_validator,
 )
 
-from policyd import defaults
+from policyd import defaults, stores
+from policyd.model import Mode
+from policyd.stores.base import StoreOptions
 
 ENV_PREFIX = "POLICYD_"
 
@@ -39,15 +40,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
-
-
-class Mode(StrEnum):
-    """Named after the Postfix restriction each one reproduces."""
-
-    AUTHENTICATED = "authenticated"  # reject_authenticated_sender_login_mismatch
-    SENDER = "sender"  # reject_sender_login_mismatch
-    KNOWN = "known"  # reject_known_sender_login_mismatch
-    PERMIT = "permit"  # dry run: check, log and count, but always answer DUNNO
 
 
 class Strict(BaseModel):
@@ -83,30 +75,11 @@ class Endpoint(Strict):
         raise ValueError(f"{text!r} is not inet:HOST:PORT or unix:PATH")
 
 
-class FileMap(Strict):
-    path: Path
-
-
-class DmsMap(FileMap):
-    """A docker-mailserver config directory (postfix-accounts.cf, -virtual.cf, -regexp.cf)."""
-
-    type: Literal["dms"]
-
-
-class TexthashMap(FileMap):
-    type: Literal["texthash"]
-
-
-class PcreMap(FileMap):
-    type: Literal["pcre"]
-
-
-class RegexpMap(FileMap):
-    type: Literal["regexp"]
-
-
-MapConfig = Annotated[DmsMap | TexthashMap | PcreMap | RegexpMap, Field(discriminator="type")]
-MAP_TYPES = ("dms", "texthash", "pcre", "regexp")
+# The options of one map: the registered backends' Options models, told apart by ``type``.
+if TYPE_CHECKING:
+    MapOptions = StoreOptions
+else:
+    MapOptions = Annotated[Union[stores.options_models()], Field(discriminator="type")]  # noqa: UP007
 
 
 def parse_map(value: Any) -> Any:
@@ -115,9 +88,10 @@ def parse_map(value: Any) -> Any:
         kind, sep, location = value.partition(":")
         if not sep or not location:
             raise ValueError(f"{value!r} is not TYPE:LOCATION, e.g. dms:/tmp/docker-mailserver")
-        if kind not in MAP_TYPES:
-            raise ValueError(f"unknown map type {kind!r} (known: {', '.join(MAP_TYPES)})")
-        return {"type": kind, "path": location}
+        backends = stores.backends()
+        if kind not in backends:
+            raise ValueError(f"unknown map type {kind!r} (known: {', '.join(backends)})")
+        return {"type": kind, backends[kind][1].location: location}
     return value
 
 
@@ -130,7 +104,7 @@ class Settings(Strict):
     listen: list[Endpoint] = Field(
         default_factory=lambda: [Endpoint.parse(e) for e in defaults.LISTEN], min_length=1
     )
-    maps: list[MapConfig] = Field(default_factory=list, validate_default=True)
+    maps: list[MapOptions] = Field(default_factory=list, validate_default=True)
     mode: Mode = Mode.AUTHENTICATED
     owned_action: Literal["OK", "DUNNO"] = defaults.OWNED_ACTION
     tempfail_action: str = defaults.TEMPFAIL_ACTION
@@ -259,8 +233,8 @@ class Settings(Strict):
 
     @model_validator(mode="after")
     def _accounts_needed(self) -> Settings:
-        # Only a dms map knows which addresses are mailbox accounts (postfix-accounts.cf).
-        if any(spec.type == "dms" for spec in self.maps):
+        # Only some maps know which addresses are mailbox accounts (postfix-accounts.cf).
+        if any(stores.store_class(spec.type).knows_accounts for spec in self.maps):
             return self
         if self.alias_logins != "allow":
             raise ValueError("alias_logins: needs a dms map, which lists the accounts")
@@ -368,6 +342,6 @@ def _describe(error: Any, where: dict[str, str]) -> str:
         return f"settings: {message}"
     origin = where.get(location[0], location[0])
     # Drop pydantic's union-member tags (e.g. "dms") from the path; keep list indexes.
-    detail = [part for part in location[1:] if part not in MAP_TYPES]
+    detail = [part for part in location[1:] if part not in stores.backends()]
     suffix = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in detail)
     return f"{origin}{suffix}: {message}"

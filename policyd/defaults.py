@@ -65,7 +65,7 @@ RELOAD_INTERVAL = 5.0
 # A file modified less than this long ago may still be being written: read it a moment later.
 HOT_FILE_SECONDS = 1.0
 # Maps smaller than this are parsed in the daemon itself (milliseconds); bigger ones in a
-# worker process, so the event loop never waits for them (policyd.stores.builder).
+# worker process, so the event loop never waits for them (policyd.stores.parsing).
 LOAD_IN_PROCESS_BYTES = 262144
 
 # nested_aliases: how many alias hops to follow, and how many lookups one decision may make

@@ -1,8 +1,9 @@
 """The decision: may this login use this envelope sender, and why. Pure: no sockets, no files.
 
-``decide()`` is a generator. It yields each lookup key it needs (in Postfix's search order) and
-receives the stores' answer, so the same code runs against in-memory maps without awaiting and
-against network stores with awaiting, and the whole semantics table is testable with a dict.
+``decide()`` is a generator. It yields each Lookup it needs (an address's keys in Postfix's
+search order) and receives the maps' answer, the Hit of the first key they list, or None. It
+never does I/O itself: the service answers its lookups, at once from memory or after awaiting
+a network store, and the whole semantics table is testable with a dict.
 
 The order of precedence (README "Order of precedence"), first match decides:
 
@@ -23,18 +24,19 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from policyd import defaults
-from policyd.address import SearchKey, canonical, fold, search_keys, split, strip_extension
+from policyd.address import canonical, fold, search_keys, split, strip_extension
 from policyd.codec import PolicyRequest
-from policyd.config import Mode, Settings
+from policyd.model import Entry, EntryKind, Hit, Lookup, Mode, Origin
 from policyd.rules import NO_RULES, Rules
-from policyd.stores.base import Hit
-from policyd.tables import Entry, EntryKind, Origin
+
+if TYPE_CHECKING:
+    from policyd.config import Settings
 
 
 class Verdict(StrEnum):
@@ -113,8 +115,8 @@ class Policy:
         )
 
 
-Lookups = Generator[SearchKey, Hit | None, Decision]
-Found = Generator[SearchKey, Hit | None, "Ownership | None"]
+Lookups = Generator[Lookup, Hit | None, Decision]
+Found = Generator[Lookup, Hit | None, "Ownership | None"]
 
 
 class Ownership(NamedTuple):
@@ -183,16 +185,13 @@ _OWNER_KINDS = frozenset(EntryKind)
 _SELF = frozenset({EntryKind.ACCOUNT, EntryKind.IDENTITY})
 
 
-def find_owners(address: str, policy: Policy) -> Generator[SearchKey, Hit | None, Hit | None]:
-    """Postfix's mail_addr_find(): try each key in order; the first key answered wins.
+def find_owners(address: str, policy: Policy) -> Generator[Lookup, Hit | None, Hit | None]:
+    """Postfix's mail_addr_find(): every key of the address in one lookup; the maps answer
+    with the first key any of them lists.
 
     A found entry is final: there is no fall-through to @domain after a hit (§B3.3).
     """
-    for search in search_keys(address, policy.recipient_delimiter, policy.local_domains):
-        hit = yield search
-        if hit is not None:
-            return hit
-    return None
+    return (yield search_keys(address, policy.recipient_delimiter, policy.local_domains))
 
 
 def _listed_owner(login: str, entry: Entry) -> Ownership:
@@ -283,13 +282,13 @@ def _denied(
 
 def _resolve_login(
     login: str, policy: Policy, rules: Rules
-) -> Generator[SearchKey, Hit | None, Decision | tuple[str, frozenset[EntryKind]]]:
+) -> Generator[Lookup, Hit | None, Decision | tuple[str, frozenset[EntryKind]]]:
     """Who the login is for the ownership rules: its folded name and the entry kinds that
     may grant it ownership. Only alias_logins and ignore_external_targets need a lookup."""
     folded_login = fold(login)
     if policy.alias_logins == "allow" and not policy.ignore_external_targets:
         return folded_login, _OWNER_KINDS
-    account = yield SearchKey(folded_login, partial=False)
+    account = yield Lookup.exact(folded_login)
     if policy.alias_logins != "allow" and account is not None and not account.is_account:
         resolved = yield from _alias_login(login, folded_login, account, policy, rules)
         if isinstance(resolved, Decision):
@@ -304,7 +303,7 @@ def _resolve_login(
 
 def _alias_login(
     login: str, folded_login: str, account: Hit, policy: Policy, rules: Rules
-) -> Generator[SearchKey, Hit | None, Decision | tuple[str, Hit]]:
+) -> Generator[Lookup, Hit | None, Decision | tuple[str, Hit]]:
     """docker-mailserver lets an alias with one account target log in (ENABLE_QUOTAS)."""
     listed = account.listed()
     targets = [owner for entry in listed for owner in entry.owners]
@@ -320,7 +319,7 @@ def _alias_login(
             origin,
         )
     if len(targets) == 1:
-        target_hit = yield SearchKey(targets[0], partial=False)
+        target_hit = yield Lookup.exact(targets[0])
         if target_hit is not None and target_hit.is_account:
             denied = rules.denied_login(targets[0])
             if denied is not None:
@@ -370,7 +369,7 @@ def _unlisted_rules(
     """Rules 5 and 6, for a sender with no entry of its own: catch-all, then plus-address."""
     _, domain = split(key)
     if policy.catch_all and domain:
-        domain_hit = yield SearchKey("@" + domain, partial=True)
+        domain_hit = yield Lookup.partial("@" + domain)
         if domain_hit is not None:
             entry = domain_hit.entry_for(login, kinds)
             if entry is not None:
@@ -395,7 +394,7 @@ def _unlisted_rules(
 
 def _follow_aliases(
     hit: Hit, login: str, kinds: frozenset[EntryKind], policy: Policy
-) -> Generator[SearchKey, Hit | None, list[tuple[str, Entry]] | None]:
+) -> Generator[Lookup, Hit | None, list[tuple[str, Entry]] | None]:
     """Breadth-first through alias -> alias -> ... until an entry names ``login``.
 
     Returns the chain as (address, the entry listing the next hop) pairs. Loops are cut by
@@ -467,23 +466,12 @@ def _finish(policy: Policy, decision: Decision) -> Decision:
     return decision
 
 
-def run_now(steps: Lookups, lookup: Callable[[SearchKey], Hit | None]) -> Decision:
-    """Drive decide() with a lookup that answers at once (in-memory stores)."""
+def run(steps: Lookups, lookup: Callable[[Lookup], Hit | None]) -> Decision:
+    """Drive decide() with answers at hand: a dict in a test, or any function of a Lookup."""
     try:
-        search = next(steps)
+        asked = next(steps)
         while True:
-            search = steps.send(lookup(search))
-    except StopIteration as done:
-        decision: Decision = done.value
-        return decision
-
-
-async def run(steps: Lookups, lookup: Callable[[SearchKey], Awaitable[Hit | None]]) -> Decision:
-    """Drive decide() with a lookup that may wait (network stores)."""
-    try:
-        search = next(steps)
-        while True:
-            search = steps.send(await lookup(search))
+            asked = steps.send(lookup(asked))
     except StopIteration as done:
         decision: Decision = done.value
         return decision

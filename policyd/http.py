@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from policyd.config import Endpoint
-from policyd.metrics import Metrics
 from policyd.stores.base import StoreStatus
 
 log = logging.getLogger("policyd.http")
@@ -57,8 +57,10 @@ def readiness(statuses: list[StoreStatus]) -> Response:
 class HttpServer:
     """Serves /metrics, /healthz and /readyz."""
 
-    def __init__(self, metrics: Metrics, statuses: Callable[[], list[StoreStatus]]) -> None:
-        self.metrics = metrics
+    def __init__(
+        self, registry: CollectorRegistry, statuses: Callable[[], list[StoreStatus]]
+    ) -> None:
+        self.registry = registry
         self.statuses = statuses
         self.server: asyncio.Server | None = None
         self.address = ""
@@ -96,7 +98,7 @@ class HttpServer:
         path = path.split("?", 1)[0]
         if path == "/metrics":
             encoder, content_type = choose_encoder(accept)
-            return Response("200 OK", content_type, encoder(self.metrics.registry))
+            return Response("200 OK", content_type, encoder(self.registry))
         if path == "/healthz":
             return Response("200 OK", "text/plain; charset=utf-8", b"ok\n")
         if path == "/readyz":

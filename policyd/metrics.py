@@ -29,6 +29,8 @@ from prometheus_client.registry import Collector
 from policyd import __version__
 from policyd.stores.base import StoreStatus
 
+Statuses = Callable[[], Iterable[StoreStatus]]
+
 # Request latency, from a complete request to its reply being written. In-memory decisions
 # take tens of microseconds; a network store may take milliseconds.
 REQUEST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
@@ -67,7 +69,8 @@ class StoreStats:
 
 
 class Metrics:
-    """Everything policyd counts. The server, service and stores update it; scrapes read it."""
+    """Everything policyd counts. The server, service and stores update it; scrapes read it
+    through ``exposition()``."""
 
     def __init__(self) -> None:
         self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -77,11 +80,15 @@ class Metrics:
         self.protocol_errors: defaultdict[str, int] = defaultdict(int)
         self.stores: dict[str, StoreStats] = {}
         self.started = time.time()
-        # Read at scrape time; the server and service install them.
-        self.active_connections: Callable[[], int] = lambda: 0
-        self.store_statuses: Callable[[], Iterable[StoreStatus]] = list
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+
+    def exposition(
+        self, statuses: Statuses = list, connections: Callable[[], int] = lambda: 0
+    ) -> CollectorRegistry:
+        """A registry for /metrics: these counts, and what ``statuses`` (the stores') and
+        ``connections`` (the open policy connections) say at scrape time."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self, statuses, connections))
+        return registry
 
     def store(self, name: str) -> StoreStats:
         """The stats of the store called ``name``, created on first use."""
@@ -92,8 +99,12 @@ class Metrics:
 
 
 class _Collector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self, metrics: Metrics, statuses: Statuses, connections: Callable[[], int]
+    ) -> None:
         self.metrics = metrics
+        self.statuses = statuses
+        self.connections = connections
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -119,7 +130,7 @@ class _Collector(Collector):
         )
 
         yield GaugeMetricFamily(
-            "policyd_connections_active", "Open policy connections", value=m.active_connections()
+            "policyd_connections_active", "Open policy connections", value=self.connections()
         )
         yield CounterMetricFamily(
             "policyd_connections", "Policy connections accepted", value=m.connections_total
@@ -177,7 +188,7 @@ class _Collector(Collector):
             "Reloads that failed (the last good data stayed in use)",
             labels=["store"],
         )
-        for status in m.store_statuses():
+        for status in self.statuses():
             entries.add_metric([status.name], status.entries)
             ready.add_metric([status.name], 1 if status.ready else 0)
             if status.last_load is not None:

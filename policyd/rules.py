@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 
 from policyd.address import fold
-from policyd.tables import Origin, Problem, TableError, logical_lines
+from policyd.model import LoadError, Origin, Problem
+from policyd.tables import logical_lines
 
 _LIST = re.compile(r"[,\s]+")
 
@@ -142,7 +143,7 @@ def parse_grants(text: str, source: str) -> dict[str, tuple[Grant, ...]]:
                 continue
             grants.setdefault(fold(login), []).append(Grant(fold(login), pattern, origin))
     if problems:
-        raise TableError(problems)
+        raise LoadError(problems)
     return {login: tuple(items) for login, items in grants.items()}
 
 
@@ -178,5 +179,5 @@ def parse_denies(text: str, source: str) -> tuple[tuple[SenderDeny, ...], tuple[
         else:
             logins += [LoginDeny(pattern, origin) for pattern in parsed]
     if problems:
-        raise TableError(problems)
+        raise LoadError(problems)
     return tuple(senders), tuple(logins)

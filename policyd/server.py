@@ -18,6 +18,7 @@ import socket
 import stat
 import time
 from collections import deque
+from collections.abc import Awaitable
 from time import perf_counter
 
 from policyd import defaults
@@ -98,10 +99,9 @@ class PolicyConnection(asyncio.BufferedProtocol):
                 self._schedule(now + self.server.settings.request_timeout)
         else:
             self.request_started = None
-        if len(requests) == 1 and not self.queue and self.task is None and self.service.immediate:
-            # The usual case, one whole request per read: answer it without the queue.
-            started = perf_counter()
-            self._reply(self._decide_now(requests[0]), started)
+        if len(requests) == 1 and not self.queue and self.task is None:
+            # The usual case, one whole request per read and nothing waiting: no queue.
+            self._answer(requests[0])
             return
         self.queue.extend(requests)
         self._answer_queued()
@@ -133,25 +133,29 @@ class PolicyConnection(asyncio.BufferedProtocol):
 
     def _answer_queued(self) -> None:
         while self.queue and self.task is None and not self.closing:
-            request = self.queue.popleft()
-            started = perf_counter()
-            if self.service.immediate:
-                self._reply(self._decide_now(request), started)
-            else:
-                self.task = self.loop.create_task(self._decide_later(request, started))
-                self.server.tasks.add(self.task)
-                self.task.add_done_callback(self.server.tasks.discard)
+            self._answer(self.queue.popleft())
 
-    def _decide_now(self, request: PolicyRequest) -> Decision:
+    def _answer(self, request: PolicyRequest) -> None:
+        """Reply now if the decision is at hand; otherwise wait for it in a task, and answer
+        the requests after it only once it is done, so replies stay in order."""
+        started = perf_counter()
         try:
-            return self.service.decide_now(request)
+            outcome = self.service.decide(request)
         except Exception as error:  # a bug must not kill the connection or lose the mail
             log.exception("internal error deciding a request from %s", self.peer)
-            return self.server.internal_error(request, error)
+            outcome = self.server.internal_error(request, error)
+        if isinstance(outcome, Decision):
+            self._reply(outcome, started)
+            return
+        self.task = self.loop.create_task(self._reply_later(request, outcome, started))
+        self.server.tasks.add(self.task)
+        self.task.add_done_callback(self.server.tasks.discard)
 
-    async def _decide_later(self, request: PolicyRequest, started: float) -> None:
+    async def _reply_later(
+        self, request: PolicyRequest, pending: Awaitable[Decision], started: float
+    ) -> None:
         try:
-            decision = await self.service.decide(request)
+            decision = await pending
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -225,8 +229,11 @@ class PolicyServer:
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[asyncio.Server] = []
         self.addresses: list[str] = []
-        service.metrics.active_connections = lambda: len(self.connections)
         self._refusal_logged = 0.0
+
+    def connection_count(self) -> int:
+        """Open policy connections, for the metrics."""
+        return len(self.connections)
 
     def refusal(self, peer: object) -> str | None:
         """Why a new connection must be closed at once, or None to serve it."""

@@ -1,206 +1,347 @@
-"""What answering a request takes: the engine, the configured maps in order, and the decision log.
+"""What answering a request takes: the engine, the maps in order, the rules, the remembered
+decisions, the metrics and the decision log. One answer path for every request.
 
-The server and every CLI command go through Service, so `policyd check` can never disagree
-with `policyd serve`.
+``Service.decide`` is the only way a request is answered, by the server and by every CLI
+command, whatever the stores are. It drives the engine with the maps' answers. When every
+store it asks answers at once (files in memory, or a network store's cached answer), the
+decision is made at once; when one must wait, decide() returns an awaitable that finishes the
+same decision within lookup_timeout. Remembered decisions, the timeout, the metrics and the
+log apply the same way in both cases, and `policyd check` goes through exactly this path.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from time import perf_counter
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
+from time import monotonic, perf_counter
+from typing import TypeAlias
 
-from policyd.address import SearchKey
+from policyd import defaults
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
-from policyd.engine import Decision, Policy, Verdict, decide, run, run_now, store_failure
+from policyd.engine import Decision, Policy, Verdict, decide, store_failure
 from policyd.logs import log_decision
-from policyd.metrics import Metrics, StoreStats
+from policyd.metrics import Metrics
+from policyd.model import Hit, LoadError, Lookup, StoreUnavailable
 from policyd.rules import NO_RULES, Rules
-from policyd.stores import Hit, Store, StoreUnavailable, open_store
-from policyd.stores.base import StoreStatus
+from policyd.stores import open_store
+from policyd.stores.base import Answer, Changes, Store, StoreContext, StoreStatus
 from policyd.stores.files import RuleFiles
+
+log = logging.getLogger("policyd.service")
+
+#: One question to one store: the store, and the keys it is asked.
+Question: TypeAlias = tuple[Store, tuple[str, ...]]
+Questions: TypeAlias = Generator[Question, Hit | None, Decision]
 
 
 class LoginMaps:
-    """Postfix's smtpd_sender_login_maps: stores asked in order, the first answer wins.
+    """Postfix's smtpd_sender_login_maps: the stores in order, asked key-major.
 
-    Pattern stores (pcre, regexp) are skipped for partial keys, as Postfix's maps_find() does.
-    Every lookup is counted and timed per store for the metrics.
+    Postfix tries each key against every table before the next key, and the first table and
+    key that answer win (maps_find(), §B3.3). Each store is asked once, with every key it may
+    see: after one answers at key i, the stores after it are only asked the keys before i,
+    since only an earlier key could still win. Pattern stores (pcre, regexp) see the full
+    address only, as in Postfix. Every question is counted and timed per store.
     """
 
-    def __init__(self, stores: list[Store], metrics: Metrics) -> None:
-        self.stores = [(store, metrics.store(store.name)) for store in stores]
-        self.immediate = all(store.immediate for store in stores)
+    def __init__(self, stores: Sequence[Store], metrics: Metrics) -> None:
+        self.stores = tuple(stores)
+        self._asked = [(store, metrics.store(store.name)) for store in stores]
 
-    def find_now(self, search: SearchKey) -> Hit | None:
-        for store, stats in self._asked(search):
-            with _Counted(stats):
-                hit = store.lookup_now(search.key)
+    def search(self, lookup: Lookup) -> Generator[Question, Hit | None, Hit | None]:
+        """The Hit of the first key any store lists, asking the questions it takes."""
+        best: Hit | None = None
+        keys = lookup.keys
+        for store, stats in self._asked:
+            asked = lookup.full[: len(keys)] if store.pattern else keys
+            if not asked:
+                continue
+            started = perf_counter()
+            try:
+                hit = yield store, asked
+            except StoreUnavailable:
+                stats.errors += 1
+                raise
+            finally:
+                stats.lookups += 1
+                stats.latency.observe(perf_counter() - started)
             if hit is not None:
-                return hit
-        return None
-
-    async def find(self, search: SearchKey) -> Hit | None:
-        for store, stats in self._asked(search):
-            with _Counted(stats):
-                hit = await store.lookup(search.key)
-            if hit is not None:
-                return hit
-        return None
-
-    def _asked(self, search: SearchKey) -> Iterator[tuple[Store, StoreStats]]:
-        """The stores that see this key, in order: pattern stores only see full addresses."""
-        for store, stats in self.stores:
-            if not (search.partial and store.pattern):
-                yield store, stats
+                best = hit
+                keys = keys[: keys.index(hit.key)]  # only an earlier key can still win
+                if not keys:
+                    break
+        return best
 
 
-class _Counted:
-    """Counts and times one store lookup for the metrics, failed or not."""
+@dataclass(frozen=True)
+class DecisionCache:
+    """Which answers may be remembered, and for how long: ``size`` answers at most, each
+    ``max_age`` seconds (None: until the next reload)."""
 
-    __slots__ = ("started", "stats")
-
-    def __init__(self, stats: StoreStats) -> None:
-        self.stats = stats
-        self.started = 0.0
-
-    def __enter__(self) -> None:
-        self.started = perf_counter()
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        self.stats.lookups += 1
-        self.stats.latency.observe(perf_counter() - self.started)
-        if kind is not None and issubclass(kind, StoreUnavailable):
-            self.stats.errors += 1
+    size: int = defaults.DECISION_CACHE_SIZE
+    max_age: float | None = None
 
 
 class Service:
-    """Settings, stores, engine and metrics, wired once and shared by every connection."""
+    """The policy, the maps, the rules, the metrics and the decision log, shared by every
+    connection. Build it from its parts, or from the settings with ``from_settings``."""
 
     def __init__(
         self,
-        settings: Settings,
+        policy: Policy,
+        maps: Sequence[Store],
+        *,
+        rules: RuleFiles | None = None,
         metrics: Metrics | None = None,
+        changes: Changes | None = None,
+        cache: DecisionCache = DecisionCache(),
+        lookup_timeout: float = defaults.LOOKUP_TIMEOUT,
         decision_log: Callable[[PolicyRequest, Decision], None] = log_decision,
+        log_decisions: str = "rejects",
     ) -> None:
-        self.settings = settings
+        self.policy = policy
         self.metrics = metrics or Metrics()
+        self.maps = LoginMaps(maps, self.metrics)
+        self.rule_files = rules
+        self.changes = changes or Changes()
+        self.lookup_timeout = lookup_timeout
         self.log_decision = decision_log
-        self.policy = Policy.from_settings(settings)
-        self.stores = [open_store(spec, settings) for spec in settings.maps]
-        self.maps = LoginMaps(self.stores, self.metrics)
-        self.rule_files = RuleFiles(settings.grants, settings.deny, settings.reload_interval)
-        self.metrics.store_statuses = self.statuses
         # Postfix asks once per recipient, so the same (login, sender) question comes again
-        # and again; remembering answers skips most of the decision (issue 5). Forgotten
-        # whenever any map or rules file reloads; temporary failures are never remembered.
-        self.cache: dict[tuple[str, ...], Decision] = {}
-        self.cache_size = settings.decision_cache_size
-        self.scoped = self.policy.scoped  # settled at start; read for every request
-        for status in self.statuses():
-            status.on_loaded = self.cache.clear
-        # Which verdicts get a decision log line (log_decisions).
+        # and again; remembering answers skips the whole decision. Forgotten whenever a map or
+        # rules file starts using new data; temporary failures are never remembered.
+        self.cache: dict[tuple[str, ...], tuple[Decision, float]] = {}
+        self.cache_size = cache.size
+        self.cache_age = cache.max_age
+        self._seen_changes = self.changes.count
+        # Everything a decision depends on is in the cache key; scoping reads more attributes.
+        self._cache_key = _scoped_key if policy.scoped else _plain_key
         self.logged = {
             "rejects": frozenset({Verdict.REJECT, Verdict.TEMPFAIL}),
             "all": frozenset(Verdict),
             "none": frozenset(),
-        }[settings.log_decisions]
+        }[log_decisions]
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        decision_log: Callable[[PolicyRequest, Decision], None] = log_decision,
+    ) -> Service:
+        """The service the settings describe: every map opened (not yet started)."""
+        changes = Changes()
+        context = StoreContext(settings.reload_interval, settings.allow_empty_maps, changes)
+        metrics = metrics or Metrics()
+        problems = []
+        stores = []
+        for options in settings.maps:
+            try:
+                stores.append(open_store(options, context))
+            except LoadError as error:
+                problems += error.problems
+        if problems:
+            raise LoadError(problems)
+        rules = None
+        if settings.grants is not None or settings.deny is not None:
+            rules = RuleFiles(settings.grants, settings.deny, context)
+        return cls(
+            Policy.from_settings(settings),
+            stores,
+            rules=rules,
+            metrics=metrics,
+            changes=changes,
+            cache=DecisionCache(settings.decision_cache_size),
+            lookup_timeout=settings.lookup_timeout,
+            decision_log=decision_log,
+            log_decisions=settings.log_decisions,
+        )
+
+    # Lifecycle
 
     @property
     def rules(self) -> Rules:
-        return self.rule_files.rules if self.rule_files.configured else NO_RULES
+        return self.rule_files.rules if self.rule_files is not None else NO_RULES
 
     def statuses(self) -> list[StoreStatus]:
-        """Every store's status, and the rule files', for /readyz and the metrics."""
-        statuses = [store.status for store in self.stores]
-        if self.rule_files.configured:
+        """Every store's status, and the rule files', for /readyz, the metrics and validate."""
+        statuses = [store.status for store in self.maps.stores]
+        if self.rule_files is not None:
             statuses.append(self.rule_files.status)
         return statuses
 
-    @property
-    def immediate(self) -> bool:
-        """True when every store answers from memory, so requests need no task of their own."""
-        return self.maps.immediate
-
     async def start(self) -> None:
-        """Load every store; StoreError propagates with each problem's file:line."""
-        started: list[Store] = []
-        try:
-            for store in self.stores:
+        """Load every store and the rules files. If any cannot start, close those that did
+        and raise one LoadError with every problem of every one that did not."""
+        problems = []
+        for store in self.maps.stores:
+            try:
                 await store.start()
-                started.append(store)
-            if self.rule_files.configured:
+            except LoadError as error:
+                store.status.failed(str(error))
+                problems += error.problems
+        if self.rule_files is not None:
+            try:
                 await self.rule_files.files.start()
-        except BaseException:
-            for store in started:
-                await store.close()
-            raise
+            except LoadError as error:
+                self.rule_files.status.failed(str(error))
+                problems += error.problems
+        if problems:
+            await self.close()
+            raise LoadError(problems)
 
     async def close(self) -> None:
-        for store in self.stores:
+        for store in self.maps.stores:
             await store.close()
-        await self.rule_files.files.close()
+        if self.rule_files is not None:
+            await self.rule_files.files.close()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, settings: Settings) -> AsyncIterator[Service]:
+        """A started service for one command (check, validate, senders), closed after it."""
+        service = cls.from_settings(settings)
+        await service.start()
+        try:
+            yield service
+        finally:
+            await service.close()
 
     async def reload(self) -> bool:
         """Reload every store and the rule files (SIGHUP); True only if all took the new data."""
-        results = [await store.reload() for store in self.stores]
-        if self.rule_files.configured:
+        results = [await store.reload() for store in self.maps.stores]
+        if self.rule_files is not None:
             results.append(await self.rule_files.files.reload())
         return all(results)
 
-    def decide_now(self, request: PolicyRequest) -> Decision:
-        """Decide without awaiting; only valid when ``immediate``."""
+    # Answering
+
+    def decide(self, request: PolicyRequest) -> Decision | Awaitable[Decision]:
+        """The decision for ``request``, or, if a store must wait for it, an awaitable of it.
+
+        This is the one answer path. A remembered decision is used when there is one; a new
+        one is made with the maps' answers, remembered, counted and logged.
+        """
+        if self.changes.count != self._seen_changes:
+            self._seen_changes = self.changes.count
+            self.cache.clear()
         key = self._cache_key(request)
-        decision = self.cache.get(key)
-        if decision is None:
+        remembered = self.cache.get(key)
+        if remembered is not None and (self.cache_age is None or remembered[1] > monotonic()):
+            decision = remembered[0]
+        else:
+            questions = self._questions(request)
             try:
-                decision = run_now(decide(request, self.policy, self.rules), self.maps.find_now)
+                outcome = self._advance(questions, None)
             except StoreUnavailable as error:
                 decision = store_failure(self.policy, str(error))
             else:
+                if not isinstance(outcome, Decision):
+                    return self._wait(request, key, questions, outcome)
+                decision = outcome
                 self._remember(key, decision)
         self.record(request, decision)
         return decision
 
-    def _cache_key(self, request: PolicyRequest) -> tuple[str, ...]:
-        """Everything a decision depends on: the sender and login, and what scoping reads."""
-        if self.scoped:
-            return (
-                request.sender,
-                request.sasl_username,
-                request.server_port,
-                request.policy_context,
-                request.client_address,
-            )
-        return (request.sender, request.sasl_username)
+    async def answer(self, request: PolicyRequest) -> Decision:
+        """decide(), waited for if it must be: for callers that can always wait (the CLI)."""
+        outcome = self.decide(request)
+        return outcome if isinstance(outcome, Decision) else await outcome
 
-    def _remember(self, key: tuple[str, ...], decision: Decision) -> None:
-        if self.cache_size <= 0:
-            return
-        if len(self.cache) >= self.cache_size:
-            del self.cache[next(iter(self.cache))]  # the oldest: dicts keep insertion order
-        # The explanation is for people (`policyd check`); the daemon never shows it, and it
-        # is most of what a remembered decision would weigh.
-        self.cache[key] = decision._replace(explanation="")
-
-    async def decide(self, request: PolicyRequest) -> Decision:
-        """Decide with stores that may wait; a decision that takes longer than
-        lookup_timeout is answered with a temporary failure, well before Postfix gives up."""
+    def _questions(self, request: PolicyRequest) -> Questions:
+        """The decision as a sequence of questions to single stores."""
+        steps = decide(request, self.policy, self.rules)
         try:
-            async with asyncio.timeout(self.settings.lookup_timeout):
-                decision = await run(decide(request, self.policy, self.rules), self.maps.find)
+            lookup = next(steps)
+            while True:
+                lookup = steps.send((yield from self.maps.search(lookup)))
+        except StopIteration as done:
+            decision: Decision = done.value
+            return decision
+
+    def _advance(
+        self, questions: Questions, answer: Hit | None
+    ) -> Decision | Awaitable[Hit | None]:
+        """Answer the questions from the stores until the decision is made, or until a store
+        gives something to await (returned)."""
+        try:
+            store, keys = questions.send(answer)
+            while True:
+                try:
+                    reply: Answer = store.lookup(keys)
+                except StoreUnavailable as error:
+                    questions.throw(error)  # counted for that store; the search raises it again
+                    raise
+                if reply is not None and not isinstance(reply, Hit):
+                    return reply  # the store must wait: so must the decision
+                store, keys = questions.send(reply)
+        except StopIteration as done:
+            decision: Decision = done.value
+            return decision
+
+    async def _wait(
+        self,
+        request: PolicyRequest,
+        key: tuple[str, ...],
+        questions: Questions,
+        pending: Awaitable[Hit | None],
+    ) -> Decision:
+        """Finish a decision that waits for a store. It must be made within lookup_timeout,
+        well before Postfix gives up, or it is a temporary failure."""
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                while True:
+                    try:
+                        answer = await pending
+                    except StoreUnavailable as error:
+                        questions.throw(error)
+                        raise
+                    outcome = self._advance(questions, answer)
+                    if isinstance(outcome, Decision):
+                        decision = outcome
+                        break
+                    pending = outcome
         except StoreUnavailable as error:
             decision = store_failure(self.policy, str(error))
         except TimeoutError:
-            decision = store_failure(
-                self.policy, f"no answer within lookup_timeout ({self.settings.lookup_timeout:g} s)"
-            )
+            why = f"no answer within lookup_timeout ({self.lookup_timeout:g} s)"
+            with contextlib.suppress(StoreUnavailable, StopIteration):
+                questions.throw(StoreUnavailable(why))  # counted as that store's error
+            decision = store_failure(self.policy, why)
+        else:
+            self._remember(key, decision)
         self.record(request, decision)
         return decision
+
+    def _remember(self, key: tuple[str, ...], decision: Decision) -> None:
+        if self.cache_size <= 0 or decision.verdict is Verdict.TEMPFAIL:
+            return
+        if len(self.cache) >= self.cache_size:
+            del self.cache[next(iter(self.cache))]  # the oldest: dicts keep insertion order
+        expires = monotonic() + self.cache_age if self.cache_age is not None else 0.0
+        # The explanation is for people (`policyd check`); the daemon never shows it, and it
+        # is most of what a remembered decision would weigh.
+        self.cache[key] = (decision._replace(explanation=""), expires)
 
     def record(self, request: PolicyRequest, decision: Decision) -> None:
         """Count the decision, and log it if log_decisions asks for its verdict."""
         self.metrics.requests[decision.verdict, decision.reason] += 1
         if decision.verdict in self.logged:
             self.log_decision(request, decision)
+
+
+def _plain_key(request: PolicyRequest) -> tuple[str, ...]:
+    return (request.sender, request.sasl_username)
+
+
+def _scoped_key(request: PolicyRequest) -> tuple[str, ...]:
+    return (
+        request.sender,
+        request.sasl_username,
+        request.server_port,
+        request.policy_context,
+        request.client_address,
+    )

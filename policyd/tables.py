@@ -1,7 +1,7 @@
 """Postfix lookup tables read the way Postfix reads them: texthash, pcre and regexp. Pure.
 
 Each parser takes the file's text and its display name and returns a table, or raises
-TableError listing every problem with ``file:line``. The rules follow Postfix's own parsers
+LoadError listing every problem with ``file:line``. The rules follow Postfix's own parsers
 (util/readlline.c, dict_thash.c, dict_pcre.c, dict_regexp.c); the exceptions are named where
 they occur.
 """
@@ -10,70 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-
-# The re module's own pattern parser (not public API), see _literal_domain.
-import re._constants as _re_constants  # type: ignore[import-not-found]
-import re._parser as _re_parser  # type: ignore[import-not-found]
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import NamedTuple
 
 from policyd.address import fold
-from policyd.compact import CompactTable, CompactTableBuilder
+from policyd.model import Entry, LoadError, Origin, Problem
+from policyd.packed import PackedTable, PackedTableBuilder
 
 # Owners in a lookup result are separated by commas and whitespace (smtpd_check.c, CHARS_COMMA_SP).
 _OWNER_SEPARATORS = re.compile(r"[,\s]+")
-
-
-class Origin(NamedTuple):
-    """Where an ownership fact comes from: a file and line, or a built-in rule."""
-
-    source: str
-    line: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.line}" if self.line else self.source
-
-
-class EntryKind(Enum):
-    """Why an entry names owners."""
-
-    LISTED = "listed"  # a table line: the key is an alias or login-map key with these owners
-    ACCOUNT = "account"  # the key is a mailbox account; it owns itself
-    IDENTITY = "identity"  # a rule that makes every address its own owner
-
-
-class Entry(NamedTuple):
-    """One table's answer: the logins (folded) that own the key, and the line that says so."""
-
-    owners: tuple[str, ...]
-    origin: Origin
-    kind: EntryKind = EntryKind.LISTED
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """A line Postfix would warn about or refuse."""
-
-    source: str
-    line: int
-    message: str
-    fatal: bool = True
-
-    def __str__(self) -> str:
-        where = f"{self.source}:{self.line}" if self.line else self.source
-        return f"{where}: {self.message}"
-
-
-class TableError(Exception):
-    """A table that cannot be used; carries every problem found, not just the first."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(str(p) for p in problems))
 
 
 def split_owners(value: str) -> tuple[str, ...]:
@@ -108,16 +55,16 @@ def logical_lines(text: str) -> Iterator[tuple[int, str]]:
 class FixedTable:
     """An exact-key table (texthash, or docker-mailserver's postfix-virtual.cf).
 
-    Keys are folded, like Postfix's DICT_FLAG_FOLD_FIX. The entries live in a CompactTable (a
+    Keys are folded, like Postfix's DICT_FLAG_FOLD_FIX. The entries live in a PackedTable (a
     million of them take tens of megabytes, not hundreds); an Entry is built only for a key
     that is found.
     """
 
     pattern = False
 
-    def __init__(self, source: str, entries: CompactTable | None = None) -> None:
+    def __init__(self, source: str, entries: PackedTable | None = None) -> None:
         self.source = source
-        self._entries = entries if entries is not None else CompactTableBuilder().build()
+        self._entries = entries if entries is not None else PackedTableBuilder().build()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -135,7 +82,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
 
     Duplicate keys: the first entry wins and the duplicate is a warning, as smtpd sees it.
     """
-    entries = CompactTableBuilder()
+    entries = PackedTableBuilder()
     problems: list[Problem] = []
     warnings: list[Problem] = []
     for number, line in logical_lines(text):
@@ -150,7 +97,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
                 Problem(source, number, f'duplicate entry "{key}": line {first} wins', fatal=False)
             )
     if problems:
-        raise TableError(problems)
+        raise LoadError(problems)
     return FixedTable(source, entries.build()), warnings
 
 
@@ -172,7 +119,7 @@ def parse_texthash_file(path: Path, source: str) -> tuple[FixedTable, list[Probl
         stream = path.open("rb")
     except OSError:
         return None
-    entries: CompactTableBuilder | None = None
+    entries: PackedTableBuilder | None = None
     warnings: list[Problem] = []
     number = 0
     with stream:
@@ -189,7 +136,7 @@ def parse_texthash_file(path: Path, source: str) -> tuple[FixedTable, list[Probl
             lines = block.lower().split(b"\n")
             lines.pop()  # what follows the last newline: nothing
             if entries is None:  # as many entries as lines, if the first block is typical
-                entries = CompactTableBuilder(len(lines) * size // max(len(block), 1))
+                entries = PackedTableBuilder(len(lines) * size // max(len(block), 1))
             keys: list[bytes] = []
             values: list[bytes] = []
             numbers: list[int] = []
@@ -210,7 +157,7 @@ def parse_texthash_file(path: Path, source: str) -> tuple[FixedTable, list[Probl
                 warnings.append(Problem(source, numbers[position], message, fatal=False))
         if rest:  # no newline at the end of the file
             return None
-    return FixedTable(source, (entries or CompactTableBuilder()).build()), warnings
+    return FixedTable(source, (entries or PackedTableBuilder()).build()), warnings
 
 
 _BLOCK = 1 << 20
@@ -351,28 +298,49 @@ def _domain_of(rule: _Rule) -> str | None:
 
 
 def _literal_domain(regex: re.Pattern[str]) -> str | None:
-    r"""``example.com`` for a pattern ending in the literal ``@example\.com$``, else None.
+    r"""``example.com`` for a pattern that ends in the literal text ``@example\.com$``.
 
-    Reads the pattern with the re module's own parser; anything it cannot read is simply not
-    indexed (its rule is tried for every key, as without the index).
+    Such a pattern can only match keys at that domain. Read from the end of the pattern: the
+    ``$``, then single literal characters (letters, digits, ``-``, ``_``, ``@`` or an escaped
+    punctuation character such as ``\.``) back to the first character that is anything else.
+    A quantifier applies to the character before it, so it ends the run too. A pattern with an
+    alternation (``|``) anywhere, or in verbose mode, is not indexed: its rule is then tried
+    for every key, as it would be without the index.
     """
-    try:
-        ops = list(_re_parser.parse(regex.pattern, regex.flags))
-    except Exception:  # an optimisation must never make a table fail
+    pattern = regex.pattern
+    if "|" in pattern or regex.flags & re.VERBOSE or not pattern.endswith("$"):
         return None
-    if not ops or ops[-1] != (_re_constants.AT, _re_constants.AT_END):
+    end = len(pattern) - 1
+    if _escaped(pattern, end):
         return None
-    literal = []
-    for op, argument in reversed(ops[:-1]):
-        if op is not _re_constants.LITERAL:
+    literal: list[str] = []
+    index = end - 1
+    while index >= 0:
+        char = pattern[index]
+        if _escaped(pattern, index):
+            if char.isalnum():  # \d, \w, \b ...: a class or an assertion, not a character
+                break
+            literal.append(char)
+            index -= 2
+        elif char.isalnum() or char in "-_@":
+            literal.append(char)
+            index -= 1
+        else:
             break
-        literal.append(chr(argument))
     text = "".join(reversed(literal))
-    if "@" not in text:
+    if "@" not in text or not text.isascii():
         return None
     domain = text.rpartition("@")[2]
     # Keys are folded; a case-insensitive pattern matches the folded domain.
     return domain.lower() if regex.flags & re.IGNORECASE else domain
+
+
+def _escaped(pattern: str, index: int) -> bool:
+    """True if the character at ``index`` follows an odd number of backslashes."""
+    slashes = 0
+    while index - slashes - 1 >= 0 and pattern[index - slashes - 1] == "\\":
+        slashes += 1
+    return slashes % 2 == 1
 
 
 def _all_match(conditions: tuple[_Match, ...], key: str) -> re.Match[str] | bool | None:
@@ -461,7 +429,7 @@ def _parse_patterns(text: str, source: str, dialect: str) -> PatternTable:
     for opening in open_ifs:
         problems.append(Problem(source, rules[opening].line, "IF has no matching ENDIF"))
     if problems:
-        raise TableError(problems)
+        raise LoadError(problems)
     return PatternTable(source, rules)
 
 

@@ -203,20 +203,36 @@ async def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
             await process.wait()
 
 
-# A policyd whose every decision waits forever, to test shutdown with a request in flight.
+# A policyd whose every decision waits forever, to test shutdown with a request in flight:
+# the daemon `policyd serve` runs, built with a store that never answers.
 HANGING = """
 import asyncio, logging, sys
-from policyd import cli, service
+from policyd import cli
+from policyd.daemon import Daemon
+from policyd.engine import Policy
+from policyd.logs import Logging
+from policyd.service import Service
+from policyd.stores.base import Store, StoreContext
 
-class Hanging(service.Service):
-    immediate = False
+class Hanging(Store):
+    @classmethod
+    def from_options(cls, options, context):
+        raise NotImplementedError
 
-    async def decide(self, request):
+    def lookup(self, keys):
+        return self.hang()
+
+    async def hang(self):
         logging.getLogger("test").info("deciding")
         await asyncio.Event().wait()
 
-cli.Service = Hanging
-sys.exit(cli.main(sys.argv[1:]))
+settings = cli._settings(cli.build_parser().parse_args(sys.argv[1:]))
+logs = Logging(settings.log_level, settings.log_format)
+service = Service(Policy.from_settings(settings), [Hanging("hanging", StoreContext())])
+try:
+    sys.exit(asyncio.run(Daemon(settings, service=service).run()))
+finally:
+    logs.stop()
 """
 
 

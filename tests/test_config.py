@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from policyd.config import ConfigError, DmsMap, Endpoint, Mode, TexthashMap, load_settings
+from policyd.config import ConfigError, Endpoint, load_settings
+from policyd.model import Mode
+from policyd.stores.dms import DmsOptions
+from policyd.stores.files import TexthashOptions
 
 
 def problems(**kwargs: object) -> list[str]:
@@ -17,7 +20,7 @@ def problems(**kwargs: object) -> list[str]:
 
 def test_defaults_with_one_map() -> None:
     settings = load_settings(environ={"POLICYD_MAPS": "dms:/srv/dms"})
-    assert settings.maps == [DmsMap(type="dms", path=Path("/srv/dms"))]
+    assert settings.maps == [DmsOptions(type="dms", path=Path("/srv/dms"))]
     assert settings.mode is Mode.AUTHENTICATED
     assert [str(e) for e in settings.listen] == ["inet:127.0.0.1:10040"]
     assert settings.owned_action == "OK"
@@ -33,7 +36,7 @@ def test_later_sources_win(tmp_path: Path) -> None:
         flags={"mode": "permit", "maps": None},
     )
     assert settings.mode is Mode.PERMIT
-    assert settings.maps[0] == TexthashMap(type="texthash", path=Path("/b"))
+    assert settings.maps[0] == TexthashOptions(type="texthash", path=Path("/b"))
     assert [m.type for m in settings.maps] == ["texthash", "pcre"]
     assert settings.owned_action == "DUNNO"
 
@@ -42,7 +45,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
     config = tmp_path / "policyd.toml"
     config.write_text('maps = [{type = "dms", path = "/srv/dms"}]\n')
     settings = load_settings(environ={"POLICYD_CONFIG": str(config)})
-    assert settings.maps == [DmsMap(type="dms", path=Path("/srv/dms"))]
+    assert settings.maps == [DmsOptions(type="dms", path=Path("/srv/dms"))]
 
 
 def test_environment_lists_as_json() -> None:

@@ -10,13 +10,13 @@ import pytest
 from policyd.config import Endpoint
 from policyd.http import HttpServer, readiness
 from policyd.metrics import Metrics
-from policyd.stores.base import StoreStatus
+from policyd.stores.base import Changes, StoreStatus
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[tuple[HttpServer, list[StoreStatus]]]:
-    statuses = [StoreStatus("dms:/srv/dms")]
-    server = HttpServer(Metrics(), lambda: statuses)
+    statuses = [StoreStatus("dms:/srv/dms", Changes())]
+    server = HttpServer(Metrics().exposition(lambda: statuses), lambda: statuses)
     await server.start(Endpoint(kind="inet", host="127.0.0.1", port=0))
     await server.serve()
     yield server, statuses
@@ -55,7 +55,7 @@ async def test_readyz_waits_for_every_store(http: tuple[HttpServer, list[StoreSt
 
 
 def test_readyz_stays_ready_on_a_failed_reload_and_says_so() -> None:
-    status = StoreStatus("dms:/srv/dms")
+    status = StoreStatus("dms:/srv/dms", Changes())
     status.loaded(12, ())
     status.failed("/srv/dms/postfix-virtual.cf:3: expected format: key whitespace value")
     response = readiness([status])

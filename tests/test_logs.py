@@ -12,6 +12,7 @@ from policyd.config import Settings
 from policyd.logs import Formatter, logfmt_value
 from policyd.service import Service
 from tests.conftest import DATA
+from tests.helpers import at_once
 
 FORGED = PolicyRequest(
     sender="user2@localhost.localdomain",
@@ -63,13 +64,13 @@ def test_json_line() -> None:
 async def decisions(
     log_decisions: str, caplog: pytest.LogCaptureFixture
 ) -> list[dict[str, object]]:
-    service = Service(
+    service = Service.from_settings(
         Settings(maps=[f"dms:{DATA / 'dms'}"], reload_interval=0, log_decisions=log_decisions)
     )
     await service.start()
     with caplog.at_level(logging.INFO, logger="policyd.decision"):
-        service.decide_now(FORGED)
-        service.decide_now(OWNED)
+        at_once(service, FORGED)
+        at_once(service, OWNED)
     return [r.fields for r in caplog.records if r.name == "policyd.decision"]  # type: ignore[attr-defined]
 
 

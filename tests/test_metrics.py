@@ -10,20 +10,22 @@ from prometheus_client.exposition import generate_latest
 from policyd import __version__
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
-from policyd.metrics import Histogram, Metrics
+from policyd.metrics import Histogram
 from policyd.service import Service
 from tests.conftest import DATA, require_program
+from tests.helpers import at_once
 
 
 @pytest.fixture
 async def service() -> Service:
-    service = Service(Settings(maps=[f"dms:{DATA / 'dms'}"], reload_interval=0))
+    service = Service.from_settings(Settings(maps=[f"dms:{DATA / 'dms'}"], reload_interval=0))
     await service.start()
     return service
 
 
-def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+def sample(service: Service, name: str, **labels: str) -> float | None:
+    registry = service.metrics.exposition(service.statuses)
+    return registry.get_sample_value(name, labels)
 
 
 async def test_requests_are_counted_by_verdict_and_reason(service: Service) -> None:
@@ -34,16 +36,16 @@ async def test_requests_are_counted_by_verdict_and_reason(service: Service) -> N
         sender="alias1@localhost.localdomain", sasl_username="user1@localhost.localdomain"
     )
     for request in (forged, forged, owned, PolicyRequest()):
-        service.decide_now(request)
-    m = service.metrics
+        at_once(service, request)
+    m = service
     assert sample(m, "policyd_requests_total", verdict="reject", reason="not_owner") == 2
     assert sample(m, "policyd_requests_total", verdict="permit", reason="owner") == 1
     assert sample(m, "policyd_requests_total", verdict="dunno", reason="null_sender") == 1
 
 
 async def test_store_lookups_and_state(service: Service) -> None:
-    service.decide_now(PolicyRequest(sender="a@x", sasl_username="b@x"))
-    m = service.metrics
+    at_once(service, PolicyRequest(sender="a@x", sasl_username="b@x"))
+    m = service
     store = f"dms:{DATA / 'dms'}"
     assert sample(m, "policyd_store_lookups_total", store=store) == 1
     assert sample(m, "policyd_store_errors_total", store=store) == 0
@@ -64,27 +66,28 @@ def test_histogram_buckets_are_cumulative() -> None:
 
 
 async def test_no_label_carries_a_login_sender_or_address(service: Service) -> None:
-    service.decide_now(
+    at_once(
+        service,
         PolicyRequest(
             sender="secret-sender@example.org",
             sasl_username="secret-login@example.org",
             client_address="192.0.2.99",
-        )
+        ),
     )
-    text = generate_latest(service.metrics.registry).decode()
+    text = generate_latest(service.metrics.exposition(service.statuses)).decode()
     assert "secret-" not in text
     assert "192.0.2.99" not in text
 
 
 async def test_build_info(service: Service) -> None:
-    text = generate_latest(service.metrics.registry).decode()
+    text = generate_latest(service.metrics.exposition(service.statuses)).decode()
     assert 'policyd_build_info{python="' in text
     assert f'version="{__version__}"' in text
 
 
 async def test_promtool_accepts_the_exposition(service: Service) -> None:
     promtool = require_program("promtool")
-    service.decide_now(PolicyRequest(sender="a@x", sasl_username="b@x"))
+    at_once(service, PolicyRequest(sender="a@x", sasl_username="b@x"))
     check = await asyncio.create_subprocess_exec(
         promtool,
         "check",
@@ -93,5 +96,7 @@ async def test_promtool_accepts_the_exposition(service: Service) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await check.communicate(generate_latest(service.metrics.registry))
+    output, _ = await check.communicate(
+        generate_latest(service.metrics.exposition(service.statuses))
+    )
     assert check.returncode == 0, output.decode()

@@ -14,6 +14,7 @@ from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.service import Service
 from tests.conftest import DATA, require_program
+from tests.helpers import at_once
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 METRIC = re.compile(r"\b(policyd_[a-z_]+)\b")
@@ -21,11 +22,11 @@ METRIC = re.compile(r"\b(policyd_[a-z_]+)\b")
 
 async def exported_names() -> set[str]:
     """Every sample name in a live exposition, after requests of every kind."""
-    service = Service(Settings(maps=[f"dms:{DATA / 'dms'}"], reload_interval=0))
+    service = Service.from_settings(Settings(maps=[f"dms:{DATA / 'dms'}"], reload_interval=0))
     await service.start()
-    service.decide_now(PolicyRequest(sender="a@x", sasl_username="b@x"))
+    at_once(service, PolicyRequest(sender="a@x", sasl_username="b@x"))
     service.metrics.protocol_errors["line_too_long"] += 1
-    text = generate_latest(service.metrics.registry).decode()
+    text = generate_latest(service.metrics.exposition(service.statuses)).decode()
     await service.close()
     return {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")

@@ -14,7 +14,7 @@ import ipaddress
 import itertools
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policyd import defaults
-from policyd.address import SearchKey
 from policyd.codec import (
     ATTRIBUTES,
     LineTooLong,
@@ -31,16 +30,16 @@ from policyd.codec import (
     RequestParser,
     encode_reply,
 )
-from policyd.config import Mode, Settings
-from policyd.engine import Decision, Policy, Verdict, decide, run_now
-from policyd.metrics import Metrics
-from policyd.rules import NO_RULES, Rules
+from policyd.config import Settings
+from policyd.engine import Decision, Policy, Verdict
+from policyd.model import Hit, Mode
 from policyd.server import PolicyConnection, PolicyServer
-from policyd.service import LoginMaps, Service
-from policyd.stores.base import Hit, Store
+from policyd.service import DecisionCache, Service
+from policyd.stores.base import Answer, Store, StoreContext
 from policyd.stores.dms import DmsStore
 from policyd.stores.files import PcreStore, RuleFiles, TexthashStore
 from tests.conftest import DATA
+from tests.helpers import at_once
 
 # Reproducible in CI: the same examples on every run, no example database, no time limit per
 # example (a loaded CI machine must not turn a slow example into a failure).
@@ -265,33 +264,35 @@ ADDRESS = st.one_of(
 WIRE_ADDRESS = ADDRESS.map(lambda text: text.replace("\n", "").replace("\0", ""))
 
 
-def _load(stores: list[Any]) -> LoginMaps:
+def _load(stores: list[Any]) -> list[Store]:
     for store in stores:
         store.load_now()
-    return LoginMaps(stores, Metrics())
+    return stores
 
 
 MAPS = {
-    "dms": _load([DmsStore("dms", DATA / "dms", 0)]),
+    "dms": _load([DmsStore(DATA / "dms", StoreContext(reload_interval=0))]),
     "postfix": _load(
         [
-            TexthashStore("texthash", DATA / "postfix" / "sender_login.texthash", 0),
-            PcreStore("pcre", DATA / "postfix" / "sender_login.pcre", 0),
+            TexthashStore(
+                DATA / "postfix" / "sender_login.texthash", StoreContext(reload_interval=0)
+            ),
+            PcreStore(DATA / "postfix" / "sender_login.pcre", StoreContext(reload_interval=0)),
         ]
     ),
 }
 
 
-def _rules(grants: bool, deny: bool) -> Rules:
+def _rules(grants: bool, deny: bool) -> RuleFiles | None:
+    if not (grants or deny):
+        return None
     files = RuleFiles(
         DATA / "rules" / "policyd-senders.cf" if grants else None,
         DATA / "rules" / "policyd-deny.cf" if deny else None,
-        0,
+        StoreContext(reload_interval=0),
     )
-    if not files.configured:
-        return NO_RULES
     files.files.load_now()
-    return files.rules
+    return files
 
 
 RULES = {(grants, deny): _rules(grants, deny) for grants in (False, True) for deny in (False, True)}
@@ -331,15 +332,12 @@ REJECT_ACTION = re.compile(r"5\d\d 5\.\d{1,3}\.\d{1,3} .+", re.DOTALL)
 
 
 def run(request: PolicyRequest, policy: Policy, maps: str, rules: tuple[bool, bool]) -> Decision:
-    asked: list[SearchKey] = []
-
-    def lookup(search: SearchKey) -> Hit | None:
-        asked.append(search)
-        assert isinstance(search, SearchKey) and isinstance(search.key, str)
-        assert len(asked) < 10 * defaults.MAX_ALIAS_LOOKUPS, "unbounded lookups"
-        return MAPS[maps].find_now(search)
-
-    return run_now(decide(request, policy, RULES[rules]), lookup)
+    """The service's decision, nothing remembered, with the lookups it took bounded."""
+    service = Service(policy, MAPS[maps], rules=RULES[rules], cache=DecisionCache(size=0))
+    decision = at_once(service, request)
+    asked = sum(stats.lookups for stats in service.metrics.stores.values())
+    assert asked < 10 * defaults.MAX_ALIAS_LOOKUPS, "unbounded lookups"
+    return decision
 
 
 def from_the_wire(text: str) -> bool:
@@ -495,16 +493,19 @@ class AwaitingStore(Store):
     a task each, so replies can only stay in order if the server keeps them in order."""
 
     def __init__(self, inner: DmsStore) -> None:
-        super().__init__(inner.name)
+        super().__init__(inner.name, StoreContext())
         self.inner = inner
 
     @classmethod
-    def from_config(cls, spec: Any, settings: Settings) -> Store:
+    def from_options(cls, options: Any, context: StoreContext) -> Store:
         raise NotImplementedError
 
-    async def lookup(self, key: str) -> Hit | None:
+    def lookup(self, keys: Sequence[str]) -> Answer:
+        return self._later(keys)
+
+    async def _later(self, keys: Sequence[str]) -> Hit | None:
         await asyncio.sleep(0)
-        return self.inner.lookup_now(key)
+        return self.inner.lookup(keys)
 
 
 SERVER_LIMITS = {"max_line": 128, "max_request": 512, "max_attributes": 8}
@@ -519,18 +520,14 @@ def make_server(awaiting: bool) -> PolicyServer:
         max_request_bytes=SERVER_LIMITS["max_request"],
         max_attributes=SERVER_LIMITS["max_attributes"],
     )
-    service = Service(settings)
-    for store in service.stores:
-        store.load_now()  # type: ignore[attr-defined]
-    if awaiting:
-        stores: list[Store] = [AwaitingStore(store) for store in service.stores]  # type: ignore[arg-type]
-        service.stores = stores
-        service.maps = LoginMaps(stores, service.metrics)
-    return PolicyServer(service, settings)
+    dms = DmsStore(DATA / "dms", StoreContext(reload_interval=0))
+    dms.load_now()
+    stores: list[Store] = [AwaitingStore(dms)] if awaiting else [dms]
+    return PolicyServer(Service(Policy.from_settings(settings), stores), settings)
 
 
 def expected_reply(server: PolicyServer, request: PolicyRequest) -> bytes:
-    decision = run_now(decide(request, server.service.policy), MAPS["dms"].find_now)
+    decision = at_once(Service(server.service.policy, MAPS["dms"]), request)
     return encode_reply(decision.action)
 
 

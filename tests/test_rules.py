@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from policyd.model import LoadError
 from policyd.rules import Rules, parse_denies, parse_grants, parse_pattern
-from policyd.tables import TableError
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_grants_file() -> None:
 
 
 def test_grants_file_errors_name_every_line() -> None:
-    with pytest.raises(TableError) as raised:
+    with pytest.raises(LoadError) as raised:
         parse_grants("ok@x a@b\nlonely@x\nbad@x postmaster, @\n", "senders.cf")
     assert [str(p) for p in raised.value.problems] == [
         "senders.cf:2: expected LOGIN PATTERN[, PATTERN...]",
@@ -90,7 +90,7 @@ def test_deny_file() -> None:
     ],
 )
 def test_deny_file_errors(line: str, message: str) -> None:
-    with pytest.raises(TableError) as raised:
+    with pytest.raises(LoadError) as raised:
         parse_denies(f"# first\n{line}\n", "deny.cf")
     [problem] = raised.value.problems
     assert str(problem).startswith("deny.cf:2: ")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from policyd.config import Settings
+from policyd.engine import Policy
+from policyd.model import Hit, StoreUnavailable
 from policyd.server import PolicyServer
-from policyd.service import LoginMaps, Service
-from policyd.stores.base import Hit, Store, StoreUnavailable
+from policyd.service import Service
+from policyd.stores.base import Answer, Store, StoreContext
 from tests.conftest import DATA
 from tests.helpers import wait_until
 
@@ -35,14 +37,22 @@ FORGED_REPLY = b"action=553 5.7.1 not owned by user added@localhost.localdomain\
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[PolicyServer]:
+async def running(
+    tmp_path: Path, stores: Sequence[Store] | None = None, **overrides: Any
+) -> AsyncIterator[PolicyServer]:
+    """A server on the test maps, or on ``stores`` if given."""
     settings = Settings(
         listen=["inet:127.0.0.1:0", f"unix:{tmp_path / 'policy.sock'}"],
         maps=[f"dms:{DATA / 'dms'}"],
         reload_interval=0,
         **overrides,
     )
-    service = Service(settings)
+    if stores is None:
+        service = Service.from_settings(settings)
+    else:
+        service = Service(
+            Policy.from_settings(settings), stores, lookup_timeout=settings.lookup_timeout
+        )
     await service.start()
     server = PolicyServer(service, settings)
     await server.start()
@@ -140,86 +150,89 @@ async def test_unfinished_request_is_dropped_after_request_timeout(tmp_path: Pat
         assert await asyncio.wait_for(reader.read(), 5) == b""
 
 
+class Broken(Store):
+    """A store with a bug: every lookup raises an unexpected exception."""
+
+    def __init__(self) -> None:
+        super().__init__("broken", StoreContext())
+
+    @classmethod
+    def from_options(cls, options: Any, context: StoreContext) -> Store:
+        raise NotImplementedError
+
+    def lookup(self, keys: Sequence[str]) -> Answer:
+        raise ZeroDivisionError
+
+
 async def test_internal_error_answers_temporary_failure(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-
-        def broken(*_: object) -> None:
-            raise ZeroDivisionError
-
-        server.service.decide_now = broken  # type: ignore[method-assign,assignment]
+    async with running(tmp_path, stores=[Broken()]) as server:
         async with connect(server) as (reader, writer):
             assert (
                 await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
             )
+        assert server.service.metrics.requests[("tempfail", "internal_error")] == 1
 
 
 class SlowStore(Store):
     """A network-like store: answers when the test releases it, or fails."""
 
-    def __init__(self) -> None:
-        super().__init__("slow")
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__("slow", StoreContext())
         self.release = asyncio.Event()
-        self.fail = False
+        self.fail = fail
 
     @classmethod
-    def from_config(cls, spec: Any, settings: Settings) -> Store:
+    def from_options(cls, options: Any, context: StoreContext) -> Store:
         raise NotImplementedError
 
-    async def lookup(self, key: str) -> Hit | None:
+    def lookup(self, keys: Sequence[str]) -> Answer:
+        return self._answer()
+
+    async def _answer(self) -> Hit | None:
         await self.release.wait()
         if self.fail:
             raise StoreUnavailable("backend down")
         return None
 
 
-def use_store(server: PolicyServer, store: Store) -> None:
-    server.service.stores = [store]
-    server.service.maps = LoginMaps([store], server.service.metrics)
-
-
 async def test_awaiting_store_keeps_replies_in_order(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        slow = SlowStore()
-        use_store(server, slow)
-        async with connect(server) as (reader, writer):
-            writer.write(FORGED + request("", "user1@localhost.localdomain"))
-            await writer.drain()
-            await wait_until(lambda: bool(server.tasks))
-            slow.release.set()
-            unlisted = b"action=553 5.7.1 not owned by user added@localhost.localdomain\n\n"
-            assert await asyncio.wait_for(reader.readexactly(len(unlisted) + 14), 5) == (
-                unlisted + b"action=DUNNO\n\n"
-            )
+    slow = SlowStore()
+    async with running(tmp_path, stores=[slow]) as server, connect(server) as (reader, writer):
+        writer.write(FORGED + request("", "user1@localhost.localdomain"))
+        await writer.drain()
+        await wait_until(lambda: bool(server.tasks))
+        slow.release.set()
+        unlisted = b"action=553 5.7.1 not owned by user added@localhost.localdomain\n\n"
+        assert await asyncio.wait_for(reader.readexactly(len(unlisted) + 14), 5) == (
+            unlisted + b"action=DUNNO\n\n"
+        )
 
 
 async def test_store_failure_answers_temporary_failure(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        slow = SlowStore()
-        slow.fail = True
-        slow.release.set()
-        use_store(server, slow)
-        async with connect(server) as (reader, writer):
-            assert (
-                await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
-            )
+    slow = SlowStore(fail=True)
+    slow.release.set()
+    async with running(tmp_path, stores=[slow]) as server, connect(server) as (reader, writer):
+        assert await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"
 
 
 async def test_stop_closes_idle_connections_and_finishes_answers(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        slow = SlowStore()
-        use_store(server, slow)
-        async with connect(server) as (idle_reader, _), connect(server) as (busy_reader, busy):
-            busy.write(OWNED)
-            await busy.drain()
-            await wait_until(lambda: bool(server.tasks))
-            stopping = asyncio.ensure_future(server.stop(grace=5))
-            assert await asyncio.wait_for(idle_reader.read(), 5) == b""
-            slow.release.set()
-            assert await asyncio.wait_for(busy_reader.readuntil(b"\n\n"), 5) == (
-                b"action=553 5.7.1 not owned by user user1@localhost.localdomain\n\n"
-            )
-            await stopping
-            assert await asyncio.wait_for(busy_reader.read(), 5) == b""
+    slow = SlowStore()
+    async with (
+        running(tmp_path, stores=[slow]) as server,
+        connect(server) as (idle_reader, _),
+        connect(server) as (busy_reader, busy),
+    ):
+        busy.write(OWNED)
+        await busy.drain()
+        await wait_until(lambda: bool(server.tasks))
+        stopping = asyncio.ensure_future(server.stop(grace=5))
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+        slow.release.set()
+        assert await asyncio.wait_for(busy_reader.readuntil(b"\n\n"), 5) == (
+            b"action=553 5.7.1 not owned by user user1@localhost.localdomain\n\n"
+        )
+        await stopping
+        assert await asyncio.wait_for(busy_reader.read(), 5) == b""
 
 
 async def test_connections_over_max_connections_are_closed_at_once(tmp_path: Path) -> None:
@@ -249,8 +262,8 @@ async def test_allowed_clients_refuses_other_networks(tmp_path: Path) -> None:
 
 
 async def test_store_that_hangs_gets_a_temporary_failure_in_bounded_time(tmp_path: Path) -> None:
-    async with running(tmp_path, lookup_timeout=0.2) as server:
-        use_store(server, SlowStore())  # never released
+    never_released = SlowStore()
+    async with running(tmp_path, stores=[never_released], lookup_timeout=0.2) as server:
         async with connect(server) as (reader, writer):
             assert (
                 await ask(reader, writer, OWNED) == b"action=451 4.3.0 Temporary lookup failure\n\n"

@@ -12,7 +12,9 @@ import pytest
 
 from policyd import defaults
 from policyd.config import Settings
-from policyd.stores import StoreError, open_store, store_class
+from policyd.model import LoadError
+from policyd.stores import open_store, store_class
+from policyd.stores.base import StoreContext
 from policyd.stores.dms import IDENTITY, DmsStore
 from policyd.stores.files import TexthashStore
 from tests.conftest import DATA
@@ -27,7 +29,7 @@ def dms_dir(tmp_path: Path) -> Path:
 
 
 def owners(store: DmsStore | TexthashStore, key: str) -> list[str]:
-    hit = store.lookup_now(key)
+    hit = store.find(key)
     return [] if hit is None else [owner for entry in hit.entries for owner in entry.owners]
 
 
@@ -35,7 +37,7 @@ def test_dms_union_of_virtual_identity_and_regexp(dms_dir: Path) -> None:
     (dms_dir / "postfix-virtual.cf").write_text(
         "test7@localhost.localdomain user2@otherdomain.tld\n"
     )
-    store = DmsStore("dms", dms_dir, 0)
+    store = DmsStore(dms_dir, StoreContext(reload_interval=0))
     store.load_now()
     assert owners(store, "test7@localhost.localdomain") == [
         "user2@otherdomain.tld",
@@ -45,12 +47,12 @@ def test_dms_union_of_virtual_identity_and_regexp(dms_dir: Path) -> None:
 
 
 def test_dms_account_identity_names_its_line(dms_dir: Path) -> None:
-    store = DmsStore("dms", dms_dir, 0)
+    store = DmsStore(dms_dir, StoreContext(reload_interval=0))
     store.load_now()
-    hit = store.lookup_now("user3@localhost.localdomain")
+    hit = store.find("user3@localhost.localdomain")
     assert hit is not None
     assert str(hit.entries[0].origin) == f"{dms_dir / 'postfix-accounts.cf'}:4"
-    stranger = store.lookup_now("stranger@x")
+    stranger = store.find("stranger@x")
     assert stranger is not None and stranger.entries[0].origin == IDENTITY
 
 
@@ -59,7 +61,7 @@ def test_dms_files_parse_like_postfix(dms_dir: Path) -> None:
         b"  # indented comment\r\n\r\nA@X.example a@x, b@x\r\n  c@x\nlast@x d@x"
     )
     (dms_dir / "postfix-accounts.cf").write_bytes(b"\n # c\r\nU@X|{PLAIN}secret|userdb_x=1\r\n")
-    store = DmsStore("dms", dms_dir, 0)
+    store = DmsStore(dms_dir, StoreContext(reload_interval=0))
     store.load_now()
     assert owners(store, "a@x.example") == ["a@x", "b@x", "c@x", "a@x.example"]
     assert owners(store, "last@x") == ["d@x", "last@x"]
@@ -68,19 +70,19 @@ def test_dms_files_parse_like_postfix(dms_dir: Path) -> None:
 
 def test_dms_missing_optional_files(tmp_path: Path) -> None:
     (tmp_path / "postfix-accounts.cf").write_text("a@x|{PLAIN}x\n")
-    store = DmsStore("dms", tmp_path, 0)
+    store = DmsStore(tmp_path, StoreContext(reload_interval=0))
     store.load_now()
     assert owners(store, "a@x") == ["a@x"]
 
 
 def test_dms_empty_directory_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match=r"none of postfix-accounts\.cf"):
-        DmsStore("dms", tmp_path, 0).load_now()
+    with pytest.raises(LoadError, match=r"none of postfix-accounts\.cf"):
+        DmsStore(tmp_path, StoreContext(reload_interval=0)).load_now()
 
 
 def test_dms_empty_directory_with_allow_empty_maps(tmp_path: Path) -> None:
     """A fresh docker-mailserver has no accounts yet; allow_empty_maps lets policyd wait."""
-    store = DmsStore("dms", tmp_path, 0, allow_empty=True)
+    store = DmsStore(tmp_path, StoreContext(reload_interval=0, allow_empty_maps=True))
     store.load_now()
     assert store.status.entries == 0
     assert owners(store, "a@x") == ["a@x"]  # every address still owns itself
@@ -89,8 +91,8 @@ def test_dms_empty_directory_with_allow_empty_maps(tmp_path: Path) -> None:
 def test_dms_errors_in_several_files_are_all_reported(dms_dir: Path) -> None:
     (dms_dir / "postfix-accounts.cf").write_text("ok@x|{PLAIN}x\nbroken\n")
     (dms_dir / "postfix-regexp.cf").write_text("/ok/ a@x\n/broken( a@x\n")
-    with pytest.raises(StoreError) as raised:
-        DmsStore("dms", dms_dir, 0).load_now()
+    with pytest.raises(LoadError) as raised:
+        DmsStore(dms_dir, StoreContext(reload_interval=0)).load_now()
     assert [str(p) for p in raised.value.problems] == [
         f"{dms_dir / 'postfix-accounts.cf'}:2: expected ADDRESS|{{SCHEME}}HASH",
         f'{dms_dir / "postfix-regexp.cf"}:2: no closing regexp delimiter "/"',
@@ -101,22 +103,22 @@ def test_registry_builds_each_type(dms_dir: Path, tmp_path: Path) -> None:
     table = tmp_path / "t"
     table.write_text("a@x a@x\n")
     settings = Settings(maps=[f"dms:{dms_dir}", f"texthash:{table}", f"pcre:{table}"])
-    stores = [open_store(spec, settings) for spec in settings.maps]
+    stores = [open_store(spec, StoreContext()) for spec in settings.maps]
     assert [type(s).__name__ for s in stores] == ["DmsStore", "TexthashStore", "PcreStore"]
     assert [s.pattern for s in stores] == [False, False, True]
     assert store_class("regexp").pattern
 
 
 def test_missing_table_file(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="cannot read: No such file"):
-        TexthashStore("t", tmp_path / "absent", 0).load_now()
+    with pytest.raises(LoadError, match="cannot read: No such file"):
+        TexthashStore(tmp_path / "absent", StoreContext(reload_interval=0)).load_now()
 
 
 async def started_table(tmp_path: Path, reload_interval: float = 0) -> tuple[Path, TexthashStore]:
     """A texthash store running on a file that maps a@x to old@x."""
     table = tmp_path / "logins"
     table.write_text("a@x old@x\n")
-    store = TexthashStore("t", table, reload_interval)
+    store = TexthashStore(table, StoreContext(reload_interval=reload_interval))
     await store.start()
     return table, store
 
@@ -164,7 +166,7 @@ async def test_reload_is_atomic_for_concurrent_lookups(tmp_path: Path) -> None:
     keys = [f"alias{i}@x" for i in range(2_000)]
     table = tmp_path / "logins"
     table.write_text("".join(f"{key} old@x\n" for key in keys))
-    store = TexthashStore("t", table, 0)
+    store = TexthashStore(table, StoreContext(reload_interval=0))
     await store.start()
     table.write_text("".join(f"{key} new@x\n" for key in keys))
     settle(table)
@@ -211,7 +213,7 @@ def break_files(directory: Path, fault: str) -> None:
 
 @pytest.mark.parametrize("fault", ["truncated", "binary garbage", "deleted", "emptied"])
 async def test_file_faults_keep_the_last_good_map(dms_dir: Path, fault: str) -> None:
-    store = DmsStore("dms", dms_dir, 0)
+    store = DmsStore(dms_dir, StoreContext(reload_interval=0))
     await store.start()
     break_files(dms_dir, fault)
     assert not await store.reload()
@@ -236,9 +238,9 @@ async def test_unreadable_file_keeps_the_last_good_map(tmp_path: Path) -> None:
 def test_empty_map_is_refused_at_startup_unless_allowed(tmp_path: Path) -> None:
     table = tmp_path / "logins"
     table.write_text("# nothing yet\n")
-    with pytest.raises(StoreError, match="no entries: refusing an empty map"):
-        TexthashStore("t", table, 0).load_now()
-    store = TexthashStore("t", table, 0, allow_empty=True)
+    with pytest.raises(LoadError, match="no entries: refusing an empty map"):
+        TexthashStore(table, StoreContext(reload_interval=0)).load_now()
+    store = TexthashStore(table, StoreContext(reload_interval=0, allow_empty_maps=True))
     store.load_now()
     assert store.status.entries == 0
 
@@ -258,9 +260,9 @@ async def test_maps_parsed_in_a_process_answer_the_same(
     if handover == "temporary file":
         scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkstemp() writes
-    in_this_process = DmsStore("dms", dms_dir, 0)
+    in_this_process = DmsStore(dms_dir, StoreContext(reload_interval=0))
     in_this_process.load_now()
-    store = DmsStore("dms", dms_dir, 0)
+    store = DmsStore(dms_dir, StoreContext(reload_interval=0))
     await store.start()
     for key in ("alias1@localhost.localdomain", "user1@localhost.localdomain", "nobody@x"):
         assert owners(store, key) == owners(in_this_process, key)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from policyd.tables import (
+    LoadError,
     Origin,
-    TableError,
     logical_lines,
     parse_pcre,
     parse_regexp,
@@ -50,7 +50,7 @@ def test_texthash_first_duplicate_wins_with_a_warning() -> None:
 
 
 def test_texthash_errors_name_every_bad_line() -> None:
-    with pytest.raises(TableError) as raised:
+    with pytest.raises(LoadError) as raised:
         parse_texthash('good@x u@x\nlonely\nalso@x u@x\n"open@x u@x\n', "virtual")
     assert [str(p) for p in raised.value.problems] == [
         "virtual:2: expected format: key whitespace value",
@@ -105,7 +105,7 @@ def test_pcre_other_delimiter_and_dollar_escape() -> None:
     ],
 )
 def test_pcre_errors(line: str, message: str) -> None:
-    with pytest.raises(TableError) as raised:
+    with pytest.raises(LoadError) as raised:
         parse_pcre(f"# first\n{line}\n", "regexp")
     assert len(raised.value.problems) == 1
     problem = raised.value.problems[0]

@@ -1,75 +1,68 @@
 """The one interface every store implements: who owns this sender address?
 
-A store is one entry of Postfix's smtpd_sender_login_maps. It answers a single lookup key with
-the logins that own it (a Hit), or None. Stores have an explicit lifecycle: start() loads or
-connects and fails loudly, close() releases. A store that cannot answer right now raises
-StoreUnavailable, which policyd turns into a temporary (4xx) reply, never a verdict.
+A store is one entry of Postfix's smtpd_sender_login_maps. It is asked once per step with the
+whole ordered key list for an address and answers with the Hit of the first key it lists, or
+None. A store that answers from memory returns the answer itself; one that must ask a server
+returns an awaitable of it. So the service answers at once whenever every store it asks can,
+and waits (with lookup_timeout) only when one cannot.
+
+Stores have an explicit lifecycle: start() loads or connects and fails with a LoadError naming
+every problem; close() releases. A store that cannot answer right now raises StoreUnavailable,
+which policyd turns into a temporary (4xx) reply, never a verdict.
+
+A backend module holds its store class and the pydantic model of its options
+(``Store.Options``), and is registered in one line in ``policyd.stores``.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
 
-from policyd.tables import Entry, EntryKind, Problem
+from pydantic import BaseModel, ConfigDict
 
-if TYPE_CHECKING:
-    from policyd.config import Settings
+from policyd import defaults
+from policyd.model import Hit, Problem
 
-
-class StoreUnavailable(Exception):
-    """A lookup could not be answered now (backend down, map never loaded). Temporary."""
-
-
-class StoreError(Exception):
-    """A store cannot start: bad files or options. Carries every problem with its location."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(str(p) for p in problems))
-
-    def __reduce__(self) -> tuple[type[StoreError], tuple[list[Problem]]]:
-        # It crosses from the process that parses the files (stores.builder) to the daemon.
-        return StoreError, (self.problems,)
+#: What a store's lookup gives: the answer now, or something to await for it.
+Answer: TypeAlias = Hit | Awaitable[Hit | None] | None
 
 
-ALL_KINDS = frozenset(EntryKind)
+class StoreOptions(BaseModel):
+    """The options of one configured map. Each backend subclasses it with ``type`` as a
+    Literal of its name, the field that ``TYPE:LOCATION`` fills, and its own options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
 
 
-class Hit(NamedTuple):
-    """A store's answer for one key: every entry that lists it (a union has several)."""
+class Changes:
+    """Counts every time a store or rules file starts using new data.
 
-    key: str
-    entries: tuple[Entry, ...]
+    Shared by the stores and the service, which forgets its remembered decisions when the
+    count moves: a decision made with the old data may be wrong with the new.
+    """
 
-    def entry_for(self, login: str, kinds: frozenset[EntryKind] = ALL_KINDS) -> Entry | None:
-        """The first entry of one of ``kinds`` naming ``login`` (already folded) as an owner."""
-        for entry in self.entries:
-            if entry.kind in kinds and login in entry.owners:
-                return entry
-        return None
+    __slots__ = ("count",)
 
-    @property
-    def explicit(self) -> bool:
-        """True if something other than the identity rule lists the key (a line or account)."""
-        return any(entry.kind is not EntryKind.IDENTITY for entry in self.entries)
+    def __init__(self) -> None:
+        self.count = 0
 
-    @property
-    def is_account(self) -> bool:
-        return any(entry.kind is EntryKind.ACCOUNT for entry in self.entries)
+    def happened(self) -> None:
+        self.count += 1
 
-    def listed(self) -> tuple[Entry, ...]:
-        """The table lines for the key: its alias targets or login-map owners."""
-        return tuple(entry for entry in self.entries if entry.kind is EntryKind.LISTED)
 
-    def describe(self) -> str:
-        """Who owns the key and where that is written, for explanations."""
-        return "; ".join(
-            f"{', '.join(entry.owners) or '(nobody)'} ({entry.origin})" for entry in self.entries
-        )
+@dataclass(frozen=True)
+class StoreContext:
+    """What every store gets from the daemon's settings, beside its own options."""
+
+    reload_interval: float = defaults.RELOAD_INTERVAL
+    allow_empty_maps: bool = False
+    changes: Changes = field(default_factory=Changes)
 
 
 @dataclass
@@ -77,14 +70,13 @@ class StoreStatus:
     """What /readyz, metrics and `policyd validate` report about a store."""
 
     name: str
+    changes: Changes
     ready: bool = False
     entries: int = 0
     last_load: float | None = None  # Unix time of the last successful (re)load
     load_failures: int = 0
     last_error: str | None = None
     warnings: tuple[Problem, ...] = ()
-    # Called after new data is in use, e.g. to forget decisions made with the old data.
-    on_loaded: Callable[[], None] | None = None
 
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True
@@ -92,8 +84,7 @@ class StoreStatus:
         self.last_load = time.time()
         self.last_error = None
         self.warnings = warnings
-        if self.on_loaded is not None:
-            self.on_loaded()
+        self.changes.happened()
 
     def failed(self, error: str) -> None:
         self.load_failures += 1
@@ -103,25 +94,35 @@ class StoreStatus:
 class Store(ABC):
     """One sender -> owners table."""
 
+    #: The pydantic model of this backend's options; its ``type`` is the map type's name.
+    Options: ClassVar[type[StoreOptions]]
+
+    #: The option that ``TYPE:LOCATION`` sets (e.g. ``dms:DIR`` sets ``path``).
+    location: ClassVar[str] = "path"
+
+    #: What LOCATION is, for the command line's help: ``DIR``, ``FILE`` ...
+    location_help: ClassVar[str] = "FILE"
+
     #: Pattern tables (pcre, regexp) only see the full address; Postfix offers them no
     #: partial keys (address without extension, @domain).
-    pattern: bool = False
+    pattern: ClassVar[bool] = False
 
-    #: True when lookups answer from memory without waiting. The server then decides inline
-    #: instead of starting a task per request, which is most of the cost of a request.
-    immediate: bool = False
+    #: True if the store knows which addresses are mailbox accounts (docker-mailserver's
+    #: postfix-accounts.cf); alias_logins and ignore_external_targets need one.
+    knows_accounts: ClassVar[bool] = False
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, context: StoreContext) -> None:
         self.name = name
-        self.status = StoreStatus(name)
+        self.context = context
+        self.status = StoreStatus(name, context.changes)
 
     @classmethod
     @abstractmethod
-    def from_config(cls, spec: Any, settings: Settings) -> Store:
+    def from_options(cls, options: Any, context: StoreContext) -> Store:
         """A new, not yet started store for one validated map setting."""
 
     async def start(self) -> None:  # noqa: B027 (a hook; stores without setup need nothing)
-        """Load or connect. Raise StoreError if the store cannot be used at all."""
+        """Load or connect. Raise LoadError if the store cannot be used at all."""
 
     async def close(self) -> None:  # noqa: B027 (a hook, like start)
         """Release files, connections and background tasks."""
@@ -131,9 +132,21 @@ class Store(ABC):
         return True
 
     @abstractmethod
-    async def lookup(self, key: str) -> Hit | None:
-        """Owners of ``key`` (folded), or None if this table does not list it."""
+    def lookup(self, keys: Sequence[str]) -> Answer:
+        """The Hit of the first of ``keys`` (folded, in Postfix's order) this table lists, or
+        None; or an awaitable of that when the answer is not at hand (a network store)."""
 
-    def lookup_now(self, key: str) -> Hit | None:
-        """lookup() without awaiting; only stores with ``immediate = True`` provide it."""
-        raise NotImplementedError(f"{type(self).__name__} has no synchronous lookup")
+
+class MemoryStore(Store):
+    """A store whose whole table is in memory: it looks up each key in turn, at once."""
+
+    @abstractmethod
+    def find(self, key: str) -> Hit | None:
+        """Look up one key."""
+
+    def lookup(self, keys: Sequence[str]) -> Hit | None:
+        for key in keys:
+            hit = self.find(key)
+            if hit is not None:
+                return hit
+        return None

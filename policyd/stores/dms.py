@@ -20,27 +20,20 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Literal
 
 from policyd.address import fold
-from policyd.compact import CompactTable, CompactTableBuilder, encode
-from policyd.stores.base import Hit, StoreError
+from policyd.model import Entry, EntryKind, Hit, LoadError, Origin, Problem
+from policyd.packed import PackedTable, PackedTableBuilder, encode
+from policyd.stores.base import StoreContext, StoreOptions
 from policyd.stores.files import FileStore, Loaded, read_text
 from policyd.tables import (
-    Entry,
-    EntryKind,
     FixedTable,
-    Origin,
     PatternTable,
-    Problem,
-    TableError,
     parse_pcre,
     parse_texthash,
     parse_texthash_file,
 )
-
-if TYPE_CHECKING:
-    from policyd.config import DmsMap, Settings
 
 ACCOUNTS = "postfix-accounts.cf"
 VIRTUAL = "postfix-virtual.cf"
@@ -55,12 +48,12 @@ IDENTITY = Origin("identity (docker-mailserver sender_login_maps.pcre)")
 class DmsMaps:
     """One consistent version of the three files."""
 
-    accounts: CompactTable  # folded address -> ((), line in postfix-accounts.cf)
+    accounts: PackedTable  # folded address -> ((), line in postfix-accounts.cf)
     virtual: FixedTable
     regexp: PatternTable | None
 
 
-def parse_accounts(text: str, source: str) -> CompactTable:
+def parse_accounts(text: str, source: str) -> PackedTable:
     """postfix-accounts.cf: ``address|{SCHEME}hash[|dovecot fields]``, one per line.
 
     docker-mailserver ignores blank lines and ``#`` comments (leading whitespace allowed) and
@@ -80,8 +73,8 @@ def parse_accounts(text: str, source: str) -> CompactTable:
         keys.append(encode(fold(address)))
         numbers.append(number)
     if problems:
-        raise TableError(problems)
-    accounts = CompactTableBuilder(len(keys))
+        raise LoadError(problems)
+    accounts = PackedTableBuilder(len(keys))
     accounts.add_many(keys, [b""] * len(keys), numbers)  # a duplicate keeps its first line
     return accounts.build()
 
@@ -89,20 +82,20 @@ def parse_accounts(text: str, source: str) -> CompactTable:
 def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
     """The three files of a docker-mailserver config directory, each optional."""
     if not directory.is_dir():
-        raise StoreError([Problem(str(directory), 0, "not a directory")])
+        raise LoadError([Problem(str(directory), 0, "not a directory")])
     accounts_path, virtual_path, regexp_path = (directory / name for name in FILES)
     present = any(path.exists() for path in (accounts_path, virtual_path, regexp_path))
     if not present and not allow_empty:
-        raise StoreError([Problem(str(directory), 0, f"none of {', '.join(FILES)} found")])
+        raise LoadError([Problem(str(directory), 0, f"none of {', '.join(FILES)} found")])
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    accounts = CompactTableBuilder().build()
+    accounts = PackedTableBuilder().build()
     virtual = FixedTable(str(virtual_path))
     regexp = None
     try:
         if accounts_path.exists():
             accounts = parse_accounts(read_text(accounts_path), str(accounts_path))
-    except TableError as error:
+    except LoadError as error:
         problems += error.problems
     try:
         if virtual_path.exists():
@@ -110,35 +103,42 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
             if plain is None:
                 plain = parse_texthash(read_text(virtual_path), str(virtual_path))
             virtual, warnings = plain
-    except TableError as error:
+    except LoadError as error:
         problems += error.problems
     try:
         if regexp_path.exists():
             regexp = parse_pcre(read_text(regexp_path), str(regexp_path))
-    except TableError as error:
+    except LoadError as error:
         problems += error.problems
     if problems:
-        raise StoreError(problems)
+        raise LoadError(problems)
     count = len(accounts) + len(virtual) + (len(regexp) if regexp else 0)
     return DmsMaps(accounts, virtual, regexp), count, warnings
+
+
+class DmsOptions(StoreOptions):
+    """``dms:DIR``: a docker-mailserver config directory."""
+
+    type: Literal["dms"]
+    path: Path
 
 
 class DmsStore(FileStore[DmsMaps]):
     """``dms:DIR``: postfix-accounts.cf, postfix-virtual.cf and postfix-regexp.cf in DIR."""
 
-    def __init__(
-        self, name: str, directory: Path, reload_interval: float, allow_empty: bool = False
-    ) -> None:
+    Options = DmsOptions
+    location_help = "DIR"
+    knows_accounts = True
+
+    def __init__(self, directory: Path, context: StoreContext) -> None:
         self.directory = directory
-        self.allow_empty = allow_empty
+        self.allow_empty = context.allow_empty_maps
         self.accounts_source = str(directory / ACCOUNTS)
-        super().__init__(name, reload_interval, allow_empty)
+        super().__init__(f"dms:{directory}", context)
 
     @classmethod
-    def from_config(cls, spec: DmsMap, settings: Settings) -> DmsStore:
-        return cls(
-            f"dms:{spec.path}", spec.path, settings.reload_interval, settings.allow_empty_maps
-        )
+    def from_options(cls, options: DmsOptions, context: StoreContext) -> DmsStore:
+        return cls(options.path, context)
 
     def watched(self) -> list[Path]:
         return [self.directory / name for name in FILES]
@@ -146,7 +146,8 @@ class DmsStore(FileStore[DmsMaps]):
     def loader(self) -> Callable[[], Loaded[DmsMaps]]:
         return functools.partial(load_dms, self.directory, self.allow_empty)
 
-    def find(self, snapshot: DmsMaps, key: str) -> Hit | None:
+    def find(self, key: str) -> Hit | None:
+        snapshot = self.files.snapshot
         alias = snapshot.virtual.get(key)
         if key.startswith("@") or "@" not in key:
             # A partial key (@domain, a bare local part) is only ever asked for by the opt-in

@@ -2,10 +2,10 @@
 Postfix table types (texthash, pcre, regexp).
 
 A file store holds one immutable snapshot of its files. A reload builds a complete new
-snapshot in a worker process (stores.builder) and replaces the reference in one assignment, so a
-request sees either the old map or the new one, never a mix, and never waits for the parsing.
-A reload that fails keeps the old snapshot. The loading functions are module-level so that
-they can be sent to the worker.
+snapshot (big files in a process of their own, stores.parsing) and replaces the reference in
+one assignment, so a request sees either the old map or the new one, never a mix, and never
+waits for the parsing. A reload that fails keeps the old snapshot. The loading functions are
+module-level so that they can be sent to the parsing process.
 """
 
 from __future__ import annotations
@@ -19,25 +19,21 @@ import time
 from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from policyd import defaults
+from policyd.model import Hit, LoadError, Problem
 from policyd.rules import Grant, LoginDeny, Rules, SenderDeny, parse_denies, parse_grants
-from policyd.stores import builder
-from policyd.stores.base import Hit, Store, StoreError, StoreStatus
+from policyd.stores import parsing
+from policyd.stores.base import MemoryStore, StoreContext, StoreOptions, StoreStatus
 from policyd.tables import (
     FixedTable,
     PatternTable,
-    Problem,
-    TableError,
     parse_pcre,
     parse_regexp,
     parse_texthash,
     parse_texthash_file,
 )
-
-if TYPE_CHECKING:
-    from policyd.config import FileMap, Settings
 
 log = logging.getLogger("policyd.stores")
 
@@ -54,16 +50,16 @@ def read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise StoreError([Problem(str(path), 0, f"cannot read: {error.strerror}")]) from None
+        raise LoadError([Problem(str(path), 0, f"cannot read: {error.strerror}")]) from None
     nul = data.find(b"\0")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
-        raise StoreError([Problem(str(path), line, "NUL byte: this is not a text file")])
+        raise LoadError([Problem(str(path), line, "NUL byte: this is not a text file")])
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise StoreError([Problem(str(path), line, "not UTF-8 text")]) from None
+        raise LoadError([Problem(str(path), line, "not UTF-8 text")]) from None
 
 
 def signature(paths: list[Path]) -> Signature:
@@ -91,9 +87,9 @@ def is_hot(version: Signature) -> bool:
 class Reloader(Generic[Snapshot]):
     """Files loaded into one immutable snapshot that is replaced when the files change.
 
-    ``load`` reads and parses every file and returns a complete snapshot or raises StoreError.
-    It must be picklable (a module-level function, or a partial of one): on reload it runs in
-    the worker process. The snapshot is swapped in one assignment. A load
+    ``load`` reads and parses every file and returns a complete snapshot or raises LoadError.
+    It must be picklable (a module-level function, or a partial of one): big files are parsed
+    in a process of their own. The snapshot is swapped in one assignment. A load
     that fails, or that finds no entries at all (a truncated or emptied file, a wrong mount),
     leaves the last good snapshot in use. A file modified within the last second, or changed
     while it was read, is read again a moment later.
@@ -137,7 +133,7 @@ class Reloader(Generic[Snapshot]):
         if loaded[1] == 0 and not self.allow_empty:
             # Native Postfix with an empty smtpd_sender_login_maps rejects every
             # authenticated sender; an empty map is far more likely a mistake than a policy.
-            raise StoreError(
+            raise LoadError(
                 [
                     Problem(
                         self.name,
@@ -182,7 +178,7 @@ class Reloader(Generic[Snapshot]):
                 return False
             try:
                 loaded = self._checked(await self._load())
-            except StoreError as error:
+            except LoadError as error:
                 self.status.failed(str(error))
                 for problem in error.problems:
                     log.error(
@@ -199,11 +195,11 @@ class Reloader(Generic[Snapshot]):
             return True
 
     async def _load(self) -> Loaded[Snapshot]:
-        """Load big files in the worker process, small ones at once in this one."""
+        """Load big files in a parsing process, small ones at once in this one."""
         size = sum(part[2] for part in signature(self.watched()) if len(part) == 4)
         if size < defaults.LOAD_IN_PROCESS_BYTES:
             return self.load()
-        return await builder.build(self.load, self.name)
+        return await parsing.build(self.load, self.name)
 
     def _install(self, loaded: Loaded[Snapshot], before: Signature) -> None:
         snapshot, entries, warnings = loaded
@@ -220,15 +216,18 @@ class Reloader(Generic[Snapshot]):
                 await self.reload()
 
 
-class FileStore(Store, Generic[Snapshot]):
+class FileStore(MemoryStore, Generic[Snapshot]):
     """Base for stores that keep their files in memory and reload them when they change."""
 
-    immediate = True
-
-    def __init__(self, name: str, reload_interval: float, allow_empty: bool = False) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, context: StoreContext) -> None:
+        super().__init__(name, context)
         self.files = Reloader(
-            name, self.status, self.watched, self.loader(), reload_interval, allow_empty=allow_empty
+            name,
+            self.status,
+            self.watched,
+            self.loader(),
+            context.reload_interval,
+            allow_empty=context.allow_empty_maps,
         )
 
     @abstractmethod
@@ -239,9 +238,9 @@ class FileStore(Store, Generic[Snapshot]):
     def loader(self) -> Callable[[], Loaded[Snapshot]]:
         """A picklable function that reads and parses every file (see Reloader)."""
 
-    @abstractmethod
-    def find(self, snapshot: Snapshot, key: str) -> Hit | None:
-        """Look ``key`` up in one snapshot."""
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.files.snapshot
 
     def load_now(self) -> None:
         self.files.load_now()
@@ -255,12 +254,6 @@ class FileStore(Store, Generic[Snapshot]):
     async def reload(self) -> bool:
         return await self.files.reload()
 
-    async def lookup(self, key: str) -> Hit | None:
-        return self.lookup_now(key)
-
-    def lookup_now(self, key: str) -> Hit | None:
-        return self.find(self.files.snapshot, key)
-
 
 def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
     """One Postfix table file of type ``kind``: texthash, pcre or regexp."""
@@ -271,16 +264,35 @@ def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
     text = read_text(path)
     table: FixedTable | PatternTable
     warnings: list[Problem] = []
-    try:
-        if kind == "texthash":
-            table, warnings = parse_texthash(text, str(path))
-        elif kind == "pcre":
-            table = parse_pcre(text, str(path))
-        else:
-            table = parse_regexp(text, str(path))
-    except TableError as error:
-        raise StoreError(error.problems) from None
+    if kind == "texthash":
+        table, warnings = parse_texthash(text, str(path))
+    elif kind == "pcre":
+        table = parse_pcre(text, str(path))
+    else:
+        table = parse_regexp(text, str(path))
     return table, len(table), warnings
+
+
+class TableOptions(StoreOptions):
+    path: Path
+
+
+class TexthashOptions(TableOptions):
+    """``texthash:FILE``: a Postfix ``key owners`` table."""
+
+    type: Literal["texthash"]
+
+
+class PcreOptions(TableOptions):
+    """``pcre:FILE``: a Postfix pcre table."""
+
+    type: Literal["pcre"]
+
+
+class RegexpOptions(TableOptions):
+    """``regexp:FILE``: a Postfix regexp table (POSIX extended syntax)."""
+
+    type: Literal["regexp"]
 
 
 class TableStore(FileStore[FixedTable | PatternTable]):
@@ -288,16 +300,13 @@ class TableStore(FileStore[FixedTable | PatternTable]):
 
     kind = "texthash"
 
-    def __init__(
-        self, name: str, path: Path, reload_interval: float, allow_empty: bool = False
-    ) -> None:
+    def __init__(self, path: Path, context: StoreContext, name: str | None = None) -> None:
         self.path = path
-        super().__init__(name, reload_interval, allow_empty)
+        super().__init__(name or f"{self.kind}:{path}", context)
 
     @classmethod
-    def from_config(cls, spec: FileMap, settings: Settings) -> TableStore:
-        name = f"{spec.type}:{spec.path}"  # type: ignore[attr-defined]
-        return cls(name, spec.path, settings.reload_interval, settings.allow_empty_maps)
+    def from_options(cls, options: TableOptions, context: StoreContext) -> TableStore:
+        return cls(options.path, context)
 
     def watched(self) -> list[Path]:
         return [self.path]
@@ -305,21 +314,24 @@ class TableStore(FileStore[FixedTable | PatternTable]):
     def loader(self) -> Callable[[], Loaded[FixedTable | PatternTable]]:
         return functools.partial(load_table, self.kind, self.path)
 
-    def find(self, snapshot: FixedTable | PatternTable, key: str) -> Hit | None:
-        entry = snapshot.get(key)
+    def find(self, key: str) -> Hit | None:
+        entry = self.files.snapshot.get(key)
         return None if entry is None else Hit(key, (entry,))
 
 
 class TexthashStore(TableStore):
+    Options = TexthashOptions
     kind = "texthash"
 
 
 class PcreStore(TableStore):
+    Options = PcreOptions
     kind = "pcre"
     pattern = True
 
 
 class RegexpStore(TableStore):
+    Options = RegexpOptions
     kind = "regexp"
     pattern = True
 
@@ -333,15 +345,15 @@ def load_rules(grants_path: Path | None, deny_path: Path | None) -> Loaded[Rules
     try:
         if grants_path is not None:
             grants = parse_grants(read_text(grants_path), str(grants_path))
-    except (TableError, StoreError) as error:
+    except LoadError as error:
         problems += error.problems
     try:
         if deny_path is not None:
             sender_denies, login_denies = parse_denies(read_text(deny_path), str(deny_path))
-    except (TableError, StoreError) as error:
+    except LoadError as error:
         problems += error.problems
     if problems:
-        raise StoreError(problems)
+        raise LoadError(problems)
     rules = Rules(grants, sender_denies, login_denies)
     return rules, len(rules), []
 
@@ -349,15 +361,15 @@ def load_rules(grants_path: Path | None, deny_path: Path | None) -> Loaded[Rules
 class RuleFiles:
     """The grants and deny files, loaded and reloaded like a store's files."""
 
-    def __init__(self, grants: Path | None, deny: Path | None, reload_interval: float) -> None:
+    def __init__(self, grants: Path | None, deny: Path | None, context: StoreContext) -> None:
         self.grants = grants
         self.deny = deny
         self.name = "rules:" + ",".join(str(path) for path in (grants, deny) if path)
-        self.status = StoreStatus(self.name)
+        self.status = StoreStatus(self.name, context.changes)
         # An empty grants or deny file is a legitimate "no rules".
         load = functools.partial(load_rules, grants, deny)
         self.files = Reloader(
-            self.name, self.status, self.watched, load, reload_interval, allow_empty=True
+            self.name, self.status, self.watched, load, context.reload_interval, allow_empty=True
         )
 
     @property

@@ -29,7 +29,7 @@ def encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-class CompactTable:
+class PackedTable:
     __slots__ = (
         "_group_offsets",
         "_groups",
@@ -63,7 +63,7 @@ class CompactTable:
 
     def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
         """Pickle as the raw buffers; with protocol 5 they may travel out of band
-        (stores.builder writes them to a file as they are)."""
+        (stores.parsing writes them to a file as they are)."""
         wrap = pickle.PickleBuffer if isinstance(protocol, int) and protocol >= 5 else bytes
         buffers: tuple[Any, ...] = (
             self._keys,
@@ -99,10 +99,10 @@ class CompactTable:
         return None
 
 
-def _restore(buffers: tuple[bytes | bytearray, ...]) -> CompactTable:
+def _restore(buffers: tuple[bytes | bytearray, ...]) -> PackedTable:
     """A pickled table's buffers back in use, without copying the integer arrays."""
     keys, offsets, slots, owners, lines, groups, group_offsets = buffers
-    return CompactTable(
+    return PackedTable(
         keys=bytes(keys),  # bytes compare faster; no copy when read from the file as bytes
         offsets=memoryview(offsets).cast("I"),
         slots=memoryview(slots).cast("i"),
@@ -113,12 +113,12 @@ def _restore(buffers: tuple[bytes | bytearray, ...]) -> CompactTable:
     )
 
 
-class CompactTableBuilder:
+class PackedTableBuilder:
     """Collects entries in file order; the first entry of a key wins, as in Postfix.
 
     Entries go straight into the flat layout while a file is parsed: a million entries never
     become a million Python objects (about 150 bytes each in a dict), so the process that
-    builds the table (stores.builder) needs little more memory than the table itself.
+    builds the table (stores.parsing) needs little more memory than the table itself.
     Entries come in batches (add_many), so that all but the probing of the slots happens in
     C-level bulk operations: a million-line alias file must reload within seconds.
     """
@@ -210,10 +210,10 @@ class CompactTableBuilder:
         blob.release()
         self._slots = slots
 
-    def build(self) -> CompactTable:
+    def build(self) -> PackedTable:
         """The table; the builder must not be used afterwards (the table takes its buffers)."""
         self._groups.clear()
-        return CompactTable(
+        return PackedTable(
             keys=self._keys,
             offsets=self._offsets,
             slots=self._slots,

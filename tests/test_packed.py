@@ -21,10 +21,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policyd.compact import CompactTable, CompactTableBuilder
-from policyd.stores import builder
-from policyd.stores.base import StoreError
-from policyd.stores.builder import read_snapshot, write_snapshot
+from policyd.model import LoadError
+from policyd.packed import PackedTable, PackedTableBuilder
+from policyd.stores import parsing
+from policyd.stores.parsing import read_snapshot, write_snapshot
 from tests.helpers import wait_until
 
 # Few distinct keys, so that duplicates (within a batch and across batches) are common.
@@ -47,8 +47,8 @@ def model(entries: list[tuple[str, str]]) -> tuple[Expected, list[tuple[int, int
     return table, duplicates
 
 
-def build(entries: list[tuple[str, str]], batch: int) -> tuple[CompactTable, list[tuple[int, int]]]:
-    builder = CompactTableBuilder(expected=len(entries) // 4)  # small: the slots must grow
+def build(entries: list[tuple[str, str]], batch: int) -> tuple[PackedTable, list[tuple[int, int]]]:
+    builder = PackedTableBuilder(expected=len(entries) // 4)  # small: the slots must grow
     duplicates = []
     for start in range(0, len(entries), batch):
         chunk = entries[start : start + batch]
@@ -61,7 +61,7 @@ def build(entries: list[tuple[str, str]], batch: int) -> tuple[CompactTable, lis
     return builder.build(), duplicates
 
 
-def assert_holds(table: CompactTable, expected: Expected) -> None:
+def assert_holds(table: PackedTable, expected: Expected) -> None:
     assert len(table) == len(expected)
     for key, (owners, line) in expected.items():
         assert table.get(key) == (tuple(owners.split(",")) if owners else (), line)
@@ -92,7 +92,7 @@ def test_a_table_survives_pickling_in_and_out_of_band(entries: list[tuple[str, s
     assert_holds(pickle.loads(data, buffers=[bytes(b.raw()) for b in buffers]), expected)
 
 
-def parsed() -> dict[str, CompactTable]:
+def parsed() -> dict[str, PackedTable]:
     """What a loader returns: any picklable object holding tables (run in the child)."""
     table, _ = build([("alias@d.example", "user@d.example"), ("user@d.example", "")], 1)
     return {"virtual": table}
@@ -110,17 +110,17 @@ def test_a_truncated_snapshot_is_a_store_error_not_a_wrong_map(tmp_path: Path) -
     path = tmp_path / "snapshot"
     write_snapshot(parsed, path)
     path.write_bytes(path.read_bytes()[:-3])
-    with pytest.raises(StoreError, match="truncated"):
+    with pytest.raises(LoadError, match="truncated"):
         read_snapshot(path)
 
 
 def failing() -> None:
-    raise StoreError([])
+    raise LoadError([])
 
 
 def test_a_failing_load_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
-    with pytest.raises(StoreError):
+    with pytest.raises(LoadError):
         write_snapshot(partial(failing), path)
     assert not path.exists()
 
@@ -129,7 +129,7 @@ def dies() -> None:
     os._exit(3)  # what the kernel's OOM killer or a crash looks like from outside
 
 
-def chatty() -> dict[str, CompactTable]:
+def chatty() -> dict[str, PackedTable]:
     print("a load that prints")  # must not corrupt what the process hands back
     return parsed()
 
@@ -138,8 +138,8 @@ async def test_a_parsing_process_that_dies_fails_the_load_and_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with pytest.raises(StoreError, match="the process parsing the files died"):
-        await builder.build(dies, "dms:/somewhere")
+    with pytest.raises(LoadError, match="the process parsing the files died"):
+        await parsing.build(dies, "dms:/somewhere")
     assert os.listdir(tmp_path) == []
 
 
@@ -147,15 +147,15 @@ async def test_what_a_load_prints_does_not_reach_the_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    result = await builder.build(chatty, "t")
+    result = await parsing.build(chatty, "t")
     assert result["virtual"].get("alias@d.example") == (("user@d.example",), 1)
 
 
 async def test_no_parsing_process_at_all_is_a_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed start (no interpreter, no processes left) fails the load, not the daemon."""
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
-    with pytest.raises(StoreError, match="parsing in a separate process"):
-        await builder.build(parsed, "dms:/somewhere")
+    with pytest.raises(LoadError, match="parsing in a separate process"):
+        await parsing.build(parsed, "dms:/somewhere")
 
 
 def slow() -> None:
@@ -167,9 +167,9 @@ async def test_a_cancelled_load_kills_its_parsing_process(
 ) -> None:
     """The daemon stopping mid-reload leaves no parser running and no file behind."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    load = asyncio.create_task(builder.build(slow, "t"))
-    await wait_until(lambda: bool(builder._running))
-    (process,) = builder._running
+    load = asyncio.create_task(parsing.build(slow, "t"))
+    await wait_until(lambda: bool(parsing._running))
+    (process,) = parsing._running
     load.cancel()
     with pytest.raises(asyncio.CancelledError):
         await load

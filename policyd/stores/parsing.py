@@ -2,13 +2,13 @@
 
 Parsing a million-line alias file is seconds of pure Python. In a thread of the daemon it would
 compete with the event loop for the GIL, and a busy loop can starve it for as long as the load
-lasts. A fresh process (``python -m policyd.stores.builder``, the job pickled on its stdin)
+lasts. A fresh process (``python -m policyd.stores.parsing``, the job pickled on its stdin)
 parses on another core, writes the snapshot to a temporary file and exits; only then does the
 daemon read the file, in a thread. So the two never hold a copy of the map at the same time,
 and the parser's memory is back with the system before the new map arrives: the daemon's
 peak during a reload is its steady size plus one map.
 
-The big tables (policyd.compact) are a few flat buffers. They go into the file as raw bytes
+The big tables (policyd.packed) are a few flat buffers. They go into the file as raw bytes
 beside a small pickle (pickle protocol 5, out-of-band buffers), and come back as one read
 each: no million objects to recreate, and no second copy while unpickling.
 
@@ -29,8 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from policyd.stores.base import StoreError
-from policyd.tables import Problem
+from policyd.model import LoadError, Problem
 
 T = TypeVar("T")
 
@@ -42,14 +41,14 @@ _COUNT = struct.Struct("<Q")
 async def build(load: Callable[[], T], name: str) -> T:
     """Run ``load`` (a picklable function) in a new process and return its result.
 
-    StoreError raised by ``load`` comes back as it is; a process that dies makes the load
-    fail with a StoreError.
+    LoadError raised by ``load`` comes back as it is; a process that dies makes the load
+    fail with a LoadError.
     """
     path = _temporary_file()
     try:
         return await _build(load, name, path)
     except OSError as error:  # no process could start, or its file went missing
-        raise StoreError([Problem(name, 0, f"parsing in a separate process: {error}")]) from None
+        raise LoadError([Problem(name, 0, f"parsing in a separate process: {error}")]) from None
     finally:
         if path is not None:
             with contextlib.suppress(OSError):
@@ -59,7 +58,7 @@ async def build(load: Callable[[], T], name: str) -> T:
 async def _build(load: Callable[[], T], name: str, path: Path | None) -> T:
     outcome = await _run_parser(pickle.dumps((load, path)))
     if outcome is None:
-        raise StoreError([Problem(name, 0, "the process parsing the files died")])
+        raise LoadError([Problem(name, 0, "the process parsing the files died")])
     kind, value = outcome
     if kind == "error":
         raise value
@@ -71,7 +70,7 @@ async def _build(load: Callable[[], T], name: str, path: Path | None) -> T:
 
 
 async def _run_parser(job: bytes) -> tuple[str, Any] | None:
-    """Start ``python -m policyd.stores.builder``, hand it ``job`` and wait until it has
+    """Start ``python -m policyd.stores.parsing``, hand it ``job`` and wait until it has
     exited; what it printed, or None if it died."""
     environment = dict(os.environ)
     # The parser grows a few buffers to tens of megabytes. glibc's malloc would move buffers
@@ -147,7 +146,7 @@ def read_snapshot(path: Path) -> Any:
         def exactly(size: int) -> bytes:
             data = source.read(size)
             if len(data) != size:
-                raise StoreError([Problem(str(path), 0, "the parsed snapshot is truncated")])
+                raise LoadError([Problem(str(path), 0, "the parsed snapshot is truncated")])
             return data
 
         def number() -> int:
@@ -181,7 +180,7 @@ def main() -> None:
         else:
             write_snapshot(load, path, lambda: os.getppid() == daemon)
             outcome = ("written", None)
-    except StoreError as error:
+    except LoadError as error:
         outcome = ("error", error)
     result.write(pickle.dumps(outcome))
 

@@ -1,0 +1,131 @@
+"""The daemon's lifecycle: start, signals, reload, drain and stop. `policyd serve` is this.
+
+Order at start: signal handlers first (a SIGHUP or SIGTERM that arrives while the maps load
+is handled, never fatal), then bind every socket (not yet accepting), give up root, load the
+maps, and only then accept connections. SIGHUP reloads the maps; SIGTERM or SIGINT stops
+accepting, closes idle connections, lets answers in progress finish for up to
+shutdown_timeout, and exits; a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from policyd.codec import PolicyRequest
+from policyd.config import Settings
+from policyd.engine import Decision
+from policyd.http import HttpServer
+from policyd.logs import log_decision
+from policyd.privileges import drop_privileges, raise_file_limit
+from policyd.server import PolicyServer
+from policyd.service import Service
+from policyd.stores import parsing
+
+log = logging.getLogger("policyd")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Daemon:
+    """The service, its policy listeners and its HTTP endpoints, run until told to stop.
+
+    Built from the settings; tests and embedders may pass a Service built from its parts.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: Service | None = None,
+        decision_log: Callable[[PolicyRequest, Decision], None] = log_decision,
+    ) -> None:
+        self.settings = settings
+        self.service = service or Service.from_settings(settings, decision_log=decision_log)
+        self.server = PolicyServer(self.service, settings)
+        registry = self.service.metrics.exposition(
+            self.service.statuses, self.server.connection_count
+        )
+        self.http = HttpServer(registry, self.service.statuses)
+        self._stopping = asyncio.Event()
+        self._starting: asyncio.Task[None] | None = None
+        self._reload_pending = False
+        self._reloads: set[asyncio.Task[bool]] = set()
+
+    async def run(self, ready: Callable[[], None] | None = None) -> int:
+        """Serve until SIGTERM or SIGINT; 0 once stopped. Start-up failures (a map that
+        cannot load, an address that cannot be bound) raise LoadError or OSError."""
+        loop = asyncio.get_running_loop()
+        for signum in _SIGNALS:
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            self._starting = asyncio.create_task(self._start())
+            try:
+                await self._starting
+            except asyncio.CancelledError:
+                if not self._stopping.is_set():
+                    raise
+                log.info("stopped while starting")  # _start() has closed what it opened
+                return 0
+            finally:
+                self._starting = None
+            log.info("ready")
+            if ready is not None:
+                ready()
+            if self._reload_pending:
+                self._reload()
+            await self._stopping.wait()
+            await self.http.stop()
+            await self.server.stop(grace=self.settings.shutdown_timeout)
+            await self._close()
+            return 0
+        finally:
+            for signum in _SIGNALS:
+                loop.remove_signal_handler(signum)
+
+    async def _start(self) -> None:
+        raise_file_limit(self.settings.max_connections)
+        try:
+            await self.server.start()
+            if self.settings.metrics_listen is not None:
+                await self.http.start(self.settings.metrics_listen)
+            drop_privileges(self.settings.user, self.settings.group)
+            await self.service.start()
+        except BaseException:
+            await self.http.stop()
+            await self.server.stop(grace=0)
+            await self._close()
+            raise
+        await self.server.serve()
+        await self.http.serve()
+
+    async def _close(self) -> None:
+        for task in list(self._reloads):
+            task.cancel()
+        await self.service.close()
+        parsing.shutdown()
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            if self._starting is not None:
+                log.info("SIGHUP while starting: reloading once started")
+                self._reload_pending = True
+            else:
+                self._reload()
+            return
+        if self._stopping.is_set():
+            log.warning("second %s: exiting now", name)
+            raise SystemExit(1)
+        log.info("%s: shutting down", name)
+        self._stopping.set()
+        if self._starting is not None:
+            self._starting.cancel()
+
+    def _reload(self) -> None:
+        self._reload_pending = False
+        log.info("SIGHUP: reloading maps")
+        task = asyncio.get_running_loop().create_task(self.service.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)

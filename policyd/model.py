@@ -1,0 +1,142 @@
+"""The vocabulary every layer shares: where a fact comes from, what a table answers, what a
+lookup asks, and the one exception for data that cannot be used. Pure, no I/O.
+
+The engine, the stores, the parsers and the CLI all speak in these terms, so a new store
+builds an Entry without importing any parser, and the engine never imports a store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import NamedTuple
+
+
+class Mode(StrEnum):
+    """Named after the Postfix restriction each one reproduces."""
+
+    AUTHENTICATED = "authenticated"  # reject_authenticated_sender_login_mismatch
+    SENDER = "sender"  # reject_sender_login_mismatch
+    KNOWN = "known"  # reject_known_sender_login_mismatch
+    PERMIT = "permit"  # dry run: check, log and count, but always answer DUNNO
+
+
+class Origin(NamedTuple):
+    """Where an ownership fact comes from: a file and line, a directory entry, a rule."""
+
+    source: str
+    line: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}" if self.line else self.source
+
+
+class EntryKind(Enum):
+    """Why an entry names owners."""
+
+    LISTED = "listed"  # a table line: the key is an alias or login-map key with these owners
+    ACCOUNT = "account"  # the key is a mailbox account; it owns itself
+    IDENTITY = "identity"  # a rule that makes every address its own owner
+
+
+class Entry(NamedTuple):
+    """One table's answer: the logins (folded) that own the key, and where that is written."""
+
+    owners: tuple[str, ...]
+    origin: Origin
+    kind: EntryKind = EntryKind.LISTED
+
+
+ALL_KINDS = frozenset(EntryKind)
+
+
+class Hit(NamedTuple):
+    """A store's answer: the key that answered and every entry that lists it (a union, such
+    as docker-mailserver's, has several)."""
+
+    key: str
+    entries: tuple[Entry, ...]
+
+    def entry_for(self, login: str, kinds: frozenset[EntryKind] = ALL_KINDS) -> Entry | None:
+        """The first entry of one of ``kinds`` naming ``login`` (already folded) as an owner."""
+        for entry in self.entries:
+            if entry.kind in kinds and login in entry.owners:
+                return entry
+        return None
+
+    @property
+    def explicit(self) -> bool:
+        """True if something other than the identity rule lists the key (a line or account)."""
+        return any(entry.kind is not EntryKind.IDENTITY for entry in self.entries)
+
+    @property
+    def is_account(self) -> bool:
+        return any(entry.kind is EntryKind.ACCOUNT for entry in self.entries)
+
+    def listed(self) -> tuple[Entry, ...]:
+        """The table lines for the key: its alias targets or login-map owners."""
+        return tuple(entry for entry in self.entries if entry.kind is EntryKind.LISTED)
+
+    def describe(self) -> str:
+        """Who owns the key and where that is written, for explanations."""
+        return "; ".join(
+            f"{', '.join(entry.owners) or '(nobody)'} ({entry.origin})" for entry in self.entries
+        )
+
+
+class Lookup(NamedTuple):
+    """One question to the maps: the keys for one address, in Postfix's search order.
+
+    A store answers with the Hit of the first key it lists, so a directory or database can
+    answer the whole list in one round trip. ``full`` are the keys a pattern table (pcre,
+    regexp) may see, a prefix of ``keys``: Postfix offers those tables the full address only,
+    never a partial key (the address without its extension, a bare local part, ``@domain``;
+    maps.c, DICT_FLAG_FIXED).
+    """
+
+    keys: tuple[str, ...]
+    full: tuple[str, ...]
+
+    @classmethod
+    def exact(cls, address: str) -> Lookup:
+        """Just this address, as a full key."""
+        return cls((address,), (address,))
+
+    @classmethod
+    def partial(cls, key: str) -> Lookup:
+        """Just this partial key (``@domain``), which pattern tables never see."""
+        return cls((key,), ())
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something wrong in a file or an option, with where it is: ``source:line: message``."""
+
+    source: str
+    line: int
+    message: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.message}"
+
+
+class LoadError(Exception):
+    """Data or options that cannot be used: a map, a rules file, a store's settings.
+
+    Carries every problem found, each with its location, not just the first.
+    """
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+    def __reduce__(self) -> tuple[type[LoadError], tuple[list[Problem]]]:
+        # It crosses from the process that parses big files (stores.parsing) to the daemon.
+        return type(self), (self.problems,)
+
+
+class StoreUnavailable(Exception):
+    """A store could not answer now (backend down, map never loaded). Always temporary:
+    policyd answers 4xx, never a verdict."""
