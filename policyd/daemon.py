@@ -84,6 +84,12 @@ class Daemon:
             for signum in _SIGNALS:
                 loop.remove_signal_handler(signum)
 
+    def stop(self) -> None:
+        """Ask the daemon to stop, as SIGTERM does (for embedders and tests)."""
+        self._stopping.set()
+        if self._starting is not None:
+            self._starting.cancel()
+
     async def _start(self) -> None:
         raise_file_limit(self.settings.max_connections)
         try:
@@ -119,9 +125,7 @@ class Daemon:
             log.warning("second %s: exiting now", name)
             raise SystemExit(1)
         log.info("%s: shutting down", name)
-        self._stopping.set()
-        if self._starting is not None:
-            self._starting.cancel()
+        self.stop()
 
     def _reload(self) -> None:
         self._reload_pending = False

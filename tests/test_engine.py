@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from policyd.codec import PolicyRequest
-from policyd.config import Settings
 from policyd.engine import Decision, Policy, Verdict, decide, run, store_failure
 from policyd.model import Entry, Hit, Lookup, Mode, Origin
 from policyd.service import DecisionCache, Service
@@ -17,24 +14,7 @@ from policyd.stores.base import Store, StoreContext
 from policyd.stores.dms import DmsStore
 from policyd.stores.files import PcreStore, RuleFiles, TexthashStore
 from tests.conftest import DATA
-
-
-@dataclass(frozen=True)
-class Row:
-    case: str
-    maps: str
-    mode: str
-    login: str
-    sender: str
-    verdict: str
-    action: str
-    reason: str
-
-
-def read_table() -> list[Row]:
-    with (DATA / "decisions.tsv").open(newline="") as handle:
-        lines = [line for line in handle if line.strip() and not line.startswith("#")]
-    return [Row(*fields) for fields in csv.reader(lines, delimiter="\t")]
+from tests.decision_tables import Row, RuleRow, read_rule_table, read_table, settings_for
 
 
 def load_maps(name: str) -> list[Store]:
@@ -195,43 +175,6 @@ def test_undecodable_bytes_survive_into_the_reply() -> None:
 
 def test_data_files_exist() -> None:
     assert Path(DATA / "dms" / "postfix-virtual.cf").is_file()
-
-
-@dataclass(frozen=True)
-class RuleRow:
-    case: str
-    options: str
-    login: str
-    sender: str
-    port: str
-    context: str
-    client: str
-    verdict: str
-    action: str
-    reason: str
-    rule: str
-
-
-def read_rule_table() -> list[RuleRow]:
-    with (DATA / "rules.tsv").open(newline="") as handle:
-        lines = [line for line in handle if line.strip() and not line.startswith("#")]
-    return [RuleRow(*fields) for fields in csv.reader(lines, delimiter="\t")]
-
-
-def settings_for(options: str) -> Settings:
-    """Settings from a rules.tsv options cell, e.g. "plus_addresses scope_ports=587,465"."""
-    values: dict[str, object] = {"maps": [f"dms:{DATA / 'dms'}"], "reload_interval": 0}
-    for option in options.split():
-        name, _, value = option.partition("=")
-        if name == "grants":
-            values[name] = DATA / "rules" / "policyd-senders.cf"
-        elif name == "deny":
-            values[name] = DATA / "rules" / "policyd-deny.cf"
-        elif name in ("scope_ports", "scope_contexts", "exempt_networks"):
-            values[name] = value.split(",")
-        elif name != "-":
-            values[name] = value if value else True
-    return Settings.model_validate(values)
 
 
 @pytest.mark.parametrize("row", read_rule_table(), ids=lambda row: row.case)

@@ -121,8 +121,10 @@ class Store(ABC):
     def from_options(cls, options: Any, context: StoreContext) -> Store:
         """A new, not yet started store for one validated map setting."""
 
-    async def start(self) -> None:  # noqa: B027 (a hook; stores without setup need nothing)
-        """Load or connect. Raise LoadError if the store cannot be used at all."""
+    async def start(self) -> None:
+        """Load or connect. Raise LoadError if the store cannot be used at all. A store with
+        nothing to set up is ready at once."""
+        self.status.loaded(0, ())
 
     async def close(self) -> None:  # noqa: B027 (a hook, like start)
         """Release files, connections and background tasks."""
