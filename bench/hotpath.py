@@ -8,6 +8,7 @@ socket calls, which the floor pays too.
 
     python bench/hotpath.py --data /tmp/policyd-bench/dms-1m
     python bench/hotpath.py --data /tmp/policyd-bench/dms-1m --log-decisions none
+    python bench/hotpath.py --data /tmp/policyd-bench/dms-1m --setting decision_cache_size=0
 """
 
 from __future__ import annotations
@@ -46,11 +47,21 @@ class DiscardingTransport(asyncio.Transport):
         pass
 
 
-async def measure(data: Path, log_decisions: str, passes: int, log: TextIO) -> float:
-    workload = make_workload("dms", data, 60_000)
+async def measure(
+    data: Path,
+    log_decisions: str,
+    passes: int,
+    log: TextIO,
+    *,
+    extra: dict[str, str],
+    size: int,
+) -> float:
+    workload = make_workload("dms", data, size)
     logging = Logging("info", "logfmt")
     logging.writer.stream = log
-    settings = Settings(maps=[f"dms:{data}"], reload_interval=0, log_decisions=log_decisions)
+    settings = Settings.model_validate(
+        {"maps": [f"dms:{data}"], "reload_interval": 0, "log_decisions": log_decisions, **extra}
+    )
     service = Service.from_settings(settings, decision_log=logging.log_decision)
     await service.start()
     connection = PolicyConnection(PolicyServer(service, settings))
@@ -79,9 +90,22 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="a bench/gen_data.py directory")
     parser.add_argument("--log-decisions", default="rejects", help="rejects (default), all, none")
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=60_000, help="distinct requests")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another policyd setting, e.g. decision_cache_size=0 (every decision made anew)",
+    )
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.setting)
     with Path(os.devnull).open("w") as devnull:  # the decision log, written but not kept
-        microseconds = asyncio.run(measure(args.data, args.log_decisions, args.passes, devnull))
+        microseconds = asyncio.run(
+            measure(
+                args.data, args.log_decisions, args.passes, devnull, extra=extra, size=args.requests
+            )
+        )
     print(f"{microseconds:.2f} us per request (best of {args.passes} passes)")
     return 0
 

@@ -52,10 +52,13 @@ def parse(chunks: list[bytes], limits: dict[str, int]) -> Parsed:
     parser = RequestParser(**limits)
     requests: list[PolicyRequest] = []
     for chunk in chunks:
+        completed: list[PolicyRequest] = []
         try:
-            completed = parser.feed(chunk)
+            completed += parser.feed(chunk)
+            while parser.backlog:  # as the server does, a batch at a time
+                completed += parser.feed(b"")
         except ProtocolError as error:
-            return requests, error.kind
+            return requests + completed, error.kind
         for request in completed:
             check_request(request)
         requests += completed
@@ -86,9 +89,8 @@ def check_same(
         assert whole[1] is None, (chunks, requests, whole)
         assert requests == whole[0], (chunks, requests, whole)
         return
-    # Requests completed in the read that broke the protocol are not returned (the connection
-    # is dropped without replies anyway): fewer may come back than fed byte by byte, never
-    # different ones.
+    # The requests before the broken one are returned (and answered before the drop); split
+    # otherwise, fewer may come back than fed byte by byte, never different ones.
     assert requests == by_byte[0][: len(requests)], (chunks, requests, by_byte)
     # Every limit is checked on what has arrived, so read whole the stream fails too.
     assert whole[1] is not None, (chunks, error, whole)

@@ -23,6 +23,7 @@ from policyd.engine import Decision, Verdict
 from policyd.logs import Logging
 from policyd.model import LoadError, Mode
 from policyd.service import Service
+from policyd.sockets import ListenError
 
 EXIT_REJECT = 1
 EXIT_TEMPFAIL = 75
@@ -136,7 +137,10 @@ def serve(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     except LoadError as error:
         _print_load_error(error)
         return EXIT_CONFIG
-    except OSError as error:  # cannot bind: address in use, permission denied
+    except ListenError as error:
+        print(f"policyd: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as error:  # e.g. the socket group cannot be set
         print(f"policyd: listen: {error.strerror or error}", file=sys.stderr)
         return EXIT_CONFIG
 

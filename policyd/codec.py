@@ -172,7 +172,13 @@ def parse_block(block: bytes, max_line: int, max_attributes: int) -> PolicyReque
 
 
 class RequestParser:
-    """Frames a byte stream into requests, keeping what is left over between reads."""
+    """Frames a byte stream into requests, keeping what is left over between reads.
+
+    ``feed`` returns at most ``limit`` requests; complete requests beyond that stay buffered
+    (``backlog``) until the next call, so a client that pipelines thousands of requests in one
+    read cannot make one call do unbounded work. A broken request is reported only after the
+    requests before it have been returned: those get their replies first.
+    """
 
     def __init__(
         self,
@@ -184,18 +190,29 @@ class RequestParser:
         self.max_request = max_request
         self.max_attributes = max_attributes
         self._buffer = bytearray()
+        self._error: ProtocolError | None = None
 
     @property
     def pending(self) -> bool:
-        """True while part of a request has arrived and its end has not."""
+        """True while bytes have arrived that are not yet returned as requests."""
         return bool(self._buffer)
 
-    def feed(self, data: bytes) -> list[PolicyRequest]:
-        """Add received bytes; return every request they complete, in order.
+    @property
+    def backlog(self) -> bool:
+        """True if the next feed() has something to return (or raise) without new bytes."""
+        if self._error is not None:
+            return True
+        return bool(self._buffer) and _find_end(self._buffer, 0) is not None
 
-        Raises ProtocolError when the input can never become a valid request. The parser is
-        then unusable: the connection must be closed without a reply.
+    def feed(self, data: bytes, limit: int = defaults.REQUESTS_PER_READ) -> list[PolicyRequest]:
+        """Add received bytes; return the requests they complete, in order, at most ``limit``.
+
+        Raises ProtocolError when the input can never become a valid request, once every
+        request before the broken one has been returned. The parser is then unusable: the
+        connection must be closed without a reply.
         """
+        if self._error is not None:
+            raise self._error
         buffer = self._buffer
         if (
             not buffer
@@ -209,29 +226,39 @@ class RequestParser:
                 raise RequestTooLong(f"request over {self.max_request} bytes")
             return [parse_block(data[:-2], self.max_line, self.max_attributes)]
         buffer += data
-        requests = []
+        requests: list[PolicyRequest] = []
         start = 0
-        while True:
-            end = _find_end(buffer, start)
-            if end is None:
-                break
-            block_end, next_start = end
-            if block_end - start > self.max_request:
-                raise RequestTooLong(f"request over {self.max_request} bytes")
-            block = bytes(buffer[start:block_end])
-            requests.append(parse_block(block, self.max_line, self.max_attributes))
-            start = next_start
-        if start:
-            del buffer[:start]
-        # The unfinished request may already hold the start of its terminator, which does not
-        # count toward the limit.
+        try:
+            while len(requests) < limit:
+                end = _find_end(buffer, start)
+                if end is None:
+                    break
+                block_end, next_start = end
+                if block_end - start > self.max_request:
+                    raise RequestTooLong(f"request over {self.max_request} bytes")
+                block = bytes(buffer[start:block_end])
+                requests.append(parse_block(block, self.max_line, self.max_attributes))
+                start = next_start
+            if start:
+                del buffer[:start]
+            if _find_end(buffer, 0) is None:
+                self._check_unfinished(buffer)
+        except ProtocolError as error:
+            if not requests:
+                raise
+            self._error = error  # raised by the next feed(), after these are answered
+            buffer.clear()
+        return requests
+
+    def _check_unfinished(self, buffer: bytearray) -> None:
+        """Refuse an unfinished request that is already over a limit."""
+        # It may already hold the start of its terminator, which does not count.
         if len(buffer) > self.max_request and len(buffer.rstrip(b"\r\n")) > self.max_request:
             raise RequestTooLong(f"request over {self.max_request} bytes")
         if len(buffer) > self.max_line:  # only then can a line be too long already
             longest = max(len(line) for line in buffer.split(b"\n"))
             if longest > self.max_line:
                 raise LineTooLong(f"line over {self.max_line} bytes")
-        return requests
 
 
 def _find_end(buffer: bytearray, start: int) -> tuple[int, int] | None:

@@ -94,8 +94,11 @@ class Daemon:
         raise_file_limit(self.settings.max_connections)
         try:
             await self.server.start()
-            if self.settings.metrics_listen is not None:
-                await self.http.start(self.settings.metrics_listen)
+            settings = self.settings
+            if settings.metrics_listen is not None:
+                await self.http.start(
+                    settings.metrics_listen, settings.socket_mode, settings.socket_group
+                )
             drop_privileges(self.settings.user, self.settings.group)
             await self.service.start()
         except BaseException:

@@ -41,6 +41,18 @@ MAX_ATTRIBUTES = 256
 # So a connection holds at most about max_request_bytes + READ_CHUNK + WRITE_BUFFER_HIGH.
 READ_CHUNK = 32768
 WRITE_BUFFER_HIGH = 16384
+# Postfix sends one request and waits for its reply (it never pipelines). A client that sends
+# many in one read gets this many answered, then the event loop serves everyone else before
+# the next batch, and its connection is not read meanwhile: one client cannot stall the rest.
+REQUESTS_PER_READ = 64
+# A client dropped for a broken request after earlier requests were answered gets this long
+# to read those replies before its connection is cut.
+CLOSE_GRACE = 5.0
+
+# /metrics, /healthz and /readyz are asked one at a time by a scraper and a probe or two;
+# connections beyond this many at once are closed, so a flood of HTTP clients cannot take the
+# descriptors that policy connections, reloads and the health check itself need.
+MAX_HTTP_CONNECTIONS = 64
 
 # Postfix opens at most one connection per smtpd process (default_process_limit 100 per
 # service); far more than that is a flood. Connections beyond the limit are closed at once.

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
+from policyd import defaults
 from policyd.config import Endpoint
+from policyd.sockets import ListenError, UnixListener
 from policyd.stores.base import StoreStatus
 
 log = logging.getLogger("policyd.http")
@@ -58,20 +62,36 @@ class HttpServer:
     """Serves /metrics, /healthz and /readyz."""
 
     def __init__(
-        self, registry: CollectorRegistry, statuses: Callable[[], list[StoreStatus]]
+        self,
+        registry: CollectorRegistry,
+        statuses: Callable[[], list[StoreStatus]],
+        max_connections: int = defaults.MAX_HTTP_CONNECTIONS,
     ) -> None:
         self.registry = registry
         self.statuses = statuses
+        self.max_connections = max_connections
         self.server: asyncio.Server | None = None
+        self.unix: UnixListener | None = None
         self.address = ""
+        self.open = 0  # connections being answered
+        self.refused = 0
 
-    async def start(self, endpoint: Endpoint) -> None:
+    async def start(
+        self, endpoint: Endpoint, socket_mode: str = defaults.SOCKET_MODE, group: str | None = None
+    ) -> None:
+        """Bind (not yet accepting); ListenError names metrics_listen if it cannot."""
         if endpoint.kind == "unix":
+            try:
+                self.unix = UnixListener(endpoint.path)
+            except ListenError as error:
+                raise ListenError(f"metrics_listen: {error}") from None
+            set_socket_access(endpoint.path, socket_mode, group)
             self.server = await asyncio.start_unix_server(
-                self._handle, endpoint.path, limit=HEAD_LIMIT, start_serving=False
+                self._handle, sock=self.unix.socket, limit=HEAD_LIMIT, start_serving=False
             )
             self.address = str(endpoint)
-        else:
+            return
+        try:
             self.server = await asyncio.start_server(
                 self._handle,
                 endpoint.host or None,
@@ -80,24 +100,32 @@ class HttpServer:
                 limit=HEAD_LIMIT,
                 start_serving=False,
             )
-            host, port = self.server.sockets[0].getsockname()[:2]
-            self.address = str(Endpoint(kind="inet", host=host, port=port))
-        log.info("metrics and health on http://%s", self.address.removeprefix("inet:"))
+        except OSError as error:
+            raise ListenError(f"metrics_listen: {endpoint}: {error.strerror or error}") from None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        self.address = str(Endpoint(kind="inet", host=host, port=port))
 
     async def serve(self) -> None:
         if self.server is not None:
             await self.server.start_serving()
+            log.info("metrics and health on http://%s", self.address.removeprefix("inet:"))
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.unix is not None:
+            self.unix.release()
+            self.unix = None
 
     def respond(self, method: str, path: str, accept: str) -> Response:
         if method not in ("GET", "HEAD"):
             return Response("405 Method Not Allowed", "text/plain", b"GET only\n")
         path = path.split("?", 1)[0]
         if path == "/metrics":
-            encoder, content_type = choose_encoder(accept)
+            try:
+                encoder, content_type = choose_encoder(accept)
+            except Exception:  # a malformed Accept header: the plain text format will do
+                encoder, content_type = generate_latest, CONTENT_TYPE_LATEST
             return Response("200 OK", content_type, encoder(self.registry))
         if path == "/healthz":
             return Response("200 OK", "text/plain; charset=utf-8", b"ok\n")
@@ -108,6 +136,19 @@ class HttpServer:
         )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= self.max_connections:
+            # Probes and scrapes come one at a time; hundreds at once are a flood, and must
+            # not take the descriptors the policy service and reloads need.
+            self.refused += 1
+            writer.transport.abort()
+            return
+        self.open += 1
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self.open -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = ""
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):
@@ -124,6 +165,9 @@ class HttpServer:
         except ConnectionError:
             writer.close()
             return
+        except Exception:  # a bug: answer, and keep serving
+            log.exception("internal error answering an HTTP request")
+            response = Response("500 Internal Server Error", "text/plain", b"internal error\n")
         head_line = (
             f"HTTP/1.1 {response.status}\r\nContent-Type: {response.content_type}\r\n"
             f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
@@ -132,3 +176,11 @@ class HttpServer:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
+
+
+def set_socket_access(path: str, mode: str, group: str | None) -> None:
+    """Let the intended clients connect to a unix socket: ``mode``, and ``group`` if set."""
+    if group is not None:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        os.chown(path, -1, gid)
+    os.chmod(path, int(mode, 8))

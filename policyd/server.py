@@ -9,13 +9,9 @@ breaks the protocol gets no reply and is disconnected, which is what Postfix exp
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import grp
 import ipaddress
 import logging
-import os
 import socket
-import stat
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -25,7 +21,9 @@ from policyd import defaults
 from policyd.codec import PolicyRequest, ProtocolError, RequestParser, encode_reply
 from policyd.config import Endpoint, Settings
 from policyd.engine import Decision, store_failure
+from policyd.http import set_socket_access
 from policyd.service import Service
+from policyd.sockets import ListenError, UnixListener
 
 log = logging.getLogger("policyd.server")
 
@@ -57,6 +55,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.write_paused = False
+        self.backlog_scheduled = False
 
     # asyncio.Protocol callbacks
 
@@ -91,6 +90,15 @@ class PolicyConnection(asyncio.BufferedProtocol):
         except ProtocolError as error:
             self._drop(error.kind, f"protocol error ({error.kind}): {error}")
             return
+        self._track_request_time(now)
+        if len(requests) == 1 and not self.queue and self.task is None and not self.parser.backlog:
+            # The usual case, one whole request per read and nothing waiting: no queue.
+            self._answer(requests[0])
+            return
+        self.queue.extend(requests)
+        self._answer_queued()
+
+    def _track_request_time(self, now: float) -> None:
         if self.parser.pending:
             if self.request_started is None:
                 # A request has begun; it must finish within request_timeout. Checked by the
@@ -99,12 +107,6 @@ class PolicyConnection(asyncio.BufferedProtocol):
                 self._schedule(now + self.server.settings.request_timeout)
         else:
             self.request_started = None
-        if len(requests) == 1 and not self.queue and self.task is None:
-            # The usual case, one whole request per read and nothing waiting: no queue.
-            self._answer(requests[0])
-            return
-        self.queue.extend(requests)
-        self._answer_queued()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; a half-closed policy client has nothing more to ask
@@ -121,19 +123,45 @@ class PolicyConnection(asyncio.BufferedProtocol):
         # The client sends but does not read. Stop reading until it catches up, so replies
         # cannot pile up in memory.
         self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._flow()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+        self._answer_queued()
 
     # Answering
 
     def _answer_queued(self) -> None:
         while self.queue and self.task is None and not self.closing:
             self._answer(self.queue.popleft())
+        if self.parser.backlog and not self.backlog_scheduled:
+            # More requests already arrived: answer them on a later turn of the loop, after
+            # everyone else's, and read nothing new from this client meanwhile.
+            self.backlog_scheduled = True
+            self.loop.call_soon(self._take_backlog)
+        self._flow()
+
+    def _take_backlog(self) -> None:
+        self.backlog_scheduled = False
+        if self.closing or self.task is not None or self.write_paused:
+            return  # what ends the wait (a decision, the client reading) calls again
+        try:
+            self.queue.extend(self.parser.feed(b""))
+        except ProtocolError as error:
+            self._drop(error.kind, f"protocol error ({error.kind}): {error}")
+            return
+        self._track_request_time(self.loop.time())
+        self._answer_queued()
+
+    def _flow(self) -> None:
+        """Read from the client only while nothing of its is waiting to be answered or read:
+        no backlog of requests, no decision in progress, no unread replies."""
+        if self.transport is None or self.closing:
+            return
+        if self.write_paused or self.task is not None or self.parser.backlog or self.queue:
+            self.transport.pause_reading()
+        elif not self.transport.is_reading():
+            self.transport.resume_reading()
 
     def _answer(self, request: PolicyRequest) -> None:
         """Reply now if the decision is at hand; otherwise wait for it in a task, and answer
@@ -206,7 +234,13 @@ class PolicyConnection(asyncio.BufferedProtocol):
         log.warning("closing connection from %s: %s", self.peer, why)
         self.service.metrics.protocol_errors[kind] += 1
         self.closing = True
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if self.transport.get_write_buffer_size():
+            # Replies to the requests before the broken one are still on their way.
+            self.transport.close()
+            self.loop.call_later(defaults.CLOSE_GRACE, self.transport.abort)
+        else:
             self.transport.abort()
 
     def close(self) -> None:
@@ -228,6 +262,7 @@ class PolicyServer:
         self.connections: set[PolicyConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[asyncio.Server] = []
+        self.unix_paths: list[UnixListener] = []
         self.addresses: list[str] = []
         self._refusal_logged = 0.0
 
@@ -265,44 +300,53 @@ class PolicyServer:
         return decision
 
     async def start(self) -> None:
+        """Bind every listener, not yet accepting; ListenError names the one that failed."""
         try:
             await self._listen()
         except BaseException:
-            for listener in self.listeners:
-                listener.close()
+            self._close_listeners()
             raise
-        log.info("listening on %s", ", ".join(self.addresses))
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         for endpoint in self.settings.listen:
             if endpoint.kind == "unix":
-                _remove_stale_socket(endpoint.path)
-                listener = await loop.create_unix_server(
-                    lambda: PolicyConnection(self), endpoint.path, start_serving=False
-                )
-                self.listeners.append(listener)
-                _set_socket_access(
+                unix = UnixListener(endpoint.path)
+                self.unix_paths.append(unix)
+                set_socket_access(
                     endpoint.path, self.settings.socket_mode, self.settings.socket_group
                 )
-                self.addresses.append(str(endpoint))
-                continue
-            else:
-                listener = await loop.create_server(
-                    lambda: PolicyConnection(self),
-                    endpoint.host or None,
-                    endpoint.port,
-                    reuse_address=True,
-                    start_serving=False,
+                listener = await loop.create_unix_server(
+                    lambda: PolicyConnection(self), sock=unix.socket, start_serving=False
                 )
+                self.addresses.append(str(endpoint))
+            else:
+                try:
+                    listener = await loop.create_server(
+                        lambda: PolicyConnection(self),
+                        endpoint.host or None,
+                        endpoint.port,
+                        reuse_address=True,
+                        start_serving=False,
+                    )
+                except OSError as error:
+                    raise ListenError(f"{endpoint}: {error.strerror or error}") from None
                 for sock in listener.sockets:
                     self.addresses.append(_describe_socket(sock))
             self.listeners.append(listener)
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+        for unix in self.unix_paths:
+            unix.release()
+        self.unix_paths.clear()
 
     async def serve(self) -> None:
         """Start accepting connections on every bound listener."""
         for listener in self.listeners:
             await listener.start_serving()
+        log.info("listening on %s", ", ".join(self.addresses))
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle connections, let answers in progress finish, then cut.
@@ -319,27 +363,7 @@ class PolicyServer:
             await asyncio.wait(list(self.tasks), timeout=grace)
         for connection in list(self.connections):
             connection.close()
-        for endpoint in self.settings.listen:
-            if endpoint.kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(endpoint.path)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """A socket file left by a previous run would make bind() fail; other files are kept."""
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _set_socket_access(path: str, mode: str, group: str | None) -> None:
-    """Let Postfix's smtpd (user postfix) connect: socket_mode, and socket_group if set."""
-    if group is not None:
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        os.chown(path, -1, gid)
-    os.chmod(path, int(mode, 8))
+        self._close_listeners()
 
 
 def _describe_socket(sock: socket.socket) -> str:

@@ -73,13 +73,18 @@ class Parsed:
 
 
 def parse(chunks: list[bytes], limits: dict[str, int]) -> Parsed:
+    """Feed each chunk, and take every request already buffered before the next one, as the
+    server does (a feed returns at most REQUESTS_PER_READ requests)."""
     parser = RequestParser(**limits)
     requests: list[PolicyRequest] = []
     for chunk in chunks:
+        completed: list[PolicyRequest] = []
         try:
-            completed = parser.feed(chunk)
+            completed += parser.feed(chunk)
+            while parser.backlog:
+                completed += parser.feed(b"")
         except ProtocolError as error:
-            return Parsed(requests, error)
+            return Parsed(requests + completed, error)
         for request in completed:
             for name in ATTRIBUTES:  # values may be parsed only when read: read them all
                 assert isinstance(getattr(request, name), str)
@@ -101,9 +106,9 @@ def assert_same_parse(data: bytes, chunks: list[bytes], limits: dict[str, int]) 
 
     A stream that parses cleanly gives the same requests however it is split. A stream that
     breaks the protocol: the requests returned before the error are a prefix of those a
-    byte-at-a-time reader sees (requests completed in the same read as the error are not
-    returned: the connection is dropped without replies anyway). Fed whole, the stream fails
-    too: every limit is checked on what has arrived, however it was split.
+    byte-at-a-time reader sees (they are answered before the connection is dropped). Fed
+    whole, the stream fails too: every limit is checked on what has arrived, however it was
+    split.
     """
     whole = parse([data], limits)
     result = parse(chunks, limits)
@@ -454,6 +459,7 @@ class RecordingTransport(asyncio.Transport):
         self.aborted = False
         self.closed = False
         self.written_after_close = False
+        self.reading = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
@@ -482,10 +488,16 @@ class RecordingTransport(asyncio.Transport):
         return self.aborted or self.closed
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # nothing is buffered: writes are recorded at once
 
 
 class AwaitingStore(Store):
@@ -560,6 +572,18 @@ def quiet_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
+async def settled(
+    server: PolicyServer, connection: PolicyConnection, transport: RecordingTransport
+) -> None:
+    """Let the loop run until the connection reads again: no decision in progress, no
+    requests left over from an earlier read."""
+    for _ in range(10_000):
+        if transport.is_closing() or (transport.reading and not server.tasks):
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the connection never read again")
+
+
 async def converse(
     server: PolicyServer, chunks: list[bytes], pauses: list[int]
 ) -> RecordingTransport:
@@ -569,15 +593,13 @@ async def converse(
     transport = RecordingTransport(connection)
     connection.connection_made(transport)
     for i, chunk in enumerate(chunks):
+        await settled(server, connection, transport)  # a paused socket delivers nothing
         if transport.is_closing():
             break  # a closed socket delivers nothing more
         connection.data_received(chunk)
         for _ in range(pauses[i % len(pauses)] if pauses else 0):
             await asyncio.sleep(0)
-    for _ in range(10_000):
-        if not server.tasks:
-            break
-        await asyncio.sleep(0)
+    await settled(server, connection, transport)
     assert not server.tasks, "a decision never finished"
     if not transport.is_closing():
         transport.close()

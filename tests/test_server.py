@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from policyd.engine import Policy
 from policyd.model import Hit, StoreUnavailable
 from policyd.server import PolicyServer
 from policyd.service import Service
+from policyd.sockets import ListenError
 from policyd.stores.base import Answer, Store, StoreContext
 from tests.conftest import DATA
 from tests.helpers import wait_until
@@ -108,19 +110,59 @@ async def test_request_split_across_writes(tmp_path: Path) -> None:
         assert await asyncio.wait_for(reader.readuntil(b"\n\n"), 5) == FORGED_REPLY
 
 
-async def test_unix_socket_listener(tmp_path: Path) -> None:
-    (tmp_path / "policy.sock").touch()  # not a socket: must not be removed
-    with pytest.raises(OSError):
-        async with running(tmp_path):
-            pass
-    (tmp_path / "policy.sock").unlink()
-    async with running(tmp_path):
-        pass  # leaves no socket file behind
+async def test_unix_socket_listener_answers_and_is_removed_at_stop(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
     async with running(tmp_path) as server:
-        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "policy.sock"))
+        reader, writer = await asyncio.open_unix_connection(str(path))
         assert await ask(reader, writer, FORGED) == FORGED_REPLY
         writer.close()
-        assert "unix:" + str(tmp_path / "policy.sock") in server.addresses
+        assert f"unix:{path}" in server.addresses
+    assert not path.exists()
+
+
+async def test_a_file_at_the_socket_path_is_never_deleted(tmp_path: Path) -> None:
+    """--listen unix:/etc/postfix/main.cf must not cost the admin their main.cf."""
+    path = tmp_path / "policy.sock"
+    path.write_text("myhostname = mail.example.com\n")
+    with pytest.raises(ListenError, match="exists and is not a socket; refusing to replace it"):
+        async with running(tmp_path):
+            pass
+    assert path.read_text() == "myhostname = mail.example.com\n"
+
+
+async def test_a_second_instance_on_the_same_socket_refuses_and_leaves_the_first_alone(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "policy.sock"
+    async with running(tmp_path):
+        with pytest.raises(ListenError, match="already running"):
+            async with running(tmp_path):
+                pass
+        # The first daemon is still reachable on its socket.
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        assert await ask(reader, writer, FORGED) == FORGED_REPLY
+        writer.close()
+
+
+async def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # bound, never listening: what a killed daemon leaves behind
+    async with running(tmp_path):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        assert await ask(reader, writer, OWNED) == OWNED_REPLY
+        writer.close()
+
+
+async def test_stop_leaves_a_socket_path_that_is_no_longer_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
+    async with running(tmp_path):
+        path.unlink()
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.bind(str(path))  # someone else's socket now
+    assert path.exists()
+    other.close()
 
 
 async def test_protocol_error_closes_without_a_reply(tmp_path: Path) -> None:
