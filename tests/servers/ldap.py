@@ -3,8 +3,9 @@ PostfixBook schema and test directory, with LDAPS and StartTLS from a test CA.
 
 Everything lives under one root directory: a cn=config directory made with ``slapadd -n0``
 (``slapd.d``), the mdb database (``db``), the log and a client ``ldap.conf``. slapd runs in
-the foreground as our child (``-d 0``), and the watchdog of :mod:`tests.servers.common`
-stops it if the test process dies. It needs no root: it binds only high ports.
+the foreground as our child (``-d none``: errors only, into ``slapd.log``), and the watchdog
+of :mod:`tests.servers.common` stops it if the test process dies. It needs no root: it binds
+only high ports.
 
 Typical use::
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import urllib.parse
@@ -233,7 +235,7 @@ class Slapd:
         *,
         tls: ThrowawayCA | None = None,
         directory: Path = DMS_DIRECTORY,
-        debug: str = "0",
+        debug: str = "none",
     ) -> None:
         self.root = root
         self.tls = tls
@@ -379,8 +381,14 @@ class Slapd:
         self.db_dir.mkdir()
         config = self.root / "config.ldif"
         config.write_text(self._config_ldif())
-        self._slapadd("-n0", "-l", str(config))
-        self._slapadd("-n1", "-l", str(self.directory))
+        try:
+            self._slapadd("-n0", "-l", str(config))
+            self._slapadd("-n1", "-l", str(self.directory))
+        except ServerError:
+            # Half a configuration must not pass for a built one on the next start().
+            shutil.rmtree(self.config_dir)
+            shutil.rmtree(self.db_dir)
+            raise
         self._write_client_conf()
 
     def _slapadd(self, *args: str) -> None:
