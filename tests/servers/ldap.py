@@ -358,7 +358,6 @@ class Slapd:
 
         def ready() -> bool:
             if proc.poll() is not None:
-                self._proc = None
                 raise ServerError(f"slapd exited ({proc.returncode}):\n{self.log_tail()}")
             ldaps_ok = self.tls is None or _accepts(self._port(self.ldaps_port))
             return _answers_ldap(self._port(self.port)) and ldaps_ok
