@@ -10,6 +10,9 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
+# The throw-away servers (slapd, ...) and Postfix's own maps, for any test that needs them.
+pytest_plugins = ("tests.servers.fixtures",)
+
 
 def require(condition: bool, why: str) -> None:
     """Skip a test whose precondition is missing on a developer's machine; fail in CI
