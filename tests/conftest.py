@@ -10,6 +10,9 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
+# Real SQL servers (PostgreSQL, MariaDB), SQLite files and Postfix's own SQL maps.
+pytest_plugins = ["tests.servers.sql_fixtures"]
+
 
 def require(condition: bool, why: str) -> None:
     """Skip a test whose precondition is missing on a developer's machine; fail in CI
