@@ -10,8 +10,9 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
-# The throw-away servers (slapd, ...) and Postfix's own maps, for any test that needs them.
-pytest_plugins = ("tests.servers.fixtures",)
+# The throw-away servers (slapd, PostgreSQL, MariaDB, SQLite files) and Postfix's own maps,
+# for any test that needs them.
+pytest_plugins = ("tests.servers.fixtures", "tests.servers.sql_fixtures")
 
 
 def require(condition: bool, why: str) -> None:

@@ -1,0 +1,446 @@
+"""The SQL fixtures themselves: the servers hold the seeded rows, want the password, verify
+TLS against their own CA, keep port and data across a restart, go away with the process that
+started them; the NOTIFY trigger fires; the hung and SYN-dropping listeners behave as named;
+and the example maps in examples/sql/ answer through Postfix's own pgsql:, mysql: and sqlite:
+maps exactly as tests/data/sql/*-owners.tsv says.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.servers import mysql, pgsql
+from tests.servers.common_sql import (
+    ServerError,
+    make_tls,
+    pid_alive,
+    tcp_accepts,
+    wait_until,
+)
+from tests.servers.postmap import PostmapError, render_cf
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "sql"
+DATA = REPO / "tests" / "data" / "sql"
+
+ACTIVE_POSTFIXADMIN_MAILBOXES = [
+    "alice@example.com",
+    "back\\slash@example.com",
+    "bob@example.com",
+    "dave@other.test",
+    "legacy%host@example.com",
+    "o'brien@example.com",
+]
+
+
+def psql_uri(uri: str, sql: str) -> subprocess.CompletedProcess[str]:
+    """psql with nothing but a libpq URI (no PG* variables of this environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    return subprocess.run(
+        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", uri, "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+
+
+def mariadb(args: list[str], sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*args, "-e", sql], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL
+# --------------------------------------------------------------------------
+
+
+def test_pgsql_login_role_reads_the_postfixadmin_data(pgsql_server: pgsql.PgServer) -> None:
+    rows = pgsql_server.rows(
+        'SELECT username FROM mailbox WHERE active ORDER BY username COLLATE "C"',
+        as_user=True,
+    )
+    assert [row[0] for row in rows] == ACTIVE_POSTFIXADMIN_MAILBOXES
+    assert pgsql_server.rows(
+        "SELECT goto FROM alias WHERE address = 'sales@example.com'", as_user=True
+    ) == [("bob@example.com, dave@other.test",)]
+
+
+def test_pgsql_login_needs_the_password(pgsql_server: pgsql.PgServer) -> None:
+    password = pgsql_server.password_file.read_text().rstrip("\n")
+    assert password == pgsql_server.password
+    assert psql_uri(pgsql_server.uri(), "SELECT 1").stdout == "1\n"
+    wrong = pgsql_server.uri().replace("%20secret@", "%20guess@")
+    result = psql_uri(wrong, "SELECT 1")
+    assert result.returncode != 0
+    assert "password authentication failed" in result.stderr
+
+
+def test_pgsql_tls_is_verified_against_its_ca(pgsql_server: pgsql.PgServer, tmp_path: Path) -> None:
+    verified = psql_uri(
+        pgsql_server.uri(sslmode="verify-full"),
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    assert verified.stdout == "t\n", verified.stderr
+    other_ca = make_tls(tmp_path / "other").ca
+    uri = pgsql_server.uri(sslmode="verify-full").split("&sslrootcert=")[0]
+    refused = psql_uri(f"{uri}&sslrootcert={other_ca}", "SELECT 1")
+    assert refused.returncode != 0
+    assert "certificate verify failed" in refused.stderr
+
+
+def test_pgsql_tls_required_refuses_plain_tcp(pgsql_factory) -> None:
+    server = pgsql_factory(tls_required=True)
+    refused = psql_uri(server.uri(sslmode="disable"), "SELECT 1")
+    assert "no encryption" in refused.stderr
+    assert psql_uri(server.uri(sslmode="verify-full"), "SELECT 1").stdout == "1\n"
+
+
+@pytest.mark.parametrize("immediate", [False, True], ids=["fast-shutdown", "crash"])
+def test_pgsql_restart_keeps_port_and_data(pgsql_factory, immediate: bool) -> None:
+    server = pgsql_factory()
+    server.psql(
+        "INSERT INTO mailbox (username, local_part, domain)"
+        " VALUES ('new@example.com', 'new', 'example.com')"
+    )
+    port = server.port
+    server.stop(immediate=immediate)
+    assert not tcp_accepts(port)
+    with pytest.raises(ServerError):
+        server.psql("SELECT 1")
+    server.start()
+    assert server.port == port
+    assert server.rows(
+        "SELECT local_part FROM mailbox WHERE username = 'new@example.com'", as_user=True
+    ) == [("new",)]
+
+
+def test_pgsql_notify_trigger_fires_for_each_table(pgsql_factory) -> None:
+    server = pgsql_factory(notify=True)
+    output = server.psql(
+        "LISTEN policyd;"
+        "INSERT INTO mailbox (username, local_part, domain)"
+        " VALUES ('n@example.com', 'n', 'example.com');"
+        "UPDATE alias SET goto = 'bob@example.com' WHERE address = 'info@example.com';"
+        "DELETE FROM alias_domain WHERE alias_domain = 'parked.test';"
+        "UPDATE alias SET active = false WHERE false"
+    )
+    payloads = re.findall(r'notification "policyd" with payload "([^"]*)"', output)
+    # One per statement (even one that changes no row), delivered at commit, in order.
+    assert payloads == ["mailbox INSERT", "alias UPDATE", "alias_domain DELETE"]
+
+
+def test_pgsql_notify_trigger_is_silent_without_changes(pgsql_factory) -> None:
+    server = pgsql_factory(notify=True)
+    output = server.psql("LISTEN policyd; SELECT count(*) FROM alias")
+    assert "notification" not in output
+
+
+def test_pgsql_slow_query_and_lock(pgsql_server: pgsql.PgServer) -> None:
+    slow = pgsql.SLOW_QUERY.format(seconds=60).replace("%s", "alice@example.com")
+    with pytest.raises(ServerError, match="statement timeout"):
+        pgsql_server.psql(f"SET statement_timeout = '100ms'; {slow}", as_user=True)
+    with pgsql_server.hold_lock("mailbox"), pytest.raises(ServerError, match="lock timeout"):
+        pgsql_server.psql("SET lock_timeout = '100ms'; SELECT count(*) FROM mailbox")
+    assert pgsql_server.psql("SELECT count(*) FROM mailbox", as_user=True) == "7\n"
+
+
+# --------------------------------------------------------------------------
+# MariaDB
+# --------------------------------------------------------------------------
+
+
+def test_mysql_user_reads_both_databases(mysql_server: mysql.MariaServer) -> None:
+    rows = mysql_server.rows(
+        "SELECT username FROM mailbox WHERE active = 1 ORDER BY username COLLATE utf8mb4_bin",
+        database="postfixadmin",
+        as_user=True,
+    )
+    assert [row[0] for row in rows] == ACTIVE_POSTFIXADMIN_MAILBOXES
+    rows = mysql_server.rows(
+        "SELECT logged_in_as FROM sender_acl WHERE send_as IN ('*', '@partner.test') ORDER BY 1",
+        database="mailcow",
+        as_user=True,
+    )
+    assert rows == [("alice@mc.test",), ("relay@mc.test",)]
+
+
+def test_mysql_login_needs_the_password(mysql_server: mysql.MariaServer) -> None:
+    assert mysql_server.password_file.read_text().rstrip("\n") == mysql_server.password
+    args = mysql_server.client(as_user=True)
+    wrong = [
+        f"--password={mysql_server.password}x" if a.startswith("--password=") else a for a in args
+    ]
+    result = mariadb(wrong, "SELECT 1")
+    assert result.returncode != 0
+    assert "Access denied" in result.stderr
+
+
+def test_mysql_tls_is_verified_against_its_ca(
+    mysql_server: mysql.MariaServer, tmp_path: Path
+) -> None:
+    args = mysql_server.client(as_user=True)
+    assert "--ssl-verify-server-cert" in args
+    status = mariadb(args, "SHOW SESSION STATUS LIKE 'Ssl_version'")
+    assert re.fullmatch(r"Ssl_version\tTLSv1\.[23]\n", status.stdout), status.stderr
+    other_ca = make_tls(tmp_path / "other").ca
+    refused = mariadb(
+        [f"--ssl-ca={other_ca}" if a.startswith("--ssl-ca=") else a for a in args], "SELECT 1"
+    )
+    assert refused.returncode != 0
+    assert "certificate" in refused.stderr
+
+
+def test_mysql_tls_required_refuses_plain_tcp(mysql_factory) -> None:
+    server = mysql_factory(tls_required=True)
+    plain = [a for a in server.client(as_user=True) if not a.startswith("--ssl")]
+    refused = mariadb([*plain, "--skip-ssl"], "SELECT 1")
+    assert refused.returncode != 0
+    assert mariadb(server.client(as_user=True), "SELECT 1").stdout == "1\n"
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["shutdown", "crash"])
+def test_mysql_restart_keeps_port_and_data(mysql_factory, kill: bool) -> None:
+    server = mysql_factory()
+    server.query(
+        "INSERT INTO sender_acl (logged_in_as, send_as) VALUES ('new@mc.test', '@new.test')",
+        database="mailcow",
+    )
+    port = server.port
+    server.stop(kill=kill)
+    assert not tcp_accepts(port)
+    server.start()
+    assert server.port == port
+    assert server.rows(
+        "SELECT logged_in_as FROM sender_acl WHERE send_as = '@new.test'",
+        database="mailcow",
+        as_user=True,
+    ) == [("new@mc.test",)]
+
+
+def test_mysql_slow_query_and_lock(mysql_server: mysql.MariaServer) -> None:
+    slow = mysql.SLOW_QUERY.format(seconds=60).replace("%s", "alice@example.com")
+    with pytest.raises(ServerError, match="max_statement_time exceeded"):
+        mysql_server.query(
+            f"SET STATEMENT max_statement_time = 0.1 FOR {slow}",
+            database="postfixadmin",
+            as_user=True,
+        )
+    with (
+        mysql_server.hold_lock("mailbox", database="postfixadmin"),
+        pytest.raises(ServerError, match="Lock wait timeout"),
+    ):
+        mysql_server.query(
+            "SET STATEMENT lock_wait_timeout = 0 FOR SELECT count(*) FROM mailbox",
+            database="postfixadmin",
+        )
+    assert mysql_server.query("SELECT count(*) FROM mailbox", database="postfixadmin") == "7\n"
+
+
+# --------------------------------------------------------------------------
+# SQLite, listeners, watchdog
+# --------------------------------------------------------------------------
+
+
+def test_sqlite_file_opens_read_only(sqlite_postfixadmin: Path) -> None:
+    connection = sqlite3.connect(f"file:{sqlite_postfixadmin}?mode=ro", uri=True)
+    try:
+        rows = connection.execute(
+            "SELECT username FROM mailbox WHERE active = 1 ORDER BY username"
+        ).fetchall()
+        assert [row[0] for row in rows] == ACTIVE_POSTFIXADMIN_MAILBOXES
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            connection.execute("DELETE FROM mailbox")
+    finally:
+        connection.close()
+
+
+def test_silent_server_accepts_and_never_answers(silent_server) -> None:
+    with socket.create_connection((silent_server.host, silent_server.port), timeout=5) as sock:
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+
+
+def test_syn_dropping_server_never_completes_a_connect(syn_dropping_server) -> None:
+    with pytest.raises(TimeoutError):
+        socket.create_connection((syn_dropping_server.host, syn_dropping_server.port), timeout=0.3)
+
+
+_OWNER = """
+import sys
+from tests.servers.{module} import {cls}
+server = {cls}()
+server.start()
+print(server.root, server.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "cls"), [("pgsql", "PgServer"), ("mysql", "MariaServer")], ids=["pgsql", "mysql"]
+)
+def test_server_goes_away_when_its_owner_is_killed(module: str, cls: str, request) -> None:
+    request.getfixturevalue(f"{module}_factory")  # skips, or fails in CI, as the fixtures do
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER.format(module=module, cls=cls)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        root_text, pid_text = owner.stdout.readline().split()
+        root, pid = Path(root_text), int(pid_text)
+        assert pid_alive(pid) and root.exists()
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        wait_until(lambda: not pid_alive(pid) and not root.exists(), "the watchdog's cleanup")
+    finally:
+        owner.kill()
+        owner.wait()
+        if owner.stdin is not None:
+            owner.stdin.close()
+        if owner.stdout is not None:
+            owner.stdout.close()
+
+
+# --------------------------------------------------------------------------
+# The example maps through Postfix's own pgsql:, mysql: and sqlite: maps
+# --------------------------------------------------------------------------
+
+
+def _owner_rows(name: str) -> list[list[str]]:
+    with (DATA / name).open(newline="") as handle:
+        lines = [line for line in handle if not line.startswith("#")]
+    return list(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def _owners(answer: str | None) -> list[str]:
+    """A map result as smtpd reads it: logins separated by commas and spaces."""
+    return sorted(filter(None, re.split(r"[,\s]+", answer or "")))
+
+
+def _cases(name: str, backend: str) -> list[pytest.param]:
+    params = []
+    for row in _owner_rows(name):
+        case, key, owners = row[:3]
+        backends = row[3].split(",") if len(row) > 3 else ["all"]
+        if "all" in backends or backend in backends:
+            params.append(pytest.param(key, [] if owners == "-" else _owners(owners), id=case))
+    return params
+
+
+def _postfixadmin_table(backend: str, request, tmp_path: Path) -> str:
+    example = EXAMPLES / "postfixadmin" / f"sender_login_maps.{backend}.cf"
+    if backend == "sqlite":
+        database = request.getfixturevalue("sqlite_postfixadmin")
+        return f"sqlite:{render_cf(example, tmp_path / 'map.cf', dbpath=str(database))}"
+    server = request.getfixturevalue(f"{backend}_server")
+    cf = render_cf(
+        example,
+        tmp_path / "map.cf",
+        hosts=f"{server.host}:{server.port}",
+        user=server.user,
+        password=server.password,
+    )
+    return f"{backend}:{cf}"
+
+
+@pytest.mark.parametrize("backend", ["pgsql", "mysql", "sqlite"])
+def test_postfixadmin_example_through_postfix(backend, postfix_maps, request, tmp_path) -> None:
+    table = _postfixadmin_table(backend, request, tmp_path)
+    for param in _cases("postfixadmin-owners.tsv", backend):
+        key, expected = param.values
+        assert _owners(postfix_maps.query(key, table)) == expected, f"{param.id}: {key!r}"
+
+
+def test_mailcow_example_through_postfix(mysql_server, postfix_maps, tmp_path) -> None:
+    cf = render_cf(
+        EXAMPLES / "mailcow" / "sender_login_maps.mysql.cf",
+        tmp_path / "map.cf",
+        hosts=f"{mysql_server.host}:{mysql_server.port}",
+        user=mysql_server.user,
+        password=mysql_server.password,
+    )
+    for param in _cases("mailcow-owners.tsv", "mysql"):
+        key, expected = param.values
+        assert _owners(postfix_maps.query(key, f"mysql:{cf}")) == expected, f"{param.id}: {key!r}"
+
+
+def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, tmp_path) -> None:
+    """The URI form the example's comment gives: user in the URI, password in a pgpass file."""
+    assert pgsql_server.tls_files is not None
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:*:*:{pgsql_server.user}:{pgsql_server.password}\n")
+    passfile.chmod(0o600)
+    example = EXAMPLES / "postfixadmin" / "sender_login_maps.pgsql.cf"
+
+    def table(ca: Path, name: str) -> str:
+        uri = (
+            f"postgresql://{pgsql_server.user}@{pgsql_server.host}:{pgsql_server.port}"
+            f"/{pgsql_server.dbname}?sslmode=verify-full&sslrootcert={ca}&passfile={passfile}"
+        )
+        cf = render_cf(example, tmp_path / name, hosts=uri, user=None, password=None)
+        return f"pgsql:{cf}"
+
+    assert postfix_maps.query("info@example.com", table(pgsql_server.tls_files.ca, "ok.cf")) == (
+        "alice@example.com,bob@example.com"
+    )
+    other_ca = make_tls(tmp_path / "other").ca
+    with pytest.raises(PostmapError, match="certificate verify failed"):
+        postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+
+
+def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, tmp_path) -> None:
+    assert mysql_server.tls_files is not None
+    example = EXAMPLES / "postfixadmin" / "sender_login_maps.mysql.cf"
+
+    def table(ca: Path, name: str) -> str:
+        cf = render_cf(
+            example,
+            tmp_path / name,
+            hosts=f"{mysql_server.host}:{mysql_server.port}",
+            user=mysql_server.user,
+            password=mysql_server.password,
+            tls_CAfile=str(ca),
+            tls_verify_cert="yes",
+        )
+        return f"mysql:{cf}"
+
+    assert postfix_maps.query("info@example.com", table(mysql_server.tls_files.ca, "ok.cf")) == (
+        "alice@example.com,bob@example.com"
+    )
+    other_ca = make_tls(tmp_path / "other").ca
+    with pytest.raises(PostmapError, match="certificate"):
+        postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+
+
+def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps, tmp_path) -> None:
+    server = pgsql_factory()
+    cf = render_cf(
+        EXAMPLES / "postfixadmin" / "sender_login_maps.pgsql.cf",
+        tmp_path / "map.cf",
+        hosts=f"{server.host}:{server.port}",
+        user=server.user,
+        password=server.password,
+    )
+    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}") == "alice@example.com"
+    server.stop()
+    with pytest.raises(PostmapError, match="connect to pgsql server"):
+        postfix_maps.query("alice@example.com", f"pgsql:{cf}")
+    server.start()
+    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}") == "alice@example.com"
