@@ -577,7 +577,7 @@ def lookup_keys(sender: str, params: PostfixParams) -> tuple[SearchKey, ...]:
     and socketmap tables skip them (PARTIAL = DICT_FLAG_FIXED, L228-229; maps.c L193).
     """
     if not sender:
-        return ()  # the null sender is never checked (smtpd_check.c L4563, L4585)
+        return ()  # the null sender is never checked (smtpd_check.c L4564, L4573, L4586)
     address = lookup_form(sender, params)
     keys = list(_forms(address, partial=False))
     bare = strip_extension(address, params)
