@@ -12,8 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-from policyd.address import SearchKey
+from typing import NamedTuple
 
 # --------------------------------------------------------------------------
 # The Postfix parameters involved
@@ -518,6 +517,15 @@ def lookup_form(sender: str, params: PostfixParams) -> str:
 # --------------------------------------------------------------------------
 
 
+class LookupKey(NamedTuple):
+    """One key of the search, and whether it is partial: partial keys are looked up with
+    DICT_FLAG_FIXED, so pcre, regexp, tcp and socketmap tables never see them
+    (mail_addr_find.c L228-229, maps.c L193-194). The full keys always come first."""
+
+    key: str
+    partial: bool
+
+
 def strip_extension(address: str, params: PostfixParams) -> str | None:
     """``user+ext@domain`` -> ``user@domain``: strip_addr_internal() and split_addr().
 
@@ -550,16 +558,16 @@ def strip_extension(address: str, params: PostfixParams) -> str | None:
     return local[:cut] + domain
 
 
-def _forms(address: str, partial: bool, bare_localpart: bool = False) -> Iterator[SearchKey]:
+def _forms(address: str, partial: bool, bare_localpart: bool = False) -> Iterator[LookupKey]:
     """find_addr() with MA_FORM_EXTERNAL_FIRST: the quoted form, then the unquoted one if it
     differs (mail_addr_find.c L247-258). maps_find() never looks up an empty key (maps.c L187)."""
     external = quote_local(address, bare_localpart=bare_localpart)
-    yield SearchKey(external, partial)
+    yield LookupKey(external, partial)
     if address != external:
-        yield SearchKey(address, partial)
+        yield LookupKey(address, partial)
 
 
-def lookup_keys(sender: str, params: PostfixParams) -> tuple[SearchKey, ...]:
+def lookup_keys(sender: str, params: PostfixParams) -> tuple[LookupKey, ...]:
     """Every key smtpd tries for ``sender``, in order; the first key any table answers wins.
 
     mail_addr_find() with MA_FIND_DEFAULT and the legacy forms (mail_addr_find.h L39-60,
@@ -591,5 +599,5 @@ def lookup_keys(sender: str, params: PostfixParams) -> tuple[SearchKey, ...]:
             keys += _forms(address[:at], partial=True, bare_localpart=True)
             if bare is not None:
                 keys += _forms(bare[: bare.rfind("@")], partial=True, bare_localpart=True)
-        keys.append(SearchKey(address[at:], partial=True))
+        keys.append(LookupKey(address[at:], partial=True))
     return tuple(key for key in keys if key.key)
