@@ -46,6 +46,12 @@ class DiscardingTransport(asyncio.Transport):
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
 
+    def is_reading(self) -> bool:
+        return True  # nothing is ever left unanswered, so the connection never pauses
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
 
 async def measure(
     data: Path,

@@ -285,18 +285,7 @@ def encode_reply(action: str) -> bytes:
 
     An empty action would make Postfix permit the mail (it treats ``action=`` as OK), and a
     newline would end the reply early and desynchronise the connection; both are bugs.
-    The few distinct actions (one per refused login) are encoded once and remembered.
     """
-    reply = _REPLIES.get(action)
-    if reply is None:
-        if not action or "\n" in action or "\0" in action:
-            raise ValueError(f"refusing to send malformed action {action!r}")
-        reply = b"action=" + action.encode("utf-8", "surrogateescape") + b"\n\n"
-        if len(_REPLIES) >= _REPLIES_KEPT:
-            _REPLIES.clear()
-        _REPLIES[action] = reply
-    return reply
-
-
-_REPLIES: dict[str, bytes] = {}
-_REPLIES_KEPT = 10_000
+    if not action or "\n" in action or "\0" in action:
+        raise ValueError(f"refusing to send malformed action {action!r}")
+    return b"action=" + action.encode("utf-8", "surrogateescape") + b"\n\n"

@@ -45,10 +45,6 @@ class Verdict(StrEnum):
     DUNNO = "dunno"  # not policyd's business: null sender, no login, out of scope
     TEMPFAIL = "tempfail"  # a store could not answer; Postfix will retry
 
-    # Hash like the value, as equality already does, so a Verdict and its string are one dict
-    # key (metrics count by either). Enum would hash the name.
-    __hash__ = str.__hash__
-
 
 class Decision(NamedTuple):
     """What to answer and why.

@@ -91,10 +91,6 @@ class PolicyConnection(asyncio.BufferedProtocol):
             self._drop(error.kind, f"protocol error ({error.kind}): {error}")
             return
         self._track_request_time(now)
-        if len(requests) == 1 and not self.queue and self.task is None and not self.parser.backlog:
-            # The usual case, one whole request per read and nothing waiting: no queue.
-            self._answer(requests[0])
-            return
         self.queue.extend(requests)
         self._answer_queued()
 

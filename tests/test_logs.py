@@ -9,6 +9,7 @@ import pytest
 
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
+from policyd.engine import Decision, Verdict
 from policyd.logs import Formatter, logfmt_value
 from policyd.service import Service
 from tests.conftest import DATA
@@ -102,3 +103,14 @@ def test_timestamps_are_utc_to_the_millisecond_across_second_boundaries() -> Non
         "2023-11-14T22:13:20.999Z",  # the same millisecond
         "2023-11-14T22:13:21.000Z",  # the next second, although only a millisecond later
     ]
+
+
+def test_a_decision_shared_by_two_spellings_logs_each_login_and_sender_as_sent() -> None:
+    """One remembered Decision may answer several spellings of a login or sender; the log
+    line must show the one each request carried, not the first one formatted."""
+    decision = Decision(Verdict.REJECT, "553 5.7.1 not owned by user bob@x", "not_owner", "")
+    formatter = Formatter("logfmt")
+    first = formatter.decision(0.0, PolicyRequest(sasl_username="bob@x", sender="a@x"), decision)
+    second = formatter.decision(0.0, PolicyRequest(sasl_username="BOB@x", sender="A@x"), decision)
+    assert "login=bob@x sender=a@x" in first
+    assert "login=BOB@x sender=A@x" in second
