@@ -119,6 +119,7 @@ class Settings(Strict):
     max_connections: int = Field(default=defaults.MAX_CONNECTIONS, ge=1)
     allowed_clients: list[IPvAnyNetwork] = Field(default_factory=list)
     lookup_timeout: float = Field(default=defaults.LOOKUP_TIMEOUT, gt=0)
+    pattern_time_limit: float = Field(default=defaults.PATTERN_TIME_LIMIT, ge=0.01, le=10)
     decision_cache_size: int = Field(default=defaults.DECISION_CACHE_SIZE, ge=0)
     shutdown_timeout: float = Field(default=defaults.SHUTDOWN_TIMEOUT, ge=0)
     allow_empty_maps: bool = False

@@ -66,6 +66,12 @@ DECISION_CACHE_SIZE = 65536
 # smtpd_policy_service_timeout (100 s; the README recommends 10 s), so the reply is our 4xx.
 LOOKUP_TIMEOUT = 5.0
 
+# CPU time one decision may take before it is cut off with a temporary failure. A decision
+# takes microseconds; only a backtracking pattern (pcre, regexp, a glob in grants or deny)
+# against a crafted sender can take long, and it would stall every client meanwhile. The
+# timer ticks in a few milliseconds, so a match is cut off between this and about 10 ms later.
+PATTERN_TIME_LIMIT = 0.1
+
 # On SIGTERM, requests being decided get this long to finish before connections are cut.
 SHUTDOWN_TIMEOUT = 10.0
 

@@ -65,6 +65,7 @@ class StoreStats:
     def __init__(self) -> None:
         self.lookups = 0
         self.errors = 0
+        self.pattern_timeouts = 0
         self.latency = Histogram(LOOKUP_BUCKETS)
 
 
@@ -158,11 +159,18 @@ class _Collector(Collector):
         errors = CounterMetricFamily(
             "policyd_store_errors", "Lookups a store could not answer", labels=["store"]
         )
+        timeouts = CounterMetricFamily(
+            "policyd_pattern_timeouts",
+            "Pattern matches cut off by pattern_time_limit (answered with a temporary failure)",
+            labels=["store"],
+        )
         for name, stats in sorted(m.stores.items()):
             lookups.add_metric([name], stats.lookups)
             errors.add_metric([name], stats.errors)
+            timeouts.add_metric([name], stats.pattern_timeouts)
         yield lookups
         yield errors
+        yield timeouts
         yield _histogram(
             "policyd_store_lookup_duration_seconds",
             "Time one store lookup took",

@@ -140,3 +140,12 @@ class LoadError(Exception):
 class StoreUnavailable(Exception):
     """A store could not answer now (backend down, map never loaded). Always temporary:
     policyd answers 4xx, never a verdict."""
+
+
+class PatternTimeout(StoreUnavailable):
+    """A pattern table's match was cut off by the decision's CPU budget: temporary, and
+    naming the rule."""
+
+    def __init__(self, rule: Origin) -> None:
+        self.rule = rule
+        super().__init__(f"{rule}: the match was cut off after pattern_time_limit")

@@ -20,12 +20,13 @@ from time import monotonic, perf_counter
 from typing import TypeAlias
 
 from policyd import defaults
+from policyd.budget import CpuBudget, OutOfTime
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.engine import Decision, Policy, Verdict, decide, store_failure
 from policyd.logs import log_decision
 from policyd.metrics import Metrics
-from policyd.model import Hit, LoadError, Lookup, StoreUnavailable
+from policyd.model import Hit, LoadError, Lookup, PatternTimeout, StoreUnavailable
 from policyd.rules import NO_RULES, Rules
 from policyd.stores import open_store
 from policyd.stores.base import Answer, Changes, Store, StoreContext, StoreStatus
@@ -63,8 +64,11 @@ class LoginMaps:
             started = perf_counter()
             try:
                 hit = yield store, asked
-            except StoreUnavailable:
+            except StoreUnavailable as error:
                 stats.errors += 1
+                if isinstance(error, PatternTimeout):
+                    stats.pattern_timeouts += 1
+                    log.warning("%s: %s", store.name, error)
                 raise
             finally:
                 stats.lookups += 1
@@ -100,6 +104,7 @@ class Service:
         changes: Changes | None = None,
         cache: DecisionCache = DecisionCache(),
         lookup_timeout: float = defaults.LOOKUP_TIMEOUT,
+        time_limit: float = defaults.PATTERN_TIME_LIMIT,
         decision_log: Callable[[PolicyRequest, Decision], None] = log_decision,
         log_decisions: str = "rejects",
     ) -> None:
@@ -109,6 +114,7 @@ class Service:
         self.rule_files = rules
         self.changes = changes or Changes()
         self.lookup_timeout = lookup_timeout
+        self.budget = CpuBudget(time_limit)
         self.log_decision = decision_log
         # Postfix asks once per recipient, so the same (login, sender) question comes again
         # and again; remembering answers skips the whole decision. Forgotten whenever a map or
@@ -156,6 +162,7 @@ class Service:
             changes=changes,
             cache=DecisionCache(settings.decision_cache_size),
             lookup_timeout=settings.lookup_timeout,
+            time_limit=settings.pattern_time_limit,
             decision_log=decision_log,
             log_decisions=settings.log_decisions,
         )
@@ -235,9 +242,10 @@ class Service:
         else:
             questions = self._questions(request)
             try:
-                outcome = self._advance(questions, None)
-            except StoreUnavailable as error:
-                decision = store_failure(self.policy, str(error))
+                with self.budget:
+                    outcome = self._advance(questions, None)
+            except (StoreUnavailable, OutOfTime) as error:
+                decision = self._failure(error)
             else:
                 if not isinstance(outcome, Decision):
                     return self._wait(request, key, questions, outcome)
@@ -299,13 +307,14 @@ class Service:
                     except StoreUnavailable as error:
                         questions.throw(error)
                         raise
-                    outcome = self._advance(questions, answer)
+                    with self.budget:
+                        outcome = self._advance(questions, answer)
                     if isinstance(outcome, Decision):
                         decision = outcome
                         break
                     pending = outcome
-        except StoreUnavailable as error:
-            decision = store_failure(self.policy, str(error))
+        except (StoreUnavailable, OutOfTime) as error:
+            decision = self._failure(error)
         except TimeoutError:
             why = f"no answer within lookup_timeout ({self.lookup_timeout:g} s)"
             with contextlib.suppress(StoreUnavailable, StopIteration):
@@ -315,6 +324,15 @@ class Service:
             self._remember(key, decision)
         self.record(request, decision)
         return decision
+
+    def _failure(self, error: StoreUnavailable | OutOfTime) -> Decision:
+        """A decision that could not be made: temporary, with why."""
+        if isinstance(error, PatternTimeout):
+            return store_failure(self.policy, str(error), "pattern_timeout")
+        if isinstance(error, OutOfTime):
+            why = f"the decision took more than pattern_time_limit ({self.budget.seconds:g} s)"
+            return store_failure(self.policy, why, "time_limit")
+        return store_failure(self.policy, str(error))
 
     def _remember(self, key: tuple[str, ...], decision: Decision) -> None:
         if self.cache_size <= 0 or decision.verdict is Verdict.TEMPFAIL:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policyd.address import fold
-from policyd.model import Entry, LoadError, Origin, Problem
+from policyd.budget import OutOfTime
+from policyd.model import Entry, LoadError, Origin, PatternTimeout, Problem
 from policyd.packed import PackedTable, PackedTableBuilder
 
 # Owners in a lookup result are separated by commas and whitespace (smtpd_check.c, CHARS_COMMA_SP).
@@ -262,32 +263,49 @@ class PatternTable:
         return sum(1 for rule in self._rules if rule.kind == "match")
 
     def get(self, key: str) -> Entry | None:
-        if self._generic is not None:
-            candidates = self._by_domain.get(key.rpartition("@")[2], self._generic)
-            for rule in candidates:
+        """The entry of the first rule that matches ``key``, or None.
+
+        A match cut off by the decision's CPU budget (policyd.budget) raises PatternTimeout
+        naming the rule it was matching.
+        """
+        if self._generic is None:
+            return self._get_with_ifs(key)
+        rule = None
+        try:
+            for rule in self._by_domain.get(key.rpartition("@")[2], self._generic):
                 found = _all_match(rule.conditions, key)
                 if found:
-                    value = _expand(rule.replacement, found)
-                    return Entry(split_owners(value), Origin(self.source, rule.line))
-            return None
+                    return self._entry(rule, found)
+        except OutOfTime:
+            raise PatternTimeout(Origin(self.source, rule.line if rule else 0)) from None
+        return None
+
+    def _get_with_ifs(self, key: str) -> Entry | None:
         rules = self._rules
         index = 0
-        while index < len(rules):
-            rule = rules[index]
-            index += 1
-            if rule.kind == "endif":
-                continue
-            found = _all_match(rule.conditions, key)
-            if rule.kind == "if":
-                if not found:
-                    if rule.endif_index < 0:
-                        return None
-                    index = rule.endif_index + 1
-                continue
-            if found:
-                value = _expand(rule.replacement, found)
-                return Entry(split_owners(value), Origin(self.source, rule.line))
+        rule = None
+        try:
+            while index < len(rules):
+                rule = rules[index]
+                index += 1
+                if rule.kind == "endif":
+                    continue
+                found = _all_match(rule.conditions, key)
+                if rule.kind == "if":
+                    if not found:
+                        if rule.endif_index < 0:
+                            return None
+                        index = rule.endif_index + 1
+                    continue
+                if found:
+                    return self._entry(rule, found)
+        except OutOfTime:
+            raise PatternTimeout(Origin(self.source, rule.line if rule else 0)) from None
         return None
+
+    def _entry(self, rule: _Rule, found: re.Match[str] | bool) -> Entry:
+        value = _expand(rule.replacement, found)
+        return Entry(split_owners(value), Origin(self.source, rule.line))
 
 
 def _domain_of(rule: _Rule) -> str | None:

@@ -18,6 +18,7 @@ from policyd.model import Entry, Hit, Origin, StoreUnavailable
 from policyd.service import DecisionCache, Service
 from policyd.stores.base import Answer, MemoryStore, Store, StoreContext
 from policyd.stores.dms import DmsStore
+from policyd.stores.files import RuleFiles
 from tests.conftest import DATA
 from tests.helpers import at_once, settle
 
@@ -262,3 +263,46 @@ def test_a_dms_store_answers_the_full_address_first(tmp_path: Path) -> None:
     store.load_now()
     hit = store.lookup(["user1+tag@localhost.localdomain", "user1@localhost.localdomain"])
     assert hit is not None and hit.key == "user1+tag@localhost.localdomain"
+
+
+# A backtracking pattern cannot stall the daemon: the decision's CPU time is bounded.
+
+BOMB_RULE = "/^([a-z0-9]+[._-]?)+@example\\.com$/ owner@example.com\n"
+BOMB_SENDER = "a" * 30 + "!@example.com"  # minutes of backtracking for Python's re
+
+
+async def test_a_backtracking_pcre_rule_is_cut_off_with_a_temporary_failure(
+    tmp_path: Path,
+) -> None:
+    table = tmp_path / "senders.pcre"
+    table.write_text("/^ok@example\\.com$/ ok@example.com\n" + BOMB_RULE)
+    service = Service.from_settings(
+        Settings(maps=[f"pcre:{table}"], reload_interval=0, pattern_time_limit=0.05)
+    )
+    await service.start()
+    decision = at_once(service, PolicyRequest(sender=BOMB_SENDER, sasl_username="x@example.com"))
+    assert (decision.verdict, decision.reason) == (Verdict.TEMPFAIL, "pattern_timeout")
+    assert decision.action == "451 4.3.0 Temporary lookup failure"
+    assert f"{table}:2: the match was cut off" in decision.explanation  # names the rule
+    assert service.metrics.stores[f"pcre:{table}"].pattern_timeouts == 1
+    assert service.cache == {}  # never remembered
+    # The table still answers everyone else.
+    healthy = at_once(
+        service, PolicyRequest(sender="ok@example.com", sasl_username="ok@example.com")
+    )
+    assert healthy.verdict is Verdict.PERMIT
+    await service.close()
+
+
+def test_a_glob_in_the_rules_cannot_backtrack_either(tmp_path: Path) -> None:
+    """Grants and deny globs are matched under the same bound; fnmatch's translation has no
+    nested quantifier, so even a long sender against many stars answers at once."""
+    grants = tmp_path / "grants"
+    grants.write_text("x@example.com " + "*a" * 20 + "@example.com\n")
+    rules = RuleFiles(grants, None, StoreContext(reload_interval=0))
+    rules.files.load_now()
+    service = Service(Policy(), [Table("t", {})], rules=rules, time_limit=0.05)
+    decision = at_once(
+        service, PolicyRequest(sender="a" * 200 + "!@example.com", sasl_username="x@example.com")
+    )
+    assert decision.verdict is Verdict.REJECT
