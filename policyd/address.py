@@ -21,12 +21,13 @@ def fold(text: str) -> str:
 def canonical(sender: str) -> str:
     """The lookup key for a sender: folded, without the trailing dot of an absolute domain.
 
-    Postfix's trivial-rewrite also drops the dot, so ``user@example.com.`` is looked up as
-    ``user@example.com``.
+    Postfix's trivial-rewrite drops exactly one trailing dot (rewrite.c), so
+    ``user@example.com.`` is looked up as ``user@example.com``, and ``x@dom..`` is not
+    ``x@dom``.
     """
     key = fold(sender)
     if key.endswith(".") and "@" in key:
-        key = key.rstrip(".")
+        key = key[:-1]
     return key
 
 

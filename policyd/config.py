@@ -117,6 +117,7 @@ class Settings(Strict):
     max_request_bytes: int = Field(default=defaults.MAX_REQUEST_BYTES, ge=256)
     max_attributes: int = Field(default=defaults.MAX_ATTRIBUTES, ge=8)
     max_connections: int = Field(default=defaults.MAX_CONNECTIONS, ge=1)
+    max_connections_per_client: int = Field(default=defaults.MAX_CONNECTIONS_PER_CLIENT, ge=1)
     allowed_clients: list[IPvAnyNetwork] = Field(default_factory=list)
     lookup_timeout: float = Field(default=defaults.LOOKUP_TIMEOUT, gt=0)
     pattern_time_limit: float = Field(default=defaults.PATTERN_TIME_LIMIT, ge=0.01, le=10)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
+from typing import Any
 
+from policyd import defaults
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.engine import Decision
 from policyd.http import HttpServer
 from policyd.logs import log_decision
-from policyd.privileges import drop_privileges, raise_file_limit
+from policyd.privileges import drop_privileges, plan_descriptors
 from policyd.server import PolicyServer
 from policyd.service import Service
 from policyd.stores import parsing
@@ -43,7 +46,9 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.service = service or Service.from_settings(settings, decision_log=decision_log)
-        self.server = PolicyServer(self.service, settings)
+        self.server = PolicyServer(
+            self.service, settings, max_connections=plan_descriptors(settings.max_connections)
+        )
         registry = self.service.metrics.exposition(
             self.service.statuses, self.server.connection_count
         )
@@ -52,6 +57,8 @@ class Daemon:
         self._starting: asyncio.Task[None] | None = None
         self._reload_pending = False
         self._reloads: set[asyncio.Task[bool]] = set()
+        self._loop_errors: dict[str, int] = {}  # asyncio's reports not logged yet, by kind
+        self._loop_logged: dict[str, float] = {}
 
     async def run(self, ready: Callable[[], None] | None = None) -> int:
         """Serve until SIGTERM or SIGINT; 0 once stopped. Start-up failures (a map that
@@ -59,6 +66,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in _SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.set_exception_handler(self._loop_error)
         try:
             self._starting = asyncio.create_task(self._start())
             try:
@@ -84,6 +92,20 @@ class Daemon:
             for signum in _SIGNALS:
                 loop.remove_signal_handler(signum)
 
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's reports, at most one line per kind every LOG_INTERVAL seconds: when
+        descriptors run out, accept() fails thousands of times a second, and a traceback
+        each time would flood the log and the disk."""
+        kind = str(context.get("message", "error"))
+        now = time.monotonic()
+        self._loop_errors[kind] = self._loop_errors.get(kind, 0) + 1
+        if now - self._loop_logged.get(kind, -defaults.LOG_INTERVAL) < defaults.LOG_INTERVAL:
+            return
+        count = self._loop_errors.pop(kind)
+        self._loop_logged[kind] = now
+        error = context.get("exception")
+        log.error("%s (%d times): %s", kind, count, error if error is not None else "")
+
     def stop(self) -> None:
         """Ask the daemon to stop, as SIGTERM does (for embedders and tests)."""
         self._stopping.set()
@@ -91,7 +113,6 @@ class Daemon:
             self._starting.cancel()
 
     async def _start(self) -> None:
-        raise_file_limit(self.settings.max_connections)
         try:
             await self.server.start()
             settings = self.settings
@@ -131,8 +152,20 @@ class Daemon:
         self.stop()
 
     def _reload(self) -> None:
+        """Reload now; while a reload runs, SIGHUPs only ask for one more after it, so a
+        burst of them costs at most two reloads."""
+        if self._reloads:
+            self._reload_pending = True
+            return
         self._reload_pending = False
         log.info("SIGHUP: reloading maps")
         task = asyncio.get_running_loop().create_task(self.service.reload())
         self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[bool]) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reload failed: %s", task.exception())
+        if self._reload_pending and not self._stopping.is_set():
+            self._reload()

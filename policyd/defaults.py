@@ -53,14 +53,30 @@ CLOSE_GRACE = 5.0
 # connections beyond this many at once are closed, so a flood of HTTP clients cannot take the
 # descriptors that policy connections, reloads and the health check itself need.
 MAX_HTTP_CONNECTIONS = 64
+# Descriptors never given to connections: listeners, map files being read, the parsing
+# process's pipes, the log, and a margin, so reloads and health checks always have some.
+RESERVED_FILES = 64
+
+# Connections from one client address at once (unix-socket clients are not counted): enough
+# for Postfix's smtpd processes on a host (100 per master.cf service by default, several
+# services), few enough that one source cannot hold every connection for the idle timeout.
+MAX_CONNECTIONS_PER_CLIENT = 1000
+
+# Kernel buffers of each policy connection, each way (Linux doubles the value). A request is
+# under 1 kB and a reply under 100 bytes, so this costs no speed, and it bounds what a client
+# that sends without reading makes the kernel hold for it.
+SOCKET_BUFFER = 32768
 
 # Postfix opens at most one connection per smtpd process (default_process_limit 100 per
 # service); far more than that is a flood. Connections beyond the limit are closed at once.
 MAX_CONNECTIONS = 10000
 
 # Decisions remembered per (login, sender): Postfix asks once per recipient, and the same
-# users send again and again. About 1 kB each at most; 0 turns the cache off.
+# users send again and again; 0 turns the cache off. Questions whose sender, login and the
+# scoping attributes are longer than REMEMBERED_KEY_CHARACTERS in all (no real address is)
+# are never remembered, so each entry takes at most about 2 kB (README "Guarantees").
 DECISION_CACHE_SIZE = 65536
+REMEMBERED_KEY_CHARACTERS = 600
 
 # A lookup that waits (a network store) must fail well inside Postfix's
 # smtpd_policy_service_timeout (100 s; the README recommends 10 s), so the reply is our 4xx.
@@ -72,16 +88,33 @@ LOOKUP_TIMEOUT = 5.0
 # timer ticks in a few milliseconds, so a match is cut off between this and about 10 ms later.
 PATTERN_TIME_LIMIT = 0.1
 
+# A problem that can repeat thousands of times a second (descriptors run out, a flood is
+# refused) is logged at most once per this many seconds, with how often it happened.
+LOG_INTERVAL = 10.0
+
 # On SIGTERM, requests being decided get this long to finish before connections are cut.
 SHUTDOWN_TIMEOUT = 10.0
 
 # Postfix's recipient_delimiter as docker-mailserver sets it. Set "" when Postfix's is empty.
 RECIPIENT_DELIMITER = "+"
 
+# A map or rules file line longer than this is refused (file:line): the longest real ones, a
+# group alias with thousands of members, are a few hundred kB, and one line of 100 MB would
+# cost several times that in memory while parsed.
+MAX_MAP_LINE_BYTES = 1 << 20
+# Problems quote at most this much of an offending line in the log and /readyz.
+MAX_QUOTED_LINE = 80
+
 # How often file stores look for changed files. SIGHUP reloads at once.
 RELOAD_INTERVAL = 5.0
 # A file modified less than this long ago may still be being written: read it a moment later.
 HOT_FILE_SECONDS = 1.0
+# A file that looks half-written (shrunk in place, no newline at its end) is read once it has
+# stayed the same this long: a writer that pauses for less is never read half-way.
+SETTLE_SECONDS = 5.0
+# A reload that failed for a reason that may pass (no space left, no descriptors) is tried
+# again after 1 s, 2 s, 4 s ... at most this long apart.
+MAX_RELOAD_BACKOFF = 60.0
 # Maps smaller than this are parsed in the daemon itself (milliseconds); bigger ones in a
 # worker process, so the event loop never waits for them (policyd.stores.parsing).
 LOAD_IN_PROCESS_BYTES = 262144

@@ -23,6 +23,7 @@ See postfix-policy.md §B for the Postfix behaviour of rule 3 and the modes.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -165,13 +166,13 @@ def decide(request: PolicyRequest, policy: Policy, rules: Rules = NO_RULES) -> L
             return _dunno(policy, "unlisted", f"no map lists {sender}")
         return _reject(
             policy,
-            defaults.REJECT_NOT_OWNED.format(login=login),
+            _not_owned(login),
             "unlisted",
             f"{sender}: no map lists it, so no login may use it",
         )
     return _reject(
         policy,
-        defaults.REJECT_NOT_OWNED.format(login=login),
+        _not_owned(login),
         "not_owner",
         f"{sender}: owned by {hit.describe()}, not by {login}",
     )
@@ -255,7 +256,7 @@ def _denied(
     if login_deny is not None:
         return _reject(
             policy,
-            defaults.REJECT_LOGIN_DENIED.format(login=login),
+            _login_denied(login),
             "deny_login",
             f"login {login} is denied by {login_deny.pattern.text} ({login_deny.origin})",
             login_deny.origin,
@@ -268,7 +269,7 @@ def _denied(
         if sender_deny is not None:
             return _reject(
                 policy,
-                defaults.REJECT_NOT_OWNED.format(login=login),
+                _not_owned(login),
                 "deny_sender",
                 f"{sender}: denied by {sender_deny.pattern.text} ({sender_deny.origin})",
                 sender_deny.origin,
@@ -309,7 +310,7 @@ def _alias_login(
     if policy.alias_logins == "refuse":
         return _reject(
             policy,
-            defaults.REJECT_LOGIN_DENIED.format(login=login),
+            _login_denied(login),
             "alias_login",
             f"login {login} is an alias ({origin}), not an account; alias_logins = refuse",
             origin,
@@ -321,7 +322,7 @@ def _alias_login(
             if denied is not None:
                 return _reject(
                     policy,
-                    defaults.REJECT_LOGIN_DENIED.format(login=login),
+                    _login_denied(login),
                     "deny_login",
                     f"login {login} is an alias of {targets[0]}, which is denied ({denied.origin})",
                     denied.origin,
@@ -415,6 +416,20 @@ def _follow_aliases(
                 return [*chain, (address, entry)]
             queue.extend((owner, [*chain, (address, entry)]) for owner in entry.owners)
     return None
+
+
+# C0 control characters and DEL. Postfix turns each into a space before it sends a reply
+# (printable() in smtpd_check_reject()); so does policyd, so that the policy reply itself
+# never carries a CR and the client sees what native Postfix would show.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _not_owned(login: str) -> str:
+    return defaults.REJECT_NOT_OWNED.format(login=_CONTROL.sub(" ", login))
+
+
+def _login_denied(login: str) -> str:
+    return defaults.REJECT_LOGIN_DENIED.format(login=_CONTROL.sub(" ", login))
 
 
 def store_failure(policy: Policy, error: str, reason: str = "store_error") -> Decision:

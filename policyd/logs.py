@@ -24,6 +24,7 @@ LOG_QUEUE_SIZE = 10_000  # records waiting to be written before new ones are dro
 LOG_BATCH = 256  # lines written together
 MIDDLES_KEPT = 65536  # decisions whose log text is remembered (see Formatter.decision)
 LOG_FLUSH_SECONDS = 0.05  # decision lines wait at most this long to be handed to the writer
+LOG_FLUSH_TIMEOUT = 2.0  # at exit, the writer gets this long to write what is still queued
 
 DECISION_LOGGER = "policyd.decision"
 decision_log = logging.getLogger(DECISION_LOGGER)
@@ -179,8 +180,10 @@ class _Writer(threading.Thread):
             pass
 
     def stop(self) -> None:
+        """Write what is queued, waiting at most LOG_FLUSH_TIMEOUT: when nobody reads
+        stderr (a full pipe), the lines are lost rather than the exit."""
         self.queue.put(None)
-        self.join()
+        self.join(LOG_FLUSH_TIMEOUT)
 
 
 class Logging:

@@ -7,6 +7,7 @@ builds an Entry without importing any parser, and the engine never imports a sto
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import NamedTuple
@@ -125,16 +126,35 @@ class Problem:
 class LoadError(Exception):
     """Data or options that cannot be used: a map, a rules file, a store's settings.
 
-    Carries every problem found, each with its location, not just the first.
+    Carries every problem found, each with its location, not just the first. ``transient``
+    when the cause may pass by itself (a full disk, no descriptors left), so trying again
+    later may succeed without anyone changing the files.
     """
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], transient: bool = False) -> None:
         self.problems = problems
+        self.transient = transient
         super().__init__("; ".join(str(p) for p in problems))
 
-    def __reduce__(self) -> tuple[type[LoadError], tuple[list[Problem]]]:
+    def __reduce__(self) -> tuple[type[LoadError], tuple[list[Problem], bool]]:
         # It crosses from the process that parses big files (stores.parsing) to the daemon.
-        return type(self), (self.problems,)
+        return type(self), (self.problems, self.transient)
+
+    @classmethod
+    def unexpected(cls, name: str, error: BaseException) -> LoadError:
+        """For an exception no loader expected (a PermissionError on a directory, a
+        RecursionError in a pathological pattern): named, never a traceback, and transient
+        if it may pass by itself (a full disk, no descriptors left)."""
+        where = getattr(error, "filename", None) or name
+        transient = isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS
+        text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        return cls([Problem(str(where), 0, f"{type(error).__name__}: {text}")], transient)
+
+
+# Errors that may pass by themselves: a full disk or quota, descriptors or memory running out.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM}
+)
 
 
 class StoreUnavailable(Exception):

@@ -8,9 +8,9 @@ import os
 import pwd
 import resource
 
-log = logging.getLogger("policyd")
+from policyd import defaults
 
-SPARE_FILES = 100  # listeners, map files, log and metrics connections
+log = logging.getLogger("policyd")
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
@@ -39,19 +39,31 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     log.info("running as user %s (uid %d, gid %d)", account.pw_name, account.pw_uid, gid)
 
 
-def raise_file_limit(connections: int) -> None:
-    """Allow one file descriptor per connection, within the hard limit."""
+def plan_descriptors(connections: int) -> int:
+    """Raise the open-files limit for ``connections`` policy connections plus the HTTP
+    connections and the descriptors held back for reloads, logs and health checks; return
+    how many policy connections fit (fewer than asked when the hard limit is too low).
+
+    With every descriptor in use, /healthz times out (a liveness probe kills the pod) and a
+    reload fails with "Too many open files"; keeping the policy connections within what is
+    left makes both impossible.
+    """
+    reserved = defaults.MAX_HTTP_CONNECTIONS + defaults.RESERVED_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections + SPARE_FILES
-    if soft >= wanted:
-        return
-    if hard != resource.RLIM_INFINITY and hard < wanted:
+    wanted = connections + reserved
+    if soft < wanted:
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        soft = limit
+    fits = soft - reserved
+    if fits < connections:
+        fits = max(fits, 1)
         log.warning(
-            "max_connections %d needs %d open files but the hard limit is %d;"
-            " connections beyond it will fail (raise LimitNOFILE or ulimit -n)",
+            "max_connections %d needs %d open files but only %d are allowed (hard limit):"
+            " serving at most %d connections (raise LimitNOFILE or ulimit -n)",
             connections,
             wanted,
-            hard,
+            soft,
+            fits,
         )
-        wanted = hard
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return fits

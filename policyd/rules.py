@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from policyd.address import fold
 from policyd.model import LoadError, Origin, Problem
-from policyd.tables import logical_lines
+from policyd.tables import logical_lines, quoted
 
 _LIST = re.compile(r"[,\s]+")
 
@@ -49,14 +49,14 @@ def parse_pattern(text: str, *, addresses_only: bool) -> AddressPattern:
         try:
             return AddressPattern(text, glob=re.compile(fnmatch.translate(folded)))
         except re.error as error:
-            raise ValueError(f"bad pattern {text!r}: {error.msg}") from None
+            raise ValueError(f"bad pattern {quoted(text)}: {error.msg}") from None
     if folded.startswith("@"):
         if len(folded) == 1:
             raise ValueError("'@' needs a domain, e.g. @example.com")
         return AddressPattern(text, domain=folded)
     if addresses_only and "@" not in folded:
         raise ValueError(
-            f"bad pattern {text!r}: expected an address, @domain, a glob such as"
+            f"bad pattern {quoted(text)}: expected an address, @domain, a glob such as"
             " *@example.com, or * for any sender"
         )
     return AddressPattern(text, exact=folded)
@@ -157,7 +157,8 @@ def parse_denies(text: str, source: str) -> tuple[tuple[SenderDeny, ...], tuple[
         kind, words = words[0].lower(), words[1:]
         origin = Origin(source, number)
         if kind not in ("sender", "login"):
-            problems.append(Problem(source, number, f"expected 'sender' or 'login', not {kind!r}"))
+            message = f"expected 'sender' or 'login', not {quoted(kind)}"
+            problems.append(Problem(source, number, message))
             continue
         lowered = [word.lower() for word in words]
         cut = lowered.index("except") if "except" in lowered else len(words)

@@ -9,11 +9,12 @@ breaks the protocol gets no reply and is disconnected, which is what Postfix exp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable
 from time import perf_counter
 
@@ -48,6 +49,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
+        self.address: str | None = None  # the client's IP address (None: a unix socket)
         self.queue: deque[PolicyRequest] = deque()
         self.task: asyncio.Task[None] | None = None  # the decision in progress, if it awaits
         self.last_activity = 0.0
@@ -64,13 +66,19 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.address = peer[0] if isinstance(peer, tuple) else None
         refused = self.server.refusal(peer)
         if refused is not None:
             self.closing = True
             transport.abort()
             self.server.refused(refused, self.peer)
             return
-        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, defaults.SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, defaults.SOCKET_BUFFER)
+        self.server.opened(self, self.address)
         self.service.metrics.connections_total += 1
         transport.set_write_buffer_limits(high=defaults.WRITE_BUFFER_HIGH)
         self.last_activity = self.loop.time()
@@ -109,7 +117,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        self.server.closed(self, self.address)
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:
@@ -252,7 +260,11 @@ class PolicyConnection(asyncio.BufferedProtocol):
 class PolicyServer:
     """All listeners and connections of one daemon."""
 
-    def __init__(self, service: Service, settings: Settings) -> None:
+    def __init__(
+        self, service: Service, settings: Settings, max_connections: int | None = None
+    ) -> None:
+        """``max_connections``: fewer than the setting when the open-files limit allows
+        fewer (privileges.plan_descriptors)."""
         self.service = service
         self.settings = settings
         self.connections: set[PolicyConnection] = set()
@@ -260,6 +272,8 @@ class PolicyServer:
         self.listeners: list[asyncio.Server] = []
         self.unix_paths: list[UnixListener] = []
         self.addresses: list[str] = []
+        self.max_connections = max_connections or settings.max_connections
+        self.per_client: Counter[str] = Counter()  # open connections per client address
         self._refusal_logged = 0.0
 
     def connection_count(self) -> int:
@@ -268,14 +282,31 @@ class PolicyServer:
 
     def refusal(self, peer: object) -> str | None:
         """Why a new connection must be closed at once, or None to serve it."""
-        if len(self.connections) >= self.settings.max_connections:
+        if len(self.connections) >= self.max_connections:
             return "too_many"
-        allowed = self.settings.allowed_clients
-        if allowed and isinstance(peer, tuple):
-            client = ipaddress.ip_address(peer[0].split("%", 1)[0])
-            if not any(client in network for network in allowed):
-                return "not_allowed"
+        if isinstance(peer, tuple):
+            if self.per_client[peer[0]] >= self.settings.max_connections_per_client:
+                return "too_many_from_client"
+            allowed = self.settings.allowed_clients
+            if allowed:
+                client = ipaddress.ip_address(peer[0].split("%", 1)[0])
+                if not any(client in network for network in allowed):
+                    return "not_allowed"
         return None
+
+    def opened(self, connection: PolicyConnection, address: str | None) -> None:
+        self.connections.add(connection)
+        if address is not None:
+            self.per_client[address] += 1
+
+    def closed(self, connection: PolicyConnection, address: str | None) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        if address is not None:
+            self.per_client[address] -= 1
+            if not self.per_client[address]:
+                del self.per_client[address]
 
     def refused(self, why: str, peer: str) -> None:
         """Count a refused connection; log at most one line a second, so a flood cannot

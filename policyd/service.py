@@ -187,7 +187,9 @@ class Service:
         for store in self.maps.stores:
             try:
                 await store.start()
-            except LoadError as error:
+            except Exception as error:
+                if not isinstance(error, LoadError):
+                    error = LoadError.unexpected(store.name, error)
                 store.status.failed(str(error))
                 problems += error.problems
         if self.rule_files is not None:
@@ -337,6 +339,8 @@ class Service:
     def _remember(self, key: tuple[str, ...], decision: Decision) -> None:
         if self.cache_size <= 0 or decision.verdict is Verdict.TEMPFAIL:
             return
+        if sum(map(len, key)) > defaults.REMEMBERED_KEY_CHARACTERS:
+            return  # no real address is this long: a client filling the memory with junk
         if len(self.cache) >= self.cache_size:
             del self.cache[next(iter(self.cache))]  # the oldest: dicts keep insertion order
         expires = monotonic() + self.cache_age if self.cache_age is not None else 0.0

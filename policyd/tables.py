@@ -14,14 +14,25 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from policyd import defaults
 from policyd.address import fold
 from policyd.budget import OutOfTime
 from policyd.model import Entry, LoadError, Origin, PatternTimeout, Problem
 from policyd.packed import PackedTable, PackedTableBuilder
+from policyd.readfile import open_regular
 
 # Owners in a lookup result are separated by commas and whitespace (smtpd_check.c, CHARS_COMMA_SP).
 _OWNER_SEPARATORS = re.compile(r"[,\s]+")
+
+
+def quoted(text: str, limit: int = defaults.MAX_QUOTED_LINE) -> str:
+    """Part of a file's text for an error message: a map line can be a megabyte long, and
+    the message goes to the log and /readyz."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def split_owners(value: str) -> tuple[str, ...]:
@@ -114,50 +125,59 @@ def parse_texthash_file(path: Path, source: str) -> tuple[FixedTable, list[Probl
     sites (issue 5). Each block of such a file is checked in a few C-level passes to have only
     such lines (one space between key and value, no tab, quote, backslash, CR or NUL, no line
     starting with whitespace) and folded at once; then each line is one ``partition``.
-    Comments and blank lines are allowed and cost a little more per block.
+    Comments and blank lines are allowed and cost a little more per block. A file that is not
+    regular, or has a line over MAX_MAP_LINE_BYTES, is left to the general reader, which
+    names the problem.
     """
     try:
-        stream = path.open("rb")
+        with open_regular(path) as stream:
+            return _parse_plain_blocks(stream, source)
     except OSError:
         return None
+
+
+def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list[Problem]] | None:
     entries: PackedTableBuilder | None = None
     warnings: list[Problem] = []
     number = 0
-    with stream:
-        size = os.fstat(stream.fileno()).st_size
-        rest = b""
-        for chunk in iter(lambda: stream.read(_BLOCK), b""):
-            block = rest + chunk
-            cut = block.rfind(b"\n") + 1
-            block, rest = block[:cut], block[cut:]
-            skippable = b"\n\n" in block or b"#" in block or block[:1] == b"\n"
-            entries_only = _without_comments(block) if skippable else block
-            if not _plain(entries_only):
-                return None
-            lines = block.lower().split(b"\n")
-            lines.pop()  # what follows the last newline: nothing
-            if entries is None:  # as many entries as lines, if the first block is typical
-                entries = PackedTableBuilder(len(lines) * size // max(len(block), 1))
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            numbers: list[int] = []
-            for line in lines:
-                number += 1
-                if skippable and (not line or line[0] == _HASH):
-                    continue
-                key, space, value = line.partition(b" ")
-                if not space or not value:
-                    return None  # let the general parser name the error
-                if b"," in value or b" " in value:
-                    value = _SEPARATORS.sub(b",", value).strip(b",")
-                keys.append(key)
-                values.append(value)
-                numbers.append(number)
-            for position, first in entries.add_many(keys, values, numbers):
-                message = f'duplicate entry "{keys[position].decode()}": line {first} wins'
-                warnings.append(Problem(source, numbers[position], message, fatal=False))
-        if rest:  # no newline at the end of the file
+    size = os.fstat(stream.fileno()).st_size
+    rest = b""
+    for chunk in iter(lambda: stream.read(_BLOCK), b""):
+        block = rest + chunk
+        cut = block.rfind(b"\n") + 1
+        block, rest = block[:cut], block[cut:]
+        if len(rest) > defaults.MAX_MAP_LINE_BYTES:
             return None
+        skippable = b"\n\n" in block or b"#" in block or block[:1] == b"\n"
+        entries_only = _without_comments(block) if skippable else block
+        if not _plain(entries_only):
+            return None
+        lines = block.lower().split(b"\n")
+        lines.pop()  # what follows the last newline: nothing
+        if max(map(len, lines), default=0) > defaults.MAX_MAP_LINE_BYTES:
+            return None
+        if entries is None:  # as many entries as lines, if the first block is typical
+            entries = PackedTableBuilder(len(lines) * size // max(len(block), 1))
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        numbers: list[int] = []
+        for line in lines:
+            number += 1
+            if skippable and (not line or line[0] == _HASH):
+                continue
+            key, space, value = line.partition(b" ")
+            if not space or not value:
+                return None  # let the general parser name the error
+            if b"," in value or b" " in value:
+                value = _SEPARATORS.sub(b",", value).strip(b",")
+            keys.append(key)
+            values.append(value)
+            numbers.append(number)
+        for position, first in entries.add_many(keys, values, numbers):
+            message = f'duplicate entry "{keys[position].decode()}": line {first} wins'
+            warnings.append(Problem(source, numbers[position], message, fatal=False))
+    if rest:  # no newline at the end of the file
+        return None
     return FixedTable(source, (entries or PackedTableBuilder()).build()), warnings
 
 
@@ -203,7 +223,7 @@ def _split_key_value(line: str) -> tuple[str, str, str]:
             in_quotes = not in_quotes
         index += 1
     if in_quotes:
-        return "", "", f"unbalanced '\"' in {line!r}"
+        return "", "", f"unbalanced '\"' in {quoted(line)}"
     key, value = line[:index], line[index:].strip()
     if not key or not value:
         return "", "", "expected format: key whitespace value"
@@ -534,11 +554,17 @@ def _parse_pattern(text: str, dialect: str) -> tuple[_Match, str]:
         elif option == "U":
             raise ValueError('regexp option "U" (ungreedy) is not supported')
         index += 1
+    regex = _compile(body, flags, dialect)
+    return _Match(regex, negate, anchored, _literal_domain(regex)), text[index:]
+
+
+def _compile(body: str, flags: int, dialect: str) -> re.Pattern[str]:
     if dialect == "regexp":
         for posix, python in _POSIX_CLASSES.items():
             body = body.replace(posix, python)
     try:
-        regex = re.compile(body, flags)
+        return re.compile(body, flags)
     except re.error as error:
         raise ValueError(f"error in regex at offset {error.pos}: {error.msg}") from None
-    return _Match(regex, negate, anchored, _literal_domain(regex)), text[index:]
+    except (RecursionError, OverflowError, MemoryError) as error:  # pathological nesting
+        raise ValueError(f"regex too complex to compile ({type(error).__name__})") from None

@@ -241,3 +241,10 @@ def test_nested_lookups_are_bounded_for_wide_aliases() -> None:
     request = PolicyRequest(sender="list@x", sasl_username="nobody@x")
     asked = lookups(request, Policy(nested_aliases=True), wide)
     assert len(asked) <= 3 * 1000 + 10
+
+
+def test_a_control_character_in_the_login_is_a_space_in_the_reply() -> None:
+    """A CR in a login must not reach the policy reply; Postfix shows it as a space."""
+    request = PolicyRequest(sender="john@example.com", sasl_username="eve\r@example.com")
+    decision = decided("postfix", request, Policy())
+    assert decision.action == "553 5.7.1 not owned by user eve @example.com"

@@ -8,23 +8,24 @@ that won, and nothing changes on the way from the parsing process to the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import signal
-import sys
-import tempfile
+import subprocess
 import time
-from functools import partial
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policyd.model import LoadError
+from policyd.model import LoadError, Problem
 from policyd.packed import PackedTable, PackedTableBuilder
 from policyd.stores import parsing
 from policyd.stores.parsing import read_snapshot, write_snapshot
+from tests.conftest import require
 from tests.helpers import wait_until
 
 # Few distinct keys, so that duplicates (within a batch and across batches) are common.
@@ -100,7 +101,7 @@ def parsed() -> dict[str, PackedTable]:
 
 def test_a_snapshot_written_by_the_parser_reads_back_the_same(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
-    write_snapshot(parsed, path)
+    write_snapshot(parsed(), path)
     back = read_snapshot(path)
     assert back["virtual"].get("alias@d.example") == (("user@d.example",), 1)
     assert back["virtual"].get("user@d.example") == ((), 2)
@@ -108,21 +109,73 @@ def test_a_snapshot_written_by_the_parser_reads_back_the_same(tmp_path: Path) ->
 
 def test_a_truncated_snapshot_is_a_store_error_not_a_wrong_map(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
-    write_snapshot(parsed, path)
+    write_snapshot(parsed(), path)
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(LoadError, match="truncated"):
         read_snapshot(path)
 
 
 def failing() -> None:
-    raise LoadError([])
+    raise LoadError([Problem("t", 3, "bad line")])
 
 
-def test_a_failing_load_writes_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "snapshot"
-    with pytest.raises(LoadError):
-        write_snapshot(partial(failing), path)
-    assert not path.exists()
+def buggy() -> None:
+    raise RecursionError("maximum recursion depth exceeded")
+
+
+async def test_a_failing_load_comes_back_as_its_error_and_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="t:3: bad line"):
+        await parsing.build(failing, "t", tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+async def test_any_exception_in_a_load_is_a_load_error_not_a_dead_process(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="RecursionError: maximum recursion depth exceeded"):
+        await parsing.build(buggy, "dms:/somewhere", tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+async def test_without_a_writable_handover_directory_the_map_comes_back_through_the_pipe(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "gone"
+    result = await parsing.build(parsed, "t", missing)
+    assert result["virtual"].get("alias@d.example") == (("user@d.example",), 1)
+    assert f"cannot hand the parsed map over through {missing}" in caplog.text
+
+
+@pytest.fixture
+def full_directory(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 64 kB tmpfs, filled up: writing a file there fails with ENOSPC."""
+    require(os.geteuid() == 0, "mounting a tiny tmpfs needs root")
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        with contextlib.suppress(OSError), (full / "filler").open("wb") as filler:
+            filler.write(b"x" * (128 * 1024))
+        yield full
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+async def test_a_full_handover_directory_falls_back_to_the_pipe(
+    full_directory: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full $TMPDIR must not stop a start-up or a reload: the parser sends the map through
+    its pipe instead, and says so plainly."""
+    result = await parsing.build(big_parsed, "t", full_directory)
+    assert result["virtual"].get("alias@d.example") == (("user@d.example",), 1)
+    assert "No space left on device" in caplog.text
+    assert "came back through the pipe instead" in caplog.text
+    assert os.listdir(full_directory) == ["filler"]
+
+
+def big_parsed() -> dict[str, PackedTable]:
+    """A table too big for 64 kB."""
+    pairs = [(f"a{n}@d.example", "user@d.example") for n in range(5000)]
+    table, _ = build([("alias@d.example", "user@d.example"), *pairs], 1)
+    return {"virtual": table}
 
 
 def dies() -> None:
@@ -135,39 +188,33 @@ def chatty() -> dict[str, PackedTable]:
 
 
 async def test_a_parsing_process_that_dies_fails_the_load_and_leaves_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with pytest.raises(LoadError, match="the process parsing the files died"):
-        await parsing.build(dies, "dms:/somewhere")
+    with pytest.raises(LoadError, match="the process parsing the files died") as raised:
+        await parsing.build(dies, "dms:/somewhere", tmp_path)
+    assert raised.value.transient  # tried again later
     assert os.listdir(tmp_path) == []
 
 
-async def test_what_a_load_prints_does_not_reach_the_daemon(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    result = await parsing.build(chatty, "t")
+async def test_what_a_load_prints_does_not_reach_the_daemon(tmp_path: Path) -> None:
+    result = await parsing.build(chatty, "t", tmp_path)
     assert result["virtual"].get("alias@d.example") == (("user@d.example",), 1)
 
 
-async def test_no_parsing_process_at_all_is_a_store_error(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_parsing_process_at_all_is_a_store_error(tmp_path: Path) -> None:
     """A failed start (no interpreter, no processes left) fails the load, not the daemon."""
-    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
-    with pytest.raises(LoadError, match="parsing in a separate process"):
-        await parsing.build(parsed, "dms:/somewhere")
+    with pytest.raises(LoadError, match="parsing in a separate process") as raised:
+        await parsing.build(parsed, "dms:/somewhere", tmp_path, python="/nonexistent/python")
+    assert raised.value.transient
 
 
 def slow() -> None:
     time.sleep(60)
 
 
-async def test_a_cancelled_load_kills_its_parsing_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_cancelled_load_kills_its_parsing_process(tmp_path: Path) -> None:
     """The daemon stopping mid-reload leaves no parser running and no file behind."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    load = asyncio.create_task(parsing.build(slow, "t"))
+    load = asyncio.create_task(parsing.build(slow, "t", tmp_path))
     await wait_until(lambda: bool(parsing._running))
     (process,) = parsing._running
     load.cancel()
@@ -180,6 +227,7 @@ async def test_a_cancelled_load_kills_its_parsing_process(
 def test_a_parser_whose_daemon_is_gone_removes_its_file(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
     path.touch()  # made by the daemon before it started the parser
+    gone = os.getppid() + 1  # not this process's parent: the daemon that started it is gone
     with pytest.raises(SystemExit):
-        write_snapshot(parsed, path, wanted=lambda: False)
+        parsing.hand_over(parsed(), path, gone)
     assert not path.exists()

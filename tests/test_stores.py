@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -197,8 +199,8 @@ async def test_a_file_just_written_is_read_a_moment_later(tmp_path: Path) -> Non
 
 def break_files(directory: Path, fault: str) -> None:
     virtual = directory / "postfix-virtual.cf"
-    if fault == "truncated":
-        virtual.write_text("alias1@localhost.localdomain")  # cut in the middle of a line
+    if fault == "cut off":
+        virtual.write_text("alias1@localhost.localdomain\n")  # a line without its value
     elif fault == "binary garbage":
         virtual.write_bytes(bytes(range(256)) * 4)
     elif fault == "deleted":
@@ -211,15 +213,54 @@ def break_files(directory: Path, fault: str) -> None:
         settle(path)
 
 
-@pytest.mark.parametrize("fault", ["truncated", "binary garbage", "deleted", "emptied"])
+@pytest.mark.parametrize("fault", ["cut off", "binary garbage", "deleted", "emptied"])
 async def test_file_faults_keep_the_last_good_map(dms_dir: Path, fault: str) -> None:
-    store = DmsStore(dms_dir, StoreContext(reload_interval=0))
+    # settle_seconds=0: read at once a file that shrank in place (see the next test).
+    store = DmsStore(dms_dir, StoreContext(reload_interval=0, settle_seconds=0))
     await store.start()
     break_files(dms_dir, fault)
     assert not await store.reload()
     assert owners(store, "alias1@localhost.localdomain")[0] == "user1@localhost.localdomain"
     assert store.status.load_failures == 1
     assert store.status.last_error
+    await store.close()
+
+
+async def test_a_writer_that_pauses_is_not_read_half_way(dms_dir: Path) -> None:
+    """A writer that truncates a map, writes half of it and pauses (for longer than the
+    second a just-modified file is left alone) does not get its half file loaded."""
+    store = DmsStore(dms_dir, StoreContext(reload_interval=0, settle_seconds=0.3))
+    await store.start()
+    virtual = dms_dir / "postfix-virtual.cf"
+    whole = virtual.read_text()
+    virtual.write_text(whole[: len(whole) // 3])  # cut in the middle of a line, in place
+    settle(virtual)  # ... and older than a second: the writer paused
+    assert not await store.reload()
+    assert owners(store, "team@localhost.localdomain")[0] == "user1@localhost.localdomain"
+    assert store.status.load_failures == 0
+    with virtual.open("a") as writer:  # the writer resumes and finishes
+        writer.write(
+            whole[len(whole) // 3 :] + "new@localhost.localdomain user3@localhost.localdomain\n"
+        )
+    settle(virtual)
+    await wait_until(
+        lambda: "user3@localhost.localdomain" in owners(store, "new@localhost.localdomain")
+    )
+    assert store.status.load_failures == 0  # the half file was never loaded
+    await store.close()
+
+
+async def test_a_file_with_its_mtime_in_the_future_is_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table, store = await started_table(tmp_path)
+    table.write_text("a@x new@x\n")
+    future = time.time() + 3600
+    os.utime(table, (future, future))
+    with caplog.at_level(logging.WARNING):
+        assert await store.reload()
+    assert owners(store, "a@x") == ["new@x"]
+    assert "modified in the future" in caplog.text
     await store.close()
 
 

@@ -20,6 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
@@ -58,11 +59,19 @@ class Changes:
 
 @dataclass(frozen=True)
 class StoreContext:
-    """What every store gets from the daemon's settings, beside its own options."""
+    """What every store gets from the daemon's settings, beside its own options.
+
+    ``load_in_process_bytes``: file stores bigger than this are parsed in a process of their
+    own (stores.parsing), which hands the result over through a file in ``handover_dir``
+    (None: $TMPDIR, else /tmp).
+    """
 
     reload_interval: float = defaults.RELOAD_INTERVAL
     allow_empty_maps: bool = False
     changes: Changes = field(default_factory=Changes)
+    load_in_process_bytes: int = defaults.LOAD_IN_PROCESS_BYTES
+    handover_dir: Path | None = None
+    settle_seconds: float = defaults.SETTLE_SECONDS
 
 
 @dataclass

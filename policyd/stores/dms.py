@@ -112,8 +112,17 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
         problems += error.problems
     if problems:
         raise LoadError(problems)
-    count = len(accounts) + len(virtual) + (len(regexp) if regexp else 0)
-    return DmsMaps(accounts, virtual, regexp), count, warnings
+    files = {
+        str(path): entries
+        for path, entries in (
+            (accounts_path, len(accounts)),
+            (virtual_path, len(virtual)),
+            (regexp_path, len(regexp) if regexp else 0),
+        )
+        if path.exists()
+    }
+    maps = DmsMaps(accounts, virtual, regexp)
+    return Loaded(maps, sum(files.values()), warnings, files)
 
 
 class DmsOptions(StoreOptions):

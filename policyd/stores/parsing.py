@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pickle
 import struct
@@ -33,43 +34,57 @@ from policyd.model import LoadError, Problem
 
 T = TypeVar("T")
 
+log = logging.getLogger("policyd.stores")
+
 _running: set[asyncio.subprocess.Process] = set()
 
 _COUNT = struct.Struct("<Q")
 
 
-async def build(load: Callable[[], T], name: str) -> T:
-    """Run ``load`` (a picklable function) in a new process and return its result.
+async def build(
+    load: Callable[[], T],
+    name: str,
+    directory: Path | None = None,
+    python: str = sys.executable,
+) -> T:
+    """Run ``load`` (a picklable function) in a new process and return its result, handed
+    over through a file in ``directory`` (None: $TMPDIR, else /tmp), or through the pipe if
+    no file can be written there.
 
-    LoadError raised by ``load`` comes back as it is; a process that dies makes the load
-    fail with a LoadError.
+    LoadError raised by ``load`` comes back as it is, and so does any other exception, as a
+    LoadError. A process that cannot start or dies makes the load fail with a LoadError that
+    says it may pass (transient): the daemon tries again later.
     """
-    path = _temporary_file()
+    path = _temporary_file(name, directory)
     try:
-        return await _build(load, name, path)
+        return await _build(load, name, path, python)
     except OSError as error:  # no process could start, or its file went missing
-        raise LoadError([Problem(name, 0, f"parsing in a separate process: {error}")]) from None
+        problem = Problem(name, 0, f"parsing in a separate process: {error.strerror or error}")
+        raise LoadError([problem], transient=True) from None
     finally:
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
 
 
-async def _build(load: Callable[[], T], name: str, path: Path | None) -> T:
-    outcome = await _run_parser(pickle.dumps((load, path)))
+async def _build(load: Callable[[], T], name: str, path: Path | None, python: str) -> T:
+    outcome = await _run_parser(pickle.dumps((load, path)), python)
     if outcome is None:
-        raise LoadError([Problem(name, 0, "the process parsing the files died")])
-    kind, value = outcome
+        raise LoadError([Problem(name, 0, "the process parsing the files died")], transient=True)
+    kind, value, note = outcome
     if kind == "error":
         raise value
-    if path is None:
+    if note:
+        log.warning("%s: %s", name, note)
+    if kind == "result":
         result: T = value
         return result
+    assert path is not None
     loaded: T = await asyncio.to_thread(read_snapshot, path)
     return loaded
 
 
-async def _run_parser(job: bytes) -> tuple[str, Any] | None:
+async def _run_parser(job: bytes, python: str) -> tuple[str, Any, str] | None:
     """Start ``python -m policyd.stores.parsing``, hand it ``job`` and wait until it has
     exited; what it printed, or None if it died."""
     environment = dict(os.environ)
@@ -80,7 +95,7 @@ async def _run_parser(job: bytes) -> tuple[str, Any] | None:
     # setting stays.)
     environment.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
+        python,
         "-m",
         __name__,
         stdin=asyncio.subprocess.PIPE,
@@ -99,35 +114,35 @@ async def _run_parser(job: bytes) -> tuple[str, Any] | None:
     if process.returncode != 0 or not output:
         return None
     try:
-        outcome: tuple[str, Any] = pickle.loads(output)
+        outcome: tuple[str, Any, str] = pickle.loads(output)
     except Exception:  # cut short or garbled: the same as a process that died
         return None
     return outcome
 
 
-def _temporary_file() -> Path | None:
-    """A new empty file only this user can read, or None if no directory is writable."""
+def _temporary_file(name: str, directory: Path | None) -> Path | None:
+    """A new empty file only this user can read, or None (then the pipe carries the map)."""
     try:
-        handle, name = tempfile.mkstemp(prefix="policyd-", suffix=".snapshot")
-    except OSError:
+        handle, path = tempfile.mkstemp(prefix="policyd-", suffix=".snapshot", dir=directory)
+    except OSError as error:
+        where = directory or tempfile.gettempdir()
+        log.warning(
+            "%s: cannot hand the parsed map over through %s (%s); using the pipe instead",
+            name,
+            where,
+            error.strerror or error,
+        )
         return None
     os.close(handle)
-    return Path(name)
+    return Path(path)
 
 
-def write_snapshot(
-    load: Callable[[], Any], path: Path, wanted: Callable[[], bool] = lambda: True
-) -> None:
-    """In the parsing process: run ``load`` and write its result to ``path``, unless it is no
-    longer ``wanted`` by then (the daemon is gone): then remove the file instead.
+def write_snapshot(loaded: Any, path: Path) -> None:
+    """In the parsing process: write ``loaded`` to ``path``.
 
     Layout: the pickle's length and the number of buffers, the pickle, each buffer's length,
     then the buffers' bytes.
     """
-    loaded = load()
-    if not wanted():
-        path.unlink(missing_ok=True)
-        raise SystemExit(1)
     buffers: list[pickle.PickleBuffer] = []
     head = pickle.dumps(loaded, protocol=5, buffer_callback=buffers.append)
     raws = [buffer.raw() for buffer in buffers]
@@ -146,7 +161,8 @@ def read_snapshot(path: Path) -> Any:
         def exactly(size: int) -> bytes:
             data = source.read(size)
             if len(data) != size:
-                raise LoadError([Problem(str(path), 0, "the parsed snapshot is truncated")])
+                problem = Problem(str(path), 0, "the parsed snapshot is truncated")
+                raise LoadError([problem], transient=True)
             return data
 
         def number() -> int:
@@ -168,21 +184,41 @@ def shutdown() -> None:
 
 
 def main() -> None:
-    """The parsing process: load, then write the snapshot to the file (or, without one,
-    print it) and print what happened."""
+    """The parsing process: load, then write the snapshot to the file (or, without one, or
+    when the file cannot be written, print it) and print what happened:
+    (kind, value, note) with kind "written", "result" or "error"."""
     daemon = os.getppid()
     load, path = pickle.load(sys.stdin.buffer)
     result = sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries only the outcome, whatever the load prints
+    outcome: tuple[str, Any, str] = ("error", None, "")
     try:
-        if path is None:
-            outcome: tuple[str, Any] = ("result", load())
-        else:
-            write_snapshot(load, path, lambda: os.getppid() == daemon)
-            outcome = ("written", None)
+        loaded = load()
     except LoadError as error:
-        outcome = ("error", error)
+        outcome = ("error", error, "")
+    except Exception as error:
+        outcome = ("error", LoadError.unexpected(getattr(load, "__name__", "map"), error), "")
+    else:
+        outcome = hand_over(loaded, path, daemon)
     result.write(pickle.dumps(outcome))
+
+
+def hand_over(loaded: Any, path: Path | None, daemon: int) -> tuple[str, Any, str]:
+    if path is None:
+        return ("result", loaded, "")
+    if os.getppid() != daemon:  # the daemon is gone: nobody will read or remove the file
+        path.unlink(missing_ok=True)
+        raise SystemExit(1)
+    try:
+        write_snapshot(loaded, path)
+    except OSError as error:  # a full $TMPDIR, a quota: the pipe will do
+        path.unlink(missing_ok=True)
+        note = (
+            f"cannot write the parsed map to {path.parent}: {error.strerror or error};"
+            " it came back through the pipe instead (both processes held it for a moment)"
+        )
+        return ("result", loaded, note)
+    return ("written", None, "")
 
 
 if __name__ == "__main__":
