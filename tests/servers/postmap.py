@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.servers.common_sql import ServerError
+from tests.servers.common import ServerError
 
 #: Where Debian's postfix-pgsql, postfix-mysql, postfix-sqlite (and postfix-ldap) put the
 #: map plugins, and the name of each.

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import mysql, pgsql, postmap, sqlite
-from tests.servers.common_sql import SilentListener, SynDroppingListener
+from tests.servers.common import SilentServer, SynDropServer
 
 _STARTS = pytest.StashKey[list[str]]()
 
@@ -108,16 +108,16 @@ def sqlite_postfixadmin(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def silent_server() -> Iterator[SilentListener]:
+def silent_server() -> Iterator[SilentServer]:
     """``.host``/``.port`` of a listener that completes handshakes and never sends a byte."""
-    with SilentListener() as listener:
+    with SilentServer() as listener:
         yield listener
 
 
 @pytest.fixture
-def syn_dropping_server() -> Iterator[SynDroppingListener]:
+def syn_dropping_server() -> Iterator[SynDropServer]:
     """``.host``/``.port`` where every SYN is dropped, so connect() hangs until it times out."""
-    with SynDroppingListener() as listener:
+    with SynDropServer() as listener:
         yield listener
 
 

@@ -20,14 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.servers import mysql, pgsql
-from tests.servers.common_sql import (
-    ServerError,
-    make_tls,
-    pid_alive,
-    tcp_accepts,
-    wait_until,
-)
+from tests.servers.common import ServerError, pid_alive, tcp_accepts, wait_until
 from tests.servers.postmap import PostmapError, render_cf
+from tests.servers.tls import make_ca
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "sql"
@@ -94,7 +89,7 @@ def test_pgsql_tls_is_verified_against_its_ca(pgsql_server: pgsql.PgServer, tmp_
         "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
     )
     assert verified.stdout == "t\n", verified.stderr
-    other_ca = make_tls(tmp_path / "other").ca
+    other_ca = make_ca(tmp_path / "other").ca_file
     uri = pgsql_server.uri(sslmode="verify-full").split("&sslrootcert=")[0]
     refused = psql_uri(f"{uri}&sslrootcert={other_ca}", "SELECT 1")
     assert refused.returncode != 0
@@ -195,7 +190,7 @@ def test_mysql_tls_is_verified_against_its_ca(
     assert "--ssl-verify-server-cert" in args
     status = mariadb(args, "SHOW SESSION STATUS LIKE 'Ssl_version'")
     assert re.fullmatch(r"Ssl_version\tTLSv1\.[23]\n", status.stdout), status.stderr
-    other_ca = make_tls(tmp_path / "other").ca
+    other_ca = make_ca(tmp_path / "other").ca_file
     refused = mariadb(
         [f"--ssl-ca={other_ca}" if a.startswith("--ssl-ca=") else a for a in args], "SELECT 1"
     )
@@ -383,7 +378,6 @@ def test_mailcow_example_through_postfix(mysql_server, postfix_maps, tmp_path) -
 
 def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, tmp_path) -> None:
     """The URI form the example's comment gives: user in the URI, password in a pgpass file."""
-    assert pgsql_server.tls_files is not None
     passfile = tmp_path / "pgpass"
     passfile.write_text(f"*:*:*:{pgsql_server.user}:{pgsql_server.password}\n")
     passfile.chmod(0o600)
@@ -397,16 +391,15 @@ def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, 
         cf = render_cf(example, tmp_path / name, hosts=uri, user=None, password=None)
         return f"pgsql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(pgsql_server.tls_files.ca, "ok.cf")) == (
+    assert postfix_maps.query("info@example.com", table(pgsql_server.ca_file, "ok.cf")) == (
         "alice@example.com,bob@example.com"
     )
-    other_ca = make_tls(tmp_path / "other").ca
+    other_ca = make_ca(tmp_path / "other").ca_file
     with pytest.raises(PostmapError, match="certificate verify failed"):
         postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
 
 
 def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, tmp_path) -> None:
-    assert mysql_server.tls_files is not None
     example = EXAMPLES / "postfixadmin" / "sender_login_maps.mysql.cf"
 
     def table(ca: Path, name: str) -> str:
@@ -421,10 +414,10 @@ def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, t
         )
         return f"mysql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(mysql_server.tls_files.ca, "ok.cf")) == (
+    assert postfix_maps.query("info@example.com", table(mysql_server.ca_file, "ok.cf")) == (
         "alice@example.com,bob@example.com"
     )
-    other_ca = make_tls(tmp_path / "other").ca
+    other_ca = make_ca(tmp_path / "other").ca_file
     with pytest.raises(PostmapError, match="certificate"):
         postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
 
