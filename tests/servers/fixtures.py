@@ -15,8 +15,10 @@ Fixtures:
         connections and never answers (a hung server, for read timeouts).
     syn_drop_server: a :class:`~tests.servers.common.SynDropServer`: connect() to ``.port``
         hangs (dropped SYNs, for connect timeouts).
-    postfix_maps: (session) a :class:`~tests.servers.postfix_maps.PostfixMaps`: Postfix's
-        native ``ldap:`` map via ``postmap -q``, with a private configuration directory.
+    postfix_maps: a :class:`~tests.servers.postfix_maps.PostfixMaps` of this test's own:
+        Postfix's own maps of any type (``ldap:``, ``pgsql:``, ``mysql:``, ``sqlite:``,
+        ``texthash:`` ...) via ``postmap -q``, in a private configuration directory where
+        ``table()`` and ``render()`` write the map files.
 
 Without the Debian packages (slapd, ldap-utils, postfix-ldap, openssl) the tests that use
 these fixtures are skipped, unless E2E_REQUIRED=1 (set by .ci/run) makes that a failure.
@@ -25,6 +27,7 @@ these fixtures are skipped, unless E2E_REQUIRED=1 (set by .ci/run) makes that a 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -90,8 +93,8 @@ def syn_drop_server() -> Iterator[SynDropServer]:
         yield server
 
 
-@pytest.fixture(scope="session")
-def postfix_maps(tmp_path_factory: pytest.TempPathFactory) -> PostfixMaps:
-    reason = missing_plugin("ldap")
+@pytest.fixture
+def postfix_maps(tmp_path: Path) -> PostfixMaps:
+    reason = missing_plugin("texthash")  # postmap itself; query() checks each type's plugin
     require(reason is None, reason or "")
-    return PostfixMaps(tmp_path_factory.mktemp("postfix-maps"))
+    return PostfixMaps(tmp_path / "postfix")

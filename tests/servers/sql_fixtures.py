@@ -12,7 +12,6 @@ Fixtures:
     sqlite_postfixadmin: a fresh SQLite file with the postfixadmin schema and test data.
     silent_server: a 127.0.0.1 port that accepts connections and never answers.
     syn_dropping_server: a 127.0.0.1 port where connect() never completes.
-    postfix_maps: a :class:`Postmap` for asking Postfix's own pgsql:, mysql: and sqlite: maps.
 
 Without root or the Debian packages these skip, unless E2E_REQUIRED=1 (CI) makes that a
 failure. How long each server took to start is printed at the end of the run.
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import mysql, pgsql, postmap, sqlite
+from tests.servers import mysql, pgsql, sqlite
 from tests.servers.common import SilentServer, SynDropServer
 
 _STARTS = pytest.StashKey[list[str]]()
@@ -119,13 +118,6 @@ def syn_dropping_server() -> Iterator[SynDropServer]:
     """``.host``/``.port`` where every SYN is dropped, so connect() hangs until it times out."""
     with SynDropServer() as listener:
         yield listener
-
-
-@pytest.fixture
-def postfix_maps(tmp_path: Path) -> postmap.Postmap:
-    """Postfix's own SQL maps, through ``postmap -c PRIVATE_DIR -q``."""
-    _require(postmap.missing_prerequisite("pgsql", "mysql", "sqlite"))
-    return postmap.Postmap(tmp_path / "postfix")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from tests.helpers import ROOT
 from tests.servers import ldap
 from tests.servers.common import ServerError, start_time, wait_until
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
-from tests.servers.postfix_maps import PostfixMaps
+from tests.servers.postfix_maps import LookupFailed, PostfixMaps
 from tests.servers.tls import make_ca
 
 SOME_USER = "some.user@localhost.localdomain"
@@ -211,7 +211,7 @@ def test_postfix_ldap_map_answers_in_server_order(slapd: Slapd, postfix_maps: Po
         "senders.cf",
         slapd.postfix_cf(query_filter=DMS_TEST_FILTERS["senders"], result_attribute="mail, uid"),
     )
-    answer = postfix_maps.query(f"ldap:{table}", "Some.User@localhost.localdomain",
+    answer = postfix_maps.query("Some.User@localhost.localdomain", f"ldap:{table}",
                                 env=slapd.client_env())  # fmt: skip
     # Folded key; entry by entry in server order; each entry's uid (stored first) then mail.
     assert answer.value == (
@@ -230,7 +230,7 @@ def test_postfix_ldap_map_over_tls(slapd: Slapd, postfix_maps: PostfixMaps, how:
             tls_require_cert="yes", **tls,
         ),
     )  # fmt: skip
-    answer = postfix_maps.query(f"ldap:{table}", SOME_USER, env=slapd.client_env())
+    answer = postfix_maps.query(SOME_USER, f"ldap:{table}", env=slapd.client_env())
     assert answer.value == SOME_USER
 
 
@@ -239,10 +239,11 @@ def test_postfix_ldap_map_reports_lookup_errors(slapd: Slapd, postfix_maps: Post
     table = postfix_maps.table(
         "blank.cf", slapd.postfix_cf(query_filter="", result_attribute="mail")
     )
-    answer = postfix_maps.query(f"ldap:{table}", SOME_USER, env=slapd.client_env())
-    assert not answer.found
+    answer = postfix_maps.query(SOME_USER, f"ldap:{table}", env=slapd.client_env())
     assert answer.error is not None
     assert "Fixed query_filter" in answer.log
+    with pytest.raises(LookupFailed):  # a failure never passes for "not found"
+        _ = answer.found
 
 
 def test_postfix_ldap_map_reports_an_outage(
@@ -251,8 +252,8 @@ def test_postfix_ldap_map_reports_an_outage(
     cf = private_slapd.postfix_cf(query_filter="(mail=%s)", result_attribute="mail")
     table = postfix_maps.table("outage.cf", cf)
     with private_slapd.outage():
-        down = postfix_maps.query(f"ldap:{table}", SOME_USER, env=private_slapd.client_env())
-    up = postfix_maps.query(f"ldap:{table}", "nobody@localhost.localdomain",
+        down = postfix_maps.query(SOME_USER, f"ldap:{table}", env=private_slapd.client_env())
+    up = postfix_maps.query("nobody@localhost.localdomain", f"ldap:{table}",
                             env=private_slapd.client_env())  # fmt: skip
     assert down.error is not None
     assert (up.found, up.error) == (False, None)
@@ -265,4 +266,4 @@ def test_postfix_maps_use_only_their_own_plugin_list(
     bare = PostfixMaps(tmp_path / "bare", map_types=())
     table = bare.table("users.cf", slapd.postfix_cf(query_filter="(mail=%s)"))
     with pytest.raises(ServerError, match="ldap"):
-        bare.query(f"ldap:{table}", SOME_USER, env=slapd.client_env())
+        bare.query(SOME_USER, f"ldap:{table}", env=slapd.client_env())

@@ -21,7 +21,6 @@ import pytest
 
 from tests.servers import mysql, pgsql
 from tests.servers.common import ServerError, pid_alive, tcp_accepts, wait_until
-from tests.servers.postmap import PostmapError, render_cf
 from tests.servers.tls import make_ca
 
 REPO = Path(__file__).resolve().parents[2]
@@ -339,15 +338,15 @@ def _cases(name: str, backend: str) -> list[pytest.param]:
     return params
 
 
-def _postfixadmin_table(backend: str, request, tmp_path: Path) -> str:
+def _postfixadmin_table(backend: str, request, postfix_maps) -> str:
     example = EXAMPLES / "postfixadmin" / f"sender_login_maps.{backend}.cf"
     if backend == "sqlite":
         database = request.getfixturevalue("sqlite_postfixadmin")
-        return f"sqlite:{render_cf(example, tmp_path / 'map.cf', dbpath=str(database))}"
+        return f"sqlite:{postfix_maps.render('map.cf', example, dbpath=str(database))}"
     server = request.getfixturevalue(f"{backend}_server")
-    cf = render_cf(
+    cf = postfix_maps.render(
+        "map.cf",
         example,
-        tmp_path / "map.cf",
         hosts=f"{server.host}:{server.port}",
         user=server.user,
         password=server.password,
@@ -356,24 +355,25 @@ def _postfixadmin_table(backend: str, request, tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("backend", ["pgsql", "mysql", "sqlite"])
-def test_postfixadmin_example_through_postfix(backend, postfix_maps, request, tmp_path) -> None:
-    table = _postfixadmin_table(backend, request, tmp_path)
+def test_postfixadmin_example_through_postfix(backend, postfix_maps, request) -> None:
+    table = _postfixadmin_table(backend, request, postfix_maps)
     for param in _cases("postfixadmin-owners.tsv", backend):
         key, expected = param.values
-        assert _owners(postfix_maps.query(key, table)) == expected, f"{param.id}: {key!r}"
+        assert _owners(postfix_maps.query(key, table).value) == expected, f"{param.id}: {key!r}"
 
 
-def test_mailcow_example_through_postfix(mysql_server, postfix_maps, tmp_path) -> None:
-    cf = render_cf(
+def test_mailcow_example_through_postfix(mysql_server, postfix_maps) -> None:
+    cf = postfix_maps.render(
+        "map.cf",
         EXAMPLES / "mailcow" / "sender_login_maps.mysql.cf",
-        tmp_path / "map.cf",
         hosts=f"{mysql_server.host}:{mysql_server.port}",
         user=mysql_server.user,
         password=mysql_server.password,
     )
     for param in _cases("mailcow-owners.tsv", "mysql"):
         key, expected = param.values
-        assert _owners(postfix_maps.query(key, f"mysql:{cf}")) == expected, f"{param.id}: {key!r}"
+        answer = postfix_maps.query(key, f"mysql:{cf}")
+        assert _owners(answer.value) == expected, f"{param.id}: {key!r}"
 
 
 def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, tmp_path) -> None:
@@ -388,24 +388,25 @@ def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, 
             f"postgresql://{pgsql_server.user}@{pgsql_server.host}:{pgsql_server.port}"
             f"/{pgsql_server.dbname}?sslmode=verify-full&sslrootcert={ca}&passfile={passfile}"
         )
-        cf = render_cf(example, tmp_path / name, hosts=uri, user=None, password=None)
+        cf = postfix_maps.render(name, example, hosts=uri, user=None, password=None)
         return f"pgsql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(pgsql_server.ca_file, "ok.cf")) == (
+    assert postfix_maps.query("info@example.com", table(pgsql_server.ca_file, "ok.cf")).value == (
         "alice@example.com,bob@example.com"
     )
     other_ca = make_ca(tmp_path / "other").ca_file
-    with pytest.raises(PostmapError, match="certificate verify failed"):
-        postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    refused = postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    assert refused.error is not None
+    assert "certificate verify failed" in refused.log
 
 
 def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, tmp_path) -> None:
     example = EXAMPLES / "postfixadmin" / "sender_login_maps.mysql.cf"
 
     def table(ca: Path, name: str) -> str:
-        cf = render_cf(
+        cf = postfix_maps.render(
+            name,
             example,
-            tmp_path / name,
             hosts=f"{mysql_server.host}:{mysql_server.port}",
             user=mysql_server.user,
             password=mysql_server.password,
@@ -414,26 +415,28 @@ def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, t
         )
         return f"mysql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(mysql_server.ca_file, "ok.cf")) == (
+    assert postfix_maps.query("info@example.com", table(mysql_server.ca_file, "ok.cf")).value == (
         "alice@example.com,bob@example.com"
     )
     other_ca = make_ca(tmp_path / "other").ca_file
-    with pytest.raises(PostmapError, match="certificate"):
-        postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    refused = postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    assert refused.error is not None
+    assert "certificate" in refused.log
 
 
-def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps, tmp_path) -> None:
+def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps) -> None:
     server = pgsql_factory()
-    cf = render_cf(
+    cf = postfix_maps.render(
+        "map.cf",
         EXAMPLES / "postfixadmin" / "sender_login_maps.pgsql.cf",
-        tmp_path / "map.cf",
         hosts=f"{server.host}:{server.port}",
         user=server.user,
         password=server.password,
     )
-    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}") == "alice@example.com"
+    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}").value == "alice@example.com"
     server.stop()
-    with pytest.raises(PostmapError, match="connect to pgsql server"):
-        postfix_maps.query("alice@example.com", f"pgsql:{cf}")
+    down = postfix_maps.query("alice@example.com", f"pgsql:{cf}")
+    assert down.error is not None
+    assert "connect to pgsql server" in down.log
     server.start()
-    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}") == "alice@example.com"
+    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}").value == "alice@example.com"
