@@ -268,9 +268,9 @@ def test_silent_server_accepts_and_never_answers(silent_server) -> None:
             sock.recv(1)
 
 
-def test_syn_dropping_server_never_completes_a_connect(syn_dropping_server) -> None:
+def test_syn_drop_server_never_completes_a_connect(syn_drop_server) -> None:
     with pytest.raises(TimeoutError):
-        socket.create_connection((syn_dropping_server.host, syn_dropping_server.port), timeout=0.3)
+        socket.create_connection((syn_drop_server.host, syn_drop_server.port), timeout=0.3)
 
 
 _OWNER = """
