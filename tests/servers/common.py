@@ -92,6 +92,18 @@ def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def tcp_refuses(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a connect to ``host:port`` is refused: nothing listens there (a connect
+    that hangs or succeeds is not a refusal)."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def unix_socket_accepts(path: Path) -> bool:
     """True when something accepts connections on the unix socket ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -163,16 +175,27 @@ def remove_root(root: Path) -> None:
 def start_time(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks since boot, or None if it is gone or a zombie.
 
-    A PID plus its start time names one process for good; a PID alone may be reused.
+    A PID plus its start time names one process for good; a PID alone may be reused. A
+    killed multithreaded server's main thread is a zombie while its other threads still
+    exit and hold its ports: that process is not gone yet.
     """
+    fields = _stat(Path(f"/proc/{pid}/stat"))
+    if fields is None:
+        return None
+    if fields[0] == "Z":
+        threads = Path(f"/proc/{pid}/task").glob("*/stat")
+        if all(thread[0] == "Z" for thread in map(_stat, threads) if thread is not None):
+            return None
+    return int(fields[19])
+
+
+def _stat(path: Path) -> list[str] | None:
+    """The fields of a /proc stat file after the command name, or None if it is gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = path.read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def pid_alive(pid: int) -> bool:

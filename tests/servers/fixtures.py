@@ -70,6 +70,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(line)
 
 
+def _require(reason: str | None) -> None:
+    """Skip (fail where E2E_REQUIRED=1) for what a missing_prerequisite() said is missing."""
+    require(reason is None, reason or "")
+
+
 def _shared(server: S, private: str) -> Iterator[S]:
     """Yield a session's shared server to one test, and fail the test that left it stopped
     (after starting it again for the next)."""
@@ -100,17 +105,11 @@ def _private(request: pytest.FixtureRequest, make: Callable[..., S]) -> Iterator
 
 @pytest.fixture(scope="session")
 def throwaway_ca(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayCA:
-    missing = missing_programs(["openssl"])
-    require(not missing, "openssl is not installed")
+    _require("openssl is not installed" if missing_programs(["openssl"]) else None)
     return make_ca(tmp_path_factory.mktemp("tls"))
 
 
 # -- OpenLDAP ----------------------------------------------------------------
-
-
-def _require_slapd() -> None:
-    missing = missing_programs(ldap.PROGRAMS)
-    require(not missing, f"not installed: {', '.join(missing)} (Debian: slapd ldap-utils openssl)")
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +118,7 @@ def _session_slapd(
     tmp_path_factory: pytest.TempPathFactory,
     throwaway_ca: ThrowawayCA,
 ) -> Iterator[ldap.Slapd]:
-    _require_slapd()
+    _require(ldap.missing_prerequisite())
     with ldap.Slapd(tmp_path_factory.mktemp("slapd"), tls=throwaway_ca) as server:
         _record(request.config, "session", server)
         yield server
@@ -134,7 +133,7 @@ def slapd(_session_slapd: ldap.Slapd) -> Iterator[ldap.Slapd]:
 def private_slapd(
     tmp_path_factory: pytest.TempPathFactory, throwaway_ca: ThrowawayCA
 ) -> Iterator[ldap.Slapd]:
-    _require_slapd()
+    _require(ldap.missing_prerequisite())
     # Not tmp_path: the ldapi socket path must stay short (108 bytes), test names are long.
     with ldap.Slapd(tmp_path_factory.mktemp("slapd"), tls=throwaway_ca) as server:
         yield server
@@ -145,7 +144,7 @@ def private_slapd(
 
 @pytest.fixture(scope="session")
 def _session_pgsql(request: pytest.FixtureRequest) -> Iterator[pgsql.PgServer]:
-    require(*_ready(pgsql.missing_prerequisite()))
+    _require(pgsql.missing_prerequisite())
     with pgsql.PgServer(tls=True, notify=True) as server:
         _record(request.config, "session", server)
         yield server
@@ -158,13 +157,13 @@ def pgsql_server(_session_pgsql: pgsql.PgServer) -> Iterator[pgsql.PgServer]:
 
 @pytest.fixture
 def pgsql_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., pgsql.PgServer]]:
-    require(*_ready(pgsql.missing_prerequisite()))
+    _require(pgsql.missing_prerequisite())
     yield from _private(request, pgsql.PgServer)
 
 
 @pytest.fixture(scope="session")
 def _session_mysql(request: pytest.FixtureRequest) -> Iterator[mysql.MariaServer]:
-    require(*_ready(mysql.missing_prerequisite()))
+    _require(mysql.missing_prerequisite())
     with mysql.MariaServer(tls=True) as server:
         _record(request.config, "session", server)
         yield server
@@ -177,13 +176,8 @@ def mysql_server(_session_mysql: mysql.MariaServer) -> Iterator[mysql.MariaServe
 
 @pytest.fixture
 def mysql_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., mysql.MariaServer]]:
-    require(*_ready(mysql.missing_prerequisite()))
+    _require(mysql.missing_prerequisite())
     yield from _private(request, mysql.MariaServer)
-
-
-def _ready(reason: str | None) -> tuple[bool, str]:
-    """``require()``'s arguments from a missing_prerequisite() answer."""
-    return reason is None, reason or ""
 
 
 @pytest.fixture
@@ -208,5 +202,5 @@ def syn_drop_server() -> Iterator[SynDropServer]:
 
 @pytest.fixture
 def postfix_maps(tmp_path: Path) -> PostfixMaps:
-    require(*_ready(missing_plugin("texthash")))  # postmap; query() checks each type's plugin
+    _require(missing_plugin("texthash"))  # postmap; query() checks each type's plugin
     return PostfixMaps(tmp_path / "postfix")

@@ -35,6 +35,7 @@ from tests.servers.common import (
     READY_TIMEOUT,
     Server,
     ServerError,
+    missing_programs,
     program,
     run,
     tcp_accepts,
@@ -43,6 +44,15 @@ from tests.servers.tls import ThrowawayCA
 
 #: The Debian packages (``slapd``, ``ldap-utils``) provide these; ``openssl`` makes the CA.
 PROGRAMS = ("slapd", "slapadd", "ldapsearch", "ldapmodify", "openssl")
+
+
+def missing_prerequisite() -> str | None:
+    """Why this machine cannot run a Slapd, or None if it can (it needs no root)."""
+    missing = missing_programs(PROGRAMS)
+    if missing:
+        return f"not installed: {', '.join(missing)} (Debian: slapd ldap-utils openssl)"
+    return None
+
 
 # docker-mailserver's LDAP test setup (test/tests/serial/mail_with_ldap.bats).
 SUFFIX = "dc=example,dc=test"

@@ -1,21 +1,16 @@
 """The LDAP test server is what the LDAP store's tests take it for: docker-mailserver's schema
-and directory, TLS that verifies against the test CA, outages that keep the data, peers that
-hang, a watchdog that cleans up, and Postfix's own ldap: map beside it."""
+and directory, TLS that verifies against the test CA, outages that keep the data, and
+Postfix's own ldap: map beside it. The peers that hang and the watchdog, which every server
+shares, are tested in test_common.py."""
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
 from tests.servers import ldap
-from tests.servers.common import ServerError, start_time, wait_until
+from tests.servers.common import ServerError, tcp_refuses
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
 from tests.servers.postfix_maps import LookupFailed, PostfixMaps
 from tests.servers.tls import make_ca
@@ -124,14 +119,6 @@ def test_plain_ldap_and_ldapi_answer_without_tls(slapd: Slapd) -> None:
 # -- outage and recovery -----------------------------------------------------
 
 
-def _refuses(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 def test_restart_keeps_ports_and_data(private_slapd: Slapd) -> None:
     url, ldaps_url = private_slapd.url, private_slapd.ldaps_url
     private_slapd.modify(
@@ -148,59 +135,9 @@ def test_restart_keeps_ports_and_data(private_slapd: Slapd) -> None:
 def test_outage_refuses_connections_then_recovers(private_slapd: Slapd) -> None:
     assert private_slapd.port is not None
     with private_slapd.outage():
-        assert _refuses(private_slapd.port)
+        assert tcp_refuses(private_slapd.port)
         assert private_slapd.ldapsearch("(uid=some.user)").returncode != 0
     assert mails(private_slapd, "(uid=some.user)") == [SOME_USER]
-
-
-# -- peers that hang ---------------------------------------------------------
-
-
-def test_silent_server_accepts_and_never_answers(silent_server) -> None:
-    with socket.create_connection(("127.0.0.1", silent_server.port), timeout=2) as sock:
-        sock.sendall(bytes.fromhex("300c020101600702010304008000"))  # an LDAP bind
-        sock.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            sock.recv(1)
-
-
-def test_syn_drop_server_hangs_connect(syn_drop_server) -> None:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            sock.connect(("127.0.0.1", syn_drop_server.port))
-
-
-# -- cleanup when the test process dies -------------------------------------
-
-_ORPHAN = """
-import json, pathlib, sys
-sys.path.insert(0, {root!r})
-from tests.servers.ldap import Slapd
-server = Slapd(pathlib.Path({path!r}))
-server.start()
-print(json.dumps([server.pid, server.port]), flush=True)
-sys.stdin.read()
-"""
-
-
-def test_watchdog_stops_slapd_when_the_test_process_is_killed(tmp_path_factory) -> None:
-    root = tmp_path_factory.mktemp("orphan")
-    script = _ORPHAN.format(root=str(ROOT), path=str(root / "slapd"))
-    with subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as owner:
-        try:
-            assert owner.stdout is not None
-            pid, port = json.loads(owner.stdout.readline())
-            assert start_time(pid) is not None
-        finally:
-            owner.kill()  # like a CI timeout: no cleanup code runs in it
-    wait_until(lambda: start_time(pid) is None, "the orphaned slapd to be stopped")
-    assert _refuses(port)
 
 
 # -- Postfix's own ldap: map -------------------------------------------------

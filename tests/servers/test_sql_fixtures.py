@@ -1,8 +1,8 @@
 """The SQL fixtures themselves: the servers hold the seeded rows, want the password, verify
-TLS against their own CA, keep port and data across a restart, go away with the process that
-started them; the NOTIFY trigger fires; the hung and SYN-dropping listeners behave as named;
-and the example maps in examples/sql/ answer through Postfix's own pgsql:, mysql: and sqlite:
-maps exactly as tests/data/sql/*-owners.tsv says.
+TLS against their own CA, keep port and data across a restart; the NOTIFY trigger fires; and
+the example maps in examples/sql/ answer through Postfix's own pgsql:, mysql: and sqlite:
+maps exactly as tests/data/sql/*-owners.tsv says. The peers that hang and the watchdog,
+which every server shares, are tested in test_common.py.
 """
 
 from __future__ import annotations
@@ -10,17 +10,14 @@ from __future__ import annotations
 import csv
 import os
 import re
-import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.servers import mysql, pgsql
-from tests.servers.common import ServerError, pid_alive, tcp_accepts, wait_until
+from tests.servers.common import ServerError, tcp_accepts
 from tests.servers.tls import make_ca
 
 REPO = Path(__file__).resolve().parents[2]
@@ -244,7 +241,7 @@ def test_mysql_slow_query_and_lock(mysql_server: mysql.MariaServer) -> None:
 
 
 # --------------------------------------------------------------------------
-# SQLite, listeners, watchdog
+# SQLite
 # --------------------------------------------------------------------------
 
 
@@ -259,57 +256,6 @@ def test_sqlite_file_opens_read_only(sqlite_postfixadmin: Path) -> None:
             connection.execute("DELETE FROM mailbox")
     finally:
         connection.close()
-
-
-def test_silent_server_accepts_and_never_answers(silent_server) -> None:
-    with socket.create_connection((silent_server.host, silent_server.port), timeout=5) as sock:
-        sock.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            sock.recv(1)
-
-
-def test_syn_drop_server_never_completes_a_connect(syn_drop_server) -> None:
-    with pytest.raises(TimeoutError):
-        socket.create_connection((syn_drop_server.host, syn_drop_server.port), timeout=0.3)
-
-
-_OWNER = """
-import sys
-from tests.servers.{module} import {cls}
-server = {cls}()
-server.start()
-print(server.root, server.pid, flush=True)
-sys.stdin.read()
-"""
-
-
-@pytest.mark.parametrize(
-    ("module", "cls"), [("pgsql", "PgServer"), ("mysql", "MariaServer")], ids=["pgsql", "mysql"]
-)
-def test_server_goes_away_when_its_owner_is_killed(module: str, cls: str, request) -> None:
-    request.getfixturevalue(f"{module}_factory")  # skips, or fails in CI, as the fixtures do
-    owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER.format(module=module, cls=cls)],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert owner.stdout is not None
-        root_text, pid_text = owner.stdout.readline().split()
-        root, pid = Path(root_text), int(pid_text)
-        assert pid_alive(pid) and root.exists()
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
-        wait_until(lambda: not pid_alive(pid) and not root.exists(), "the watchdog's cleanup")
-    finally:
-        owner.kill()
-        owner.wait()
-        if owner.stdin is not None:
-            owner.stdin.close()
-        if owner.stdout is not None:
-            owner.stdout.close()
 
 
 # --------------------------------------------------------------------------
