@@ -393,9 +393,8 @@ class Server:
         if self.running:
             raise ServerError(f"{self.name} is already running")
         if self._created():
-            began = time.monotonic()
-            self._launch()
-            self.timings["restart"] = time.monotonic() - began
+            with self._timed("restart"):
+                self._launch()
             return self
         try:
             self._create()
@@ -435,6 +434,13 @@ class Server:
 
     def log_tail(self, chars: int = 3000) -> str:
         return read_text(self.log_path)[-chars:]
+
+    @contextlib.contextmanager
+    def _timed(self, step: str) -> Iterator[None]:
+        """Record in :attr:`timings` how long the block took."""
+        began = time.monotonic()
+        yield
+        self.timings[step] = time.monotonic() - began
 
     def _start_on_free_ports(
         self, count: int, launch: Callable[[list[int]], None], attempts: int = 3

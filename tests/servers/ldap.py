@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -303,13 +302,11 @@ class Slapd(Server):
 
     def _create(self) -> None:
         """Build the configuration and database, then start slapd on free ports."""
-        began = time.monotonic()
-        if not self.config_dir.exists():
-            self._build()
-        self.timings["build"] = time.monotonic() - began
-        began = time.monotonic()
-        self._start_on_free_ports(2, self._launch_on)
-        self.timings["start"] = time.monotonic() - began
+        with self._timed("create"):
+            if not self.config_dir.exists():
+                self._build()
+        with self._timed("start"):
+            self._start_on_free_ports(2, self._launch_on)
 
     def _launch_on(self, ports: list[int]) -> None:
         self.port, self.ldaps_port = ports

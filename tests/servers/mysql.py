@@ -17,24 +17,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from tests.servers.common import (
     DATA,
     EXAMPLES_SQL,
-    Server,
-    ServerError,
     client_session,
-    make_root,
     program,
-    remove_root,
     run,
     tcp_accepts,
     unix_socket_accepts,
 )
-from tests.servers.tls import ThrowawayCA, make_ca
+from tests.servers.sql import DEFAULT_PASSWORD, DEFAULT_USER, SqlServer
 
 #: The databases every server gets unless told otherwise: name -> files loaded into it.
 DATABASES: dict[str, tuple[Path, ...]] = {
@@ -44,11 +39,6 @@ DATABASES: dict[str, tuple[Path, ...]] = {
     ),
     "mailcow": (EXAMPLES_SQL / "mailcow" / "schema.mysql.sql", DATA / "sql" / "mailcow.sql"),
 }
-
-DEFAULT_USER = "policyd"
-#: A password with a quote, a percent sign and spaces: whatever passes it on must not
-#: format it into a string that parses it.
-DEFAULT_PASSWORD = "It's 100% secret"
 
 #: A postfixadmin query that takes ``seconds`` whatever the key; ``%s`` is Postfix's. In a
 #: WHERE clause SLEEP() would run once per row examined, none when the key is absent; a
@@ -79,7 +69,7 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-class MariaServer(Server):
+class MariaServer(SqlServer):
     """One MariaDB server with a few databases and one user who may read them.
 
     Arguments:
@@ -90,12 +80,12 @@ class MariaServer(Server):
             this server (``ca_file``).
         tls_required: ``require_secure_transport``: TCP logins without TLS are refused.
 
-    Attributes once started: ``host`` (127.0.0.1), ``port``, ``socket``, ``password_file``
-    (the password and a newline, mode 0600), ``tls_files`` and ``ca_file`` (with ``tls``),
-    ``timings`` (seconds for each step of the first start), ``root``.
+    Attributes once started: those of every :class:`~tests.servers.sql.SqlServer`, and
+    ``socket`` (the unix socket's path).
     """
 
     name = "MariaDB"
+    root_prefix = "policyd-mysql-"
     #: A crash: the next start runs InnoDB crash recovery.
     kill_signal = signal.SIGKILL
 
@@ -108,28 +98,10 @@ class MariaServer(Server):
         tls: bool = False,
         tls_required: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(user=user, password=password, tls=tls, tls_required=tls_required)
         self.databases = {name: list(files) for name, files in databases.items()}
-        self.user = user
-        self.password = password
-        self.tls = tls or tls_required
-        self.tls_required = tls_required
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.tls_files: ThrowawayCA | None = None
-        self._root: Path | None = None
 
     # -- paths -------------------------------------------------------------
-
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise ServerError("the server has not been started")
-        return self._root
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def socket(self) -> Path:
@@ -143,21 +115,7 @@ class MariaServer(Server):
     def log_path(self) -> Path:
         return self.root / "mysqld.err"
 
-    @property
-    def password_file(self) -> Path:
-        return self.root / "password"
-
-    @property
-    def ca_file(self) -> Path:
-        """The CA certificate a client must trust to verify this server."""
-        if self.tls_files is None:
-            raise ServerError("this server was started without TLS")
-        return self.tls_files.ca_file
-
     # -- lifecycle ---------------------------------------------------------
-
-    def _created(self) -> bool:
-        return self._root is not None
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the server and wait until it has exited; the data stays.
@@ -166,12 +124,6 @@ class MariaServer(Server):
         next start runs InnoDB crash recovery.
         """
         self._stop(self.kill_signal if kill else signal.SIGTERM)
-
-    def close(self) -> None:
-        """Stop the server and remove everything it had (idempotent)."""
-        self.stop()
-        if self._root is not None:
-            remove_root(self._root)
 
     # -- queries -------------------------------------------------------------
 
@@ -221,26 +173,11 @@ class MariaServer(Server):
 
     # -- setting up ----------------------------------------------------------
 
-    def _create(self) -> None:
-        began = time.monotonic()
-        self._root = make_root("policyd-mysql-")
+    def _initialize(self) -> None:
         install = ["mariadb-install-db", "--no-defaults", "--user=root"]
         install += [f"--datadir={self.data_dir}", "--auth-root-authentication-method=normal"]
         install += ["--skip-test-db", "--skip-name-resolve", *self._engine_options()]
         run(install, what="mariadb-install-db")
-        if self.tls:
-            self.tls_files = make_ca(self.root / "tls")
-        self.timings["install_db"] = time.monotonic() - began
-        began = time.monotonic()
-        self._start_on_free_ports(1, self._launch_on)
-        self.timings["start"] = time.monotonic() - began
-        began = time.monotonic()
-        self._provision()
-        self.timings["provision"] = time.monotonic() - began
-
-    def _launch_on(self, ports: list[int]) -> None:
-        [self.port] = ports
-        self._launch()
 
     @staticmethod
     def _engine_options() -> list[str]:
@@ -290,8 +227,6 @@ class MariaServer(Server):
         )
 
     def _provision(self) -> None:
-        self.password_file.write_text(self.password + "\n")
-        self.password_file.chmod(0o600)
         require = " REQUIRE SSL" if self.tls_required else ""
         statements = [f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4" for name in self.databases]
         for host in ("127.0.0.1", "localhost"):

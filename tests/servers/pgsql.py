@@ -19,7 +19,6 @@ import contextlib
 import os
 import pwd
 import signal
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -27,17 +26,13 @@ from urllib.parse import quote
 from tests.servers.common import (
     DATA,
     EXAMPLES_SQL,
-    Server,
-    ServerError,
     client_session,
-    make_root,
     program,
     read_text,
-    remove_root,
     run,
     tcp_accepts,
 )
-from tests.servers.tls import ThrowawayCA, make_ca
+from tests.servers.sql import DEFAULT_PASSWORD, DEFAULT_USER, SqlServer
 
 #: The postfixadmin schema and the test data every server gets unless told otherwise.
 POSTFIXADMIN_SQL: tuple[Path, ...] = (
@@ -49,10 +44,6 @@ NOTIFY_SQL = EXAMPLES_SQL / "postfixadmin" / "notify.pgsql.sql"
 
 #: The superuser; it logs in over the unix socket without a password (``trust``).
 ADMIN = "postgres"
-DEFAULT_USER = "policyd"
-#: A password with a quote, a percent sign and spaces: whatever passes it on must not
-#: format it into a string that parses it.
-DEFAULT_PASSWORD = "It's 100% secret"
 
 #: A postfixadmin query that takes ``seconds`` whatever the key; ``%s`` is Postfix's.
 #: pg_sleep() in FROM runs once per query, even when no row matches.
@@ -89,7 +80,7 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-class PgServer(Server):
+class PgServer(SqlServer):
     """One PostgreSQL server, one database, one login role.
 
     Arguments:
@@ -102,13 +93,12 @@ class PgServer(Server):
             for this server (``ca_file``).
         tls_required: TCP logins without TLS are refused (pg_hba ``hostssl`` only).
 
-    Attributes once started: ``host`` (127.0.0.1), ``port``, ``socket_dir`` (libpq's host
-    for the unix socket), ``password_file`` (the password and a newline, mode 0600),
-    ``tls_files`` and ``ca_file`` (with ``tls``), ``timings`` (seconds for each step of the
-    first start), ``root``.
+    Attributes once started: those of every :class:`~tests.servers.sql.SqlServer`, and
+    ``socket_dir`` (libpq's host for the unix socket).
     """
 
     name = "PostgreSQL"
+    root_prefix = "policyd-pgsql-"
     #: Immediate shutdown: the postmaster stops its children and exits without a checkpoint.
     kill_signal = signal.SIGQUIT
 
@@ -123,30 +113,12 @@ class PgServer(Server):
         tls: bool = False,
         tls_required: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(user=user, password=password, tls=tls, tls_required=tls_required)
         self.dbname = dbname
-        self.user = user
-        self.password = password
         self.sql_files = [*sql_files, *([NOTIFY_SQL] if notify else [])]
-        self.tls = tls or tls_required
-        self.tls_required = tls_required
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.tls_files: ThrowawayCA | None = None
         self._bin = bin_dir() or Path("/nonexistent")
-        self._root: Path | None = None
 
     # -- paths -------------------------------------------------------------
-
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise ServerError("the server has not been started")
-        return self._root
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def socket_dir(self) -> Path:
@@ -155,17 +127,6 @@ class PgServer(Server):
     @property
     def log_path(self) -> Path:
         return self.root / "postgres.log"
-
-    @property
-    def password_file(self) -> Path:
-        return self.root / "password"
-
-    @property
-    def ca_file(self) -> Path:
-        """The CA certificate a client must trust to verify this server."""
-        if self.tls_files is None:
-            raise ServerError("this server was started without TLS")
-        return self.tls_files.ca_file
 
     def uri(self, *, sslmode: str | None = None, dbname: str | None = None) -> str:
         """A libpq URI for the login role over TCP, password included (percent-encoded);
@@ -181,9 +142,6 @@ class PgServer(Server):
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _created(self) -> bool:
-        return self._root is not None
-
     def stop(self, *, immediate: bool = False) -> None:
         """Stop the server and wait until it has exited; the data stays.
 
@@ -192,12 +150,6 @@ class PgServer(Server):
         next start runs crash recovery.
         """
         self._stop(self.kill_signal if immediate else signal.SIGINT)
-
-    def close(self) -> None:
-        """Stop the server and remove everything it had (idempotent)."""
-        self.stop()
-        if self._root is not None:
-            remove_root(self._root)
 
     # -- queries -------------------------------------------------------------
 
@@ -246,29 +198,12 @@ class PgServer(Server):
 
     # -- setting up ----------------------------------------------------------
 
-    def _create(self) -> None:
-        began = time.monotonic()
-        self._root = make_root("policyd-pgsql-")
-        os.chown(self.root, *_postgres_ids())
-        self._initdb()
-        if self.tls:
-            self.tls_files = make_ca(self.root / "tls")
-            for path in (self.root / "tls", self.tls_files.key_file):
-                os.chown(path, *_postgres_ids())
-        self.timings["initdb"] = time.monotonic() - began
-        began = time.monotonic()
-        self._start_on_free_ports(1, self._launch_on)
-        self.timings["start"] = time.monotonic() - began
-        began = time.monotonic()
-        self._provision()
-        self.timings["provision"] = time.monotonic() - began
-
-    def _launch_on(self, ports: list[int]) -> None:
-        [self.port] = ports
-        self._write_config()
-        self._launch()
-
-    def _initdb(self) -> None:
+    def _initialize(self) -> None:
+        owned = [self.root]
+        if self.tls_files is not None:
+            owned += [self.tls_files.key_file.parent, self.tls_files.key_file]
+        for path in owned:
+            os.chown(path, *_postgres_ids())
         args = [str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", ADMIN, "-A", "trust"]
         args += ["--no-sync", "--no-locale", "-E", "UTF8", "--no-instructions"]
         run(args, what="initdb", **_as_postgres())
@@ -303,6 +238,7 @@ class PgServer(Server):
         )
 
     def _launch(self) -> None:
+        self._write_config()
         pid_file = self.data_dir / "postmaster.pid"
 
         def ready() -> bool:
@@ -318,8 +254,6 @@ class PgServer(Server):
         )
 
     def _provision(self) -> None:
-        self.password_file.write_text(self.password + "\n")
-        self.password_file.chmod(0o600)
         self.psql(
             f'CREATE ROLE "{self.user}" LOGIN PASSWORD {sql_literal(self.password)}',
             dbname="postgres",
