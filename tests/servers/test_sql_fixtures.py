@@ -12,6 +12,7 @@ import os
 import re
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,12 @@ def _cases(name: str, backend: str) -> list[pytest.param]:
     return params
 
 
+def _connection(server) -> dict[str, str]:
+    """The settings of a Postfix SQL map that connect to ``server`` as its login."""
+    hosts = f"{server.host}:{server.port}"
+    return {"hosts": hosts, "user": server.user, "password": server.password}
+
+
 def _postfixadmin_table(backend: str, request, postfix_maps) -> str:
     example = EXAMPLES / "postfixadmin" / f"sender_login_maps.{backend}.cf"
     if backend == "sqlite":
@@ -293,9 +300,7 @@ def _postfixadmin_table(backend: str, request, postfix_maps) -> str:
     cf = postfix_maps.render(
         "map.cf",
         example,
-        hosts=f"{server.host}:{server.port}",
-        user=server.user,
-        password=server.password,
+        **_connection(server),
     )
     return f"{backend}:{cf}"
 
@@ -312,14 +317,25 @@ def test_mailcow_example_through_postfix(mysql_server, postfix_maps) -> None:
     cf = postfix_maps.render(
         "map.cf",
         EXAMPLES / "mailcow" / "sender_login_maps.mysql.cf",
-        hosts=f"{mysql_server.host}:{mysql_server.port}",
-        user=mysql_server.user,
-        password=mysql_server.password,
+        **_connection(mysql_server),
     )
     for param in _cases("mailcow-owners.tsv", "mysql"):
         key, expected = param.values
         answer = postfix_maps.query(key, f"mysql:{cf}")
         assert _owners(answer.value) == expected, f"{param.id}: {key!r}"
+
+
+def _answers_only_through_its_ca(
+    table: Callable[[Path, str], str], server, postfix_maps, tmp_path: Path, refusal: str
+) -> None:
+    """Postfix's map, given ``table(ca, name)``, answers over TLS verified against the
+    server's CA, and fails (the log saying ``refusal``) against another CA."""
+    answer = postfix_maps.query("info@example.com", table(server.ca_file, "ok.cf"))
+    assert answer.value == "alice@example.com,bob@example.com"
+    other_ca = make_ca(tmp_path / "other").ca_file
+    refused = postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    assert refused.error is not None
+    assert refusal in refused.log
 
 
 def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, tmp_path) -> None:
@@ -337,13 +353,8 @@ def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, 
         cf = postfix_maps.render(name, example, hosts=uri, user=None, password=None)
         return f"pgsql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(pgsql_server.ca_file, "ok.cf")).value == (
-        "alice@example.com,bob@example.com"
-    )
-    other_ca = make_ca(tmp_path / "other").ca_file
-    refused = postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
-    assert refused.error is not None
-    assert "certificate verify failed" in refused.log
+    refusal = "certificate verify failed"
+    _answers_only_through_its_ca(table, pgsql_server, postfix_maps, tmp_path, refusal)
 
 
 def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, tmp_path) -> None:
@@ -353,21 +364,13 @@ def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, t
         cf = postfix_maps.render(
             name,
             example,
-            hosts=f"{mysql_server.host}:{mysql_server.port}",
-            user=mysql_server.user,
-            password=mysql_server.password,
+            **_connection(mysql_server),
             tls_CAfile=str(ca),
             tls_verify_cert="yes",
         )
         return f"mysql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(mysql_server.ca_file, "ok.cf")).value == (
-        "alice@example.com,bob@example.com"
-    )
-    other_ca = make_ca(tmp_path / "other").ca_file
-    refused = postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
-    assert refused.error is not None
-    assert "certificate" in refused.log
+    _answers_only_through_its_ca(table, mysql_server, postfix_maps, tmp_path, "certificate")
 
 
 def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps) -> None:
@@ -375,9 +378,7 @@ def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps)
     cf = postfix_maps.render(
         "map.cf",
         EXAMPLES / "postfixadmin" / "sender_login_maps.pgsql.cf",
-        hosts=f"{server.host}:{server.port}",
-        user=server.user,
-        password=server.password,
+        **_connection(server),
     )
     assert postfix_maps.query("alice@example.com", f"pgsql:{cf}").value == "alice@example.com"
     server.stop()
