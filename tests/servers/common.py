@@ -347,7 +347,8 @@ class Server:
 
     A subclass sets :attr:`name` and :attr:`log_path`, and implements ``_created()`` (has
     the first start made it?), ``_create()`` (make it and start it, filling
-    :attr:`timings`), ``_launch()`` (start the process with :meth:`_spawn`) and ``stop()``.
+    :attr:`timings`) and ``_launch()`` (start the process with :meth:`_spawn`); it may
+    offer more ways to :meth:`stop` (a crash, say) through :meth:`_stop`.
     """
 
     #: What the log calls the server, for errors.
