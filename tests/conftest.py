@@ -12,7 +12,7 @@ DATA = Path(__file__).parent / "data"
 
 # The throw-away servers (slapd, PostgreSQL, MariaDB, SQLite files) and Postfix's own maps,
 # for any test that needs them.
-pytest_plugins = ("tests.servers.fixtures", "tests.servers.sql_fixtures")
+pytest_plugins = ("tests.servers.fixtures",)
 
 
 def require(condition: bool, why: str) -> None:

@@ -20,30 +20,38 @@ Typical use::
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.servers.common import (
+    DATA,
     READY_TIMEOUT,
+    Server,
     ServerError,
-    free_ports,
+    missing_programs,
     program,
-    read_text,
-    spawn,
-    stop_process,
-    wait_until,
+    run,
+    tcp_accepts,
 )
 from tests.servers.tls import ThrowawayCA
 
 #: The Debian packages (``slapd``, ``ldap-utils``) provide these; ``openssl`` makes the CA.
 PROGRAMS = ("slapd", "slapadd", "ldapsearch", "ldapmodify", "openssl")
+
+
+def missing_prerequisite() -> str | None:
+    """Why this machine cannot run a Slapd, or None if it can (it needs no root)."""
+    missing = missing_programs(PROGRAMS)
+    if missing:
+        return f"not installed: {', '.join(missing)} (Debian: slapd ldap-utils openssl)"
+    return None
+
 
 # docker-mailserver's LDAP test setup (test/tests/serial/mail_with_ldap.bats).
 SUFFIX = "dc=example,dc=test"
@@ -65,7 +73,7 @@ DMS_TEST_FILTERS = {
 }
 
 #: The test directory: see the comments in the file for what each entry is for.
-DMS_DIRECTORY = Path(__file__).resolve().parent.parent / "data" / "ldap" / "dms-directory.ldif"
+DMS_DIRECTORY = DATA / "ldap" / "dms-directory.ldif"
 
 SYSTEM_SCHEMAS = ("core", "cosine", "inetorgperson")
 _SYSTEM_SCHEMA_DIR = Path("/etc/ldap/schema")
@@ -211,23 +219,18 @@ def _answers_ldap(port: int) -> bool:
     return reply.startswith(_BIND_SUCCESS)
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-class Slapd:
+class Slapd(Server):
     """One slapd on 127.0.0.1 with the PostfixBook schema and the test directory.
 
     ``ldap://127.0.0.1:PORT`` (StartTLS offered when ``tls`` is given),
     ``ldaps://127.0.0.1:LDAPS_PORT`` (only with ``tls``) and ``ldapi://`` on a socket in the
     root. Ports are chosen on the first :meth:`start` and kept by every restart, so a client
-    configured once sees an outage and a recovery. ``debug`` is slapd's ``-d`` level
+    configured once sees an outage and a recovery (:meth:`restart`, ``with outage():``, as
+    for every :class:`~tests.servers.common.Server`). ``debug`` is slapd's ``-d`` level
     (``stats`` logs every operation to ``slapd.log``).
     """
+
+    name = "slapd"
 
     def __init__(
         self,
@@ -237,13 +240,13 @@ class Slapd:
         directory: Path = DMS_DIRECTORY,
         debug: str = "none",
     ) -> None:
+        super().__init__()
         self.root = root
         self.tls = tls
         self.directory = directory
         self.debug = debug
         self.port: int | None = None
         self.ldaps_port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
     # -- where -------------------------------------------------------------
 
@@ -287,14 +290,6 @@ class Slapd:
             raise ServerError("this slapd was started without TLS")
         return self.tls.ca_file
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def _port(self, port: int | None) -> int:
         if port is None:
             raise ServerError("slapd has no port before its first start()")
@@ -302,74 +297,37 @@ class Slapd:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self, attempts: int = 3) -> None:
-        """Build the configuration and database on first use, start slapd, wait until it
-        answers an LDAP bind. The first start picks free ports (retrying if one got taken
-        meanwhile); later starts reuse them."""
-        if self.running:
-            raise ServerError("slapd is already running")
-        if not self.config_dir.exists():
-            self._build()
-        first = self.port is None
-        for attempt in range(1, attempts + 1):
-            if first:
-                self.port, self.ldaps_port = free_ports(2)
-            mark = len(read_text(self.log_path))
-            try:
-                self._run()
-                return
-            except ServerError:
-                lost_port = "Address already in use" in read_text(self.log_path)[mark:]
-                if not (first and lost_port and attempt < attempts):
-                    raise
+    def _created(self) -> bool:
+        return self.port is not None
 
-    def stop(self) -> None:
-        """Stop slapd (SIGTERM: it closes the database cleanly) and wait until it is gone."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process(proc)
+    def _create(self) -> None:
+        """Build the configuration and database, then start slapd on free ports."""
+        with self._timed("create"):
+            if not self.config_dir.exists():
+                self._build()
+        with self._timed("start"):
+            self._start_on_free_ports(2, self._launch_on)
 
-    def restart(self) -> None:
-        """Stop and start again on the same ports, with the same data."""
-        self.stop()
-        self.start()
+    def _launch_on(self, ports: list[int]) -> None:
+        self.port, self.ldaps_port = ports
+        self._launch()
 
-    @contextlib.contextmanager
-    def outage(self) -> Iterator[None]:
-        """Within the block slapd is down (connections are refused); after it, it is back
-        on the same ports with the same data, even when the block raised."""
-        self.stop()
-        try:
-            yield
-        finally:
-            self.start()
-
-    def _run(self) -> None:
+    def _launch(self) -> None:
+        """Start slapd and wait until it answers an LDAP bind (and LDAPS accepts)."""
         urls = [self.url, self.ldapi_url]
         if self.tls is not None:
             urls.append(self.ldaps_url)
         self.ldapi_path.unlink(missing_ok=True)
-        self._proc = spawn(
-            [self._program("slapd"), "-F", str(self.config_dir), "-h", " ".join(urls),
-             "-d", self.debug],
-            self.log_path,
-        )  # fmt: skip
-        proc = self._proc
 
         def ready() -> bool:
-            if proc.poll() is not None:
-                raise ServerError(f"slapd exited ({proc.returncode}):\n{self.log_tail()}")
-            ldaps_ok = self.tls is None or _accepts(self._port(self.ldaps_port))
+            ldaps_ok = self.tls is None or tcp_accepts(self._port(self.ldaps_port))
             return _answers_ldap(self._port(self.port)) and ldaps_ok
 
-        try:
-            wait_until(ready, f"slapd on {self.url}")
-        except ServerError:
-            self.stop()
-            raise
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return read_text(self.log_path)[-chars:]
+        self._spawn(
+            [self._program("slapd"), "-F", self.config_dir, "-h", " ".join(urls), "-d", self.debug],
+            ready,
+            f"slapd on {self.url}",
+        )
 
     # -- building ----------------------------------------------------------
 
@@ -392,15 +350,8 @@ class Slapd:
 
     def _slapadd(self, *args: str) -> None:
         # -q: no consistency checks, much faster, fine for data we wrote ourselves.
-        result = subprocess.run(
-            [self._program("slapadd"), "-q", "-F", str(self.config_dir), *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
-        if result.returncode != 0:
-            raise ServerError(f"slapadd {' '.join(args)} failed:\n{result.stderr}")
+        run([self._program("slapadd"), "-q", "-F", self.config_dir, *args],
+            what=f"slapadd {' '.join(args)}")  # fmt: skip
 
     def _config_ldif(self) -> str:
         """One LDIF for ``slapadd -n0``: global settings (with TLS), the mdb module, the

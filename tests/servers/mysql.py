@@ -16,41 +16,29 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from tests.servers.common_sql import (
-    STOP_TIMEOUT,
-    ServerError,
-    TlsFiles,
-    Watchdog,
-    free_port,
-    make_root,
-    make_tls,
+from tests.servers.common import (
+    DATA,
+    EXAMPLES_SQL,
+    client_session,
+    program,
     run,
     tcp_accepts,
-    wait_until,
+    unix_socket_accepts,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples" / "sql"
-DATA = REPO / "tests" / "data" / "sql"
+from tests.servers.sql import DEFAULT_PASSWORD, DEFAULT_USER, SqlServer
 
 #: The databases every server gets unless told otherwise: name -> files loaded into it.
 DATABASES: dict[str, tuple[Path, ...]] = {
-    "postfixadmin": (EXAMPLES / "postfixadmin" / "schema.mysql.sql", DATA / "postfixadmin.sql"),
-    "mailcow": (EXAMPLES / "mailcow" / "schema.mysql.sql", DATA / "mailcow.sql"),
+    "postfixadmin": (
+        EXAMPLES_SQL / "postfixadmin" / "schema.mysql.sql",
+        DATA / "sql" / "postfixadmin.sql",
+    ),
+    "mailcow": (EXAMPLES_SQL / "mailcow" / "schema.mysql.sql", DATA / "sql" / "mailcow.sql"),
 }
-
-DEFAULT_USER = "policyd"
-#: A password with a quote, a percent sign and spaces: whatever passes it on must not
-#: format it into a string that parses it.
-DEFAULT_PASSWORD = "It's 100% secret"
 
 #: A postfixadmin query that takes ``seconds`` whatever the key; ``%s`` is Postfix's. In a
 #: WHERE clause SLEEP() would run once per row examined, none when the key is absent; a
@@ -65,14 +53,14 @@ def missing_prerequisite() -> str | None:
     """Why this machine cannot run a MariaServer, or None if it can."""
     if os.geteuid() != 0:
         return "the MariaDB fixture must run as root (mariadbd --user=root)"
-    for program, package in (
+    for name, package in (
         ("mariadbd", "mariadb-server"),
         ("mariadb-install-db", "mariadb-server"),
         ("mariadb", "mariadb-client"),
         ("openssl", "openssl"),
     ):
-        if shutil.which(program) is None:
-            return f"{program} is not installed (Debian: {package})"
+        if program(name) is None:
+            return f"{name} is not installed (Debian: {package})"
     return None
 
 
@@ -81,7 +69,7 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-class MariaServer:
+class MariaServer(SqlServer):
     """One MariaDB server with a few databases and one user who may read them.
 
     Arguments:
@@ -89,13 +77,17 @@ class MariaServer:
         user, password: ``user``@127.0.0.1 (TCP) and ``user``@localhost (the socket), with
             that password and SELECT on every database in ``databases``.
         tls: TLS with a certificate for localhost and 127.0.0.1 signed by a CA made for
-            this server (``tls_files.ca``).
+            this server (``ca_file``).
         tls_required: ``require_secure_transport``: TCP logins without TLS are refused.
 
-    Attributes once started: ``host`` (127.0.0.1), ``port``, ``socket``, ``password_file``
-    (the password and a newline, mode 0600), ``tls_files``, ``timings`` (seconds for each
-    step of the first start), ``root``.
+    Attributes once started: those of every :class:`~tests.servers.sql.SqlServer`, and
+    ``socket`` (the unix socket's path).
     """
+
+    name = "MariaDB"
+    root_prefix = "policyd-mysql-"
+    #: A crash: the next start runs InnoDB crash recovery.
+    kill_signal = signal.SIGKILL
 
     def __init__(
         self,
@@ -106,30 +98,10 @@ class MariaServer:
         tls: bool = False,
         tls_required: bool = False,
     ) -> None:
+        super().__init__(user=user, password=password, tls=tls, tls_required=tls_required)
         self.databases = {name: list(files) for name, files in databases.items()}
-        self.user = user
-        self.password = password
-        self.tls = tls or tls_required
-        self.tls_required = tls_required
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.timings: dict[str, float] = {}
-        self.tls_files: TlsFiles | None = None
-        self._root: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._watchdog: Watchdog | None = None
 
     # -- paths -------------------------------------------------------------
-
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise ServerError("the server has not been started")
-        return self._root
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def socket(self) -> Path:
@@ -143,39 +115,7 @@ class MariaServer:
     def log_path(self) -> Path:
         return self.root / "mysqld.err"
 
-    @property
-    def password_file(self) -> Path:
-        return self.root / "password"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self.running and self._process else None
-
     # -- lifecycle ---------------------------------------------------------
-
-    def start(self) -> MariaServer:
-        """Start the server; the first time, create and fill it.
-
-        Later calls (after :meth:`stop`) restart it on the same port with the same data.
-        Returns once it answers on its socket and accepts TCP connections.
-        """
-        if self.running:
-            raise ServerError("already running")
-        if self._root is not None:
-            began = time.monotonic()
-            self._launch()
-            self.timings["restart"] = time.monotonic() - began
-            return self
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the server and wait until it has exited; the data stays.
@@ -183,34 +123,7 @@ class MariaServer:
         The default is a normal shutdown (SIGTERM). ``kill`` is SIGKILL: a crash, and the
         next start runs InnoDB crash recovery.
         """
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Stop the server and remove everything it had (idempotent)."""
-        self.stop()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
-        if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> MariaServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        self._stop(self.kill_signal if kill else signal.SIGTERM)
 
     # -- queries -------------------------------------------------------------
 
@@ -223,7 +136,7 @@ class MariaServer:
             args += [f"--host={self.host}", f"--port={self.port}", f"--user={self.user}"]
             args.append(f"--password={self.password}")
             if self.tls_files is not None:
-                args += ["--ssl", f"--ssl-ca={self.tls_files.ca}", "--ssl-verify-server-cert"]
+                args += ["--ssl", f"--ssl-ca={self.tls_files.ca_file}", "--ssl-verify-server-cert"]
         else:
             args += [f"--socket={self.socket}", "--user=root"]
         if database is not None:
@@ -246,62 +159,25 @@ class MariaServer:
     def hold_lock(self, table: str, *, database: str) -> Iterator[None]:
         """While inside, another session holds ``LOCK TABLES table WRITE``, so every query
         that reads it waits: the stored queries become slow without being changed."""
-        client = subprocess.Popen(
-            self.client(database=database),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert client.stdin is not None
         # The named lock is taken after the table lock, so once another session sees it
         # used, the table lock is held.
         marker = sql_literal(f"policyd-test-{database}.{table}")
-        client.stdin.write(f"LOCK TABLES `{table}` WRITE; DO GET_LOCK({marker}, 10);\n".encode())
-        client.stdin.flush()
-        try:
-            wait_until(
-                lambda: self.query(f"SELECT IS_USED_LOCK({marker}) IS NOT NULL") == "1\n",
-                f"the lock on {database}.{table}",
-            )
+        with client_session(
+            self.client(database=database),
+            f"LOCK TABLES `{table}` WRITE; DO GET_LOCK({marker}, 10);",
+            "UNLOCK TABLES;",
+            lambda: self.query(f"SELECT IS_USED_LOCK({marker}) IS NOT NULL") == "1\n",
+            f"the lock on {database}.{table}",
+        ):
             yield
-        finally:
-            with contextlib.suppress(OSError):
-                client.stdin.write(b"UNLOCK TABLES;\n")
-                client.stdin.close()
-            try:
-                client.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                client.kill()
-                client.wait()
 
     # -- setting up ----------------------------------------------------------
 
-    def _create(self, attempts: int = 3) -> None:
-        began = time.monotonic()
-        self._root = make_root("policyd-mysql-")
-        self._watchdog = Watchdog(self.root, [(self.pid_file, signal.SIGKILL)])
-        self._watchdog.start()
+    def _initialize(self) -> None:
         install = ["mariadb-install-db", "--no-defaults", "--user=root"]
         install += [f"--datadir={self.data_dir}", "--auth-root-authentication-method=normal"]
         install += ["--skip-test-db", "--skip-name-resolve", *self._engine_options()]
         run(install, what="mariadb-install-db")
-        if self.tls:
-            self.tls_files = make_tls(self.root / "tls")
-        self.timings["install_db"] = time.monotonic() - began
-        for attempt in range(1, attempts + 1):
-            self.port = free_port()
-            began = time.monotonic()
-            try:
-                self._launch()
-            except ServerError:
-                if "Address already in use" in _read(self.log_path) and attempt < attempts:
-                    continue  # another process took the port we picked
-                raise
-            self.timings["start"] = time.monotonic() - began
-            break
-        began = time.monotonic()
-        self._provision()
-        self.timings["provision"] = time.monotonic() - began
 
     @staticmethod
     def _engine_options() -> list[str]:
@@ -332,9 +208,9 @@ class MariaServer:
         ]
         if self.tls_files is not None:
             args += [
-                f"--ssl-ca={self.tls_files.ca}",
-                f"--ssl-cert={self.tls_files.cert}",
-                f"--ssl-key={self.tls_files.key}",
+                f"--ssl-ca={self.tls_files.ca_file}",
+                f"--ssl-cert={self.tls_files.cert_file}",
+                f"--ssl-key={self.tls_files.key_file}",
             ]
         if self.tls_required:
             args.append("--require-secure-transport=ON")
@@ -343,30 +219,14 @@ class MariaServer:
     def _launch(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # left by a killed server; readiness watches for it
-        self._process = subprocess.Popen(
+        self._spawn(
             self._server_args(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            lambda: unix_socket_accepts(self.socket) and tcp_accepts(self.port),
+            f"MariaDB on port {self.port}",
             cwd=self.root,
         )
 
-        def ready() -> bool:
-            if self._process is not None and self._process.poll() is not None:
-                self._process = None
-                raise ServerError(f"mariadbd exited:\n{_read(self.log_path)[-3000:]}")
-            return _unix_socket_accepts(self.socket) and tcp_accepts(self.port)
-
-        try:
-            wait_until(ready, f"MariaDB on port {self.port}")
-        except ServerError:
-            self.stop(kill=True)
-            raise
-
     def _provision(self) -> None:
-        self.password_file.write_text(self.password + "\n")
-        self.password_file.chmod(0o600)
         require = " REQUIRE SSL" if self.tls_required else ""
         statements = [f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4" for name in self.databases]
         for host in ("127.0.0.1", "localhost"):
@@ -386,19 +246,3 @@ class MariaServer:
                         what=f"loading {path.name} into {database}",
                         stdin=sql,
                     )
-
-
-def _unix_socket_accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""

@@ -18,45 +18,32 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import signal
-import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from tests.servers.common_sql import (
-    STOP_TIMEOUT,
-    ServerError,
-    TlsFiles,
-    Watchdog,
-    free_port,
-    make_root,
-    make_tls,
+from tests.servers.common import (
+    DATA,
+    EXAMPLES_SQL,
+    client_session,
+    program,
+    read_text,
     run,
     tcp_accepts,
-    wait_until,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples" / "sql"
-DATA = REPO / "tests" / "data" / "sql"
+from tests.servers.sql import DEFAULT_PASSWORD, DEFAULT_USER, SqlServer
 
 #: The postfixadmin schema and the test data every server gets unless told otherwise.
 POSTFIXADMIN_SQL: tuple[Path, ...] = (
-    EXAMPLES / "postfixadmin" / "schema.pgsql.sql",
-    DATA / "postfixadmin.sql",
+    EXAMPLES_SQL / "postfixadmin" / "schema.pgsql.sql",
+    DATA / "sql" / "postfixadmin.sql",
 )
 #: The LISTEN/NOTIFY trigger example (channel ``policyd``).
-NOTIFY_SQL = EXAMPLES / "postfixadmin" / "notify.pgsql.sql"
+NOTIFY_SQL = EXAMPLES_SQL / "postfixadmin" / "notify.pgsql.sql"
 
 #: The superuser; it logs in over the unix socket without a password (``trust``).
 ADMIN = "postgres"
-DEFAULT_USER = "policyd"
-#: A password with a quote, a percent sign and spaces: whatever passes it on must not
-#: format it into a string that parses it.
-DEFAULT_PASSWORD = "It's 100% secret"
 
 #: A postfixadmin query that takes ``seconds`` whatever the key; ``%s`` is Postfix's.
 #: pg_sleep() in FROM runs once per query, even when no row matches.
@@ -82,9 +69,9 @@ def missing_prerequisite() -> str | None:
         pwd.getpwnam(ADMIN)
     except KeyError:
         return "there is no postgres user (Debian: postgresql)"
-    for program in ("psql", "openssl"):
-        if shutil.which(program) is None:
-            return f"{program} is not installed"
+    for name in ("psql", "openssl"):
+        if program(name) is None:
+            return f"{name} is not installed"
     return None
 
 
@@ -93,7 +80,7 @@ def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-class PgServer:
+class PgServer(SqlServer):
     """One PostgreSQL server, one database, one login role.
 
     Arguments:
@@ -103,13 +90,17 @@ class PgServer:
         sql_files: loaded into ``dbname`` by the superuser at the first start.
         notify: also load examples/sql/postfixadmin/notify.pgsql.sql.
         tls: ``ssl = on`` with a certificate for localhost and 127.0.0.1 signed by a CA made
-            for this server (``tls_files.ca``).
+            for this server (``ca_file``).
         tls_required: TCP logins without TLS are refused (pg_hba ``hostssl`` only).
 
-    Attributes once started: ``host`` (127.0.0.1), ``port``, ``socket_dir`` (libpq's host
-    for the unix socket), ``password_file`` (the password and a newline, mode 0600),
-    ``tls_files``, ``timings`` (seconds for each step of the first start), ``root``.
+    Attributes once started: those of every :class:`~tests.servers.sql.SqlServer`, and
+    ``socket_dir`` (libpq's host for the unix socket).
     """
+
+    name = "PostgreSQL"
+    root_prefix = "policyd-pgsql-"
+    #: Immediate shutdown: the postmaster stops its children and exits without a checkpoint.
+    kill_signal = signal.SIGQUIT
 
     def __init__(
         self,
@@ -122,32 +113,12 @@ class PgServer:
         tls: bool = False,
         tls_required: bool = False,
     ) -> None:
+        super().__init__(user=user, password=password, tls=tls, tls_required=tls_required)
         self.dbname = dbname
-        self.user = user
-        self.password = password
         self.sql_files = [*sql_files, *([NOTIFY_SQL] if notify else [])]
-        self.tls = tls or tls_required
-        self.tls_required = tls_required
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.timings: dict[str, float] = {}
-        self.tls_files: TlsFiles | None = None
         self._bin = bin_dir() or Path("/nonexistent")
-        self._root: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._watchdog: Watchdog | None = None
 
     # -- paths -------------------------------------------------------------
-
-    @property
-    def root(self) -> Path:
-        if self._root is None:
-            raise ServerError("the server has not been started")
-        return self._root
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
 
     @property
     def socket_dir(self) -> Path:
@@ -156,18 +127,6 @@ class PgServer:
     @property
     def log_path(self) -> Path:
         return self.root / "postgres.log"
-
-    @property
-    def password_file(self) -> Path:
-        return self.root / "password"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self.running and self._process else None
 
     def uri(self, *, sslmode: str | None = None, dbname: str | None = None) -> str:
         """A libpq URI for the login role over TCP, password included (percent-encoded);
@@ -178,30 +137,10 @@ class PgServer:
         if sslmode is not None:
             uri += f"?sslmode={sslmode}"
             if sslmode.startswith("verify") and self.tls_files is not None:
-                uri += f"&sslrootcert={quote(str(self.tls_files.ca))}"
+                uri += f"&sslrootcert={quote(str(self.tls_files.ca_file))}"
         return uri
 
     # -- lifecycle ---------------------------------------------------------
-
-    def start(self) -> PgServer:
-        """Start the server; the first time, create and fill it.
-
-        Later calls (after :meth:`stop`) restart it on the same port with the same data.
-        Returns once it accepts connections on its socket and on TCP.
-        """
-        if self.running:
-            raise ServerError("already running")
-        if self._root is not None:
-            began = time.monotonic()
-            self._launch()
-            self.timings["restart"] = time.monotonic() - began
-            return self
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def stop(self, *, immediate: bool = False) -> None:
         """Stop the server and wait until it has exited; the data stays.
@@ -210,34 +149,7 @@ class PgServer:
         cleanly). ``immediate`` is SIGQUIT, the nearest to a crash: no checkpoint, and the
         next start runs crash recovery.
         """
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Stop the server and remove everything it had (idempotent)."""
-        self.stop()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
-        if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> PgServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        self._stop(self.kill_signal if immediate else signal.SIGINT)
 
     # -- queries -------------------------------------------------------------
 
@@ -270,64 +182,28 @@ class PgServer:
     def hold_lock(self, table: str) -> Iterator[None]:
         """While inside, another session holds ``table`` ACCESS EXCLUSIVE, so every query
         that reads it waits: the stored queries become slow without being changed."""
-        psql = subprocess.Popen(
-            self.client(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=_clean_env(),
-        )
-        assert psql.stdin is not None
-        psql.stdin.write(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\n".encode())
-        psql.stdin.flush()
         granted = (
             "SELECT count(*) FROM pg_locks WHERE granted AND mode = 'AccessExclusiveLock'"
             f" AND relation = {sql_literal(table)}::regclass"
         )
-        try:
-            wait_until(lambda: self.psql(granted).strip() == "1", f"the lock on {table}")
+        with client_session(
+            self.client(),
+            f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;",
+            "ROLLBACK;",
+            lambda: self.psql(granted).strip() == "1",
+            f"the lock on {table}",
+            env=_clean_env(),
+        ):
             yield
-        finally:
-            with contextlib.suppress(OSError):
-                psql.stdin.write(b"ROLLBACK;\n")
-                psql.stdin.close()
-            try:
-                psql.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                psql.kill()
-                psql.wait()
 
     # -- setting up ----------------------------------------------------------
 
-    def _create(self, attempts: int = 3) -> None:
-        began = time.monotonic()
-        self._root = make_root("policyd-pgsql-")
-        os.chown(self.root, *_postgres_ids())
-        self._watchdog = Watchdog(self.root, [(self.data_dir / "postmaster.pid", signal.SIGQUIT)])
-        self._watchdog.start()
-        self._initdb()
-        if self.tls:
-            self.tls_files = make_tls(self.root / "tls")
-            for path in (self.root / "tls", self.tls_files.key):
-                os.chown(path, *_postgres_ids())
-        self.timings["initdb"] = time.monotonic() - began
-        for attempt in range(1, attempts + 1):
-            self.port = free_port()
-            self._write_config()
-            began = time.monotonic()
-            try:
-                self._launch()
-            except ServerError:
-                if "could not bind" in _read(self.log_path) and attempt < attempts:
-                    continue  # another process took the port we picked
-                raise
-            self.timings["start"] = time.monotonic() - began
-            break
-        began = time.monotonic()
-        self._provision()
-        self.timings["provision"] = time.monotonic() - began
-
-    def _initdb(self) -> None:
+    def _initialize(self) -> None:
+        owned = [self.root]
+        if self.tls_files is not None:
+            owned += [self.tls_files.key_file.parent, self.tls_files.key_file]
+        for path in owned:
+            os.chown(path, *_postgres_ids())
         args = [str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", ADMIN, "-A", "trust"]
         args += ["--no-sync", "--no-locale", "-E", "UTF8", "--no-instructions"]
         run(args, what="initdb", **_as_postgres())
@@ -348,11 +224,11 @@ class PgServer:
         }
         if self.tls_files is not None:
             settings["ssl"] = "on"
-            settings["ssl_cert_file"] = sql_literal(str(self.tls_files.cert))
-            settings["ssl_key_file"] = sql_literal(str(self.tls_files.key))
+            settings["ssl_cert_file"] = sql_literal(str(self.tls_files.cert_file))
+            settings["ssl_key_file"] = sql_literal(str(self.tls_files.key_file))
         conf = self.data_dir / "postgresql.conf"
         marker = "# --- policyd test server ---\n"
-        base = _read(conf).split(marker)[0]
+        base = read_text(conf).split(marker)[0]
         conf.write_text(base + marker + "".join(f"{k} = {v}\n" for k, v in settings.items()))
         tcp = "hostssl" if self.tls_required else "host"
         (self.data_dir / "pg_hba.conf").write_text(
@@ -362,35 +238,22 @@ class PgServer:
         )
 
     def _launch(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
-        with log:
-            self._process = subprocess.Popen(
-                [str(self._bin / "postgres"), "-D", str(self.data_dir)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                cwd=self.root,
-                **_as_postgres(),
-            )
+        self._write_config()
         pid_file = self.data_dir / "postmaster.pid"
 
         def ready() -> bool:
-            if self._process is not None and self._process.poll() is not None:
-                self._process = None
-                raise ServerError(f"postgres exited:\n{_read(self.log_path)[-3000:]}")
-            lines = _read(pid_file).splitlines()
+            lines = read_text(pid_file).splitlines()
             return len(lines) >= 8 and lines[7].strip() == "ready" and tcp_accepts(self.port)
 
-        try:
-            wait_until(ready, f"PostgreSQL on port {self.port}")
-        except ServerError:
-            self.stop(immediate=True)
-            raise
+        self._spawn(
+            [self._bin / "postgres", "-D", self.data_dir],
+            ready,
+            f"PostgreSQL on port {self.port}",
+            cwd=self.root,
+            **_as_postgres(),
+        )
 
     def _provision(self) -> None:
-        self.password_file.write_text(self.password + "\n")
-        self.password_file.chmod(0o600)
         self.psql(
             f'CREATE ROLE "{self.user}" LOGIN PASSWORD {sql_literal(self.password)}',
             dbname="postgres",
@@ -420,10 +283,3 @@ def _as_postgres() -> dict[str, object]:
     uid, gid = _postgres_ids()
     env = {**_clean_env(), "HOME": pwd.getpwnam(ADMIN).pw_dir}
     return {"user": uid, "group": gid, "extra_groups": [], "env": env}
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""

@@ -149,7 +149,7 @@ def test_results_come_in_the_order_postfix_joins_them(
     table = postfix_maps.table(
         "order.cf", slapd.postfix_cf(query_filter=query_filter, result_attribute="mail, uid")
     )
-    postfix = postfix_maps.query(f"ldap:{table}", key, env=slapd.client_env())
+    postfix = postfix_maps.query(key, f"ldap:{table}", env=slapd.client_env())
     assert postfix.value is not None
     assert _joined_as_postfix_would(ldap3, slapd, query_filter.replace("%s", key)) == postfix.value
 
@@ -165,7 +165,7 @@ def test_an_exceeded_size_limit_is_a_success_to_ldap3_but_an_error_to_postfix(
         slapd.postfix_cf(query_filter="(mailGroupMember=%s)", result_attribute="mail",
                          size_limit="1"),
     )  # fmt: skip
-    assert postfix_maps.query(f"ldap:{table}", key, env=slapd.client_env()).error is not None
+    assert postfix_maps.query(key, f"ldap:{table}", env=slapd.client_env()).error is not None
 
     server = ldap3.Server(slapd.url, connect_timeout=5)
     with admin_connection(ldap3, server) as connection:

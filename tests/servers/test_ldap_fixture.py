@@ -1,23 +1,18 @@
 """The LDAP test server is what the LDAP store's tests take it for: docker-mailserver's schema
-and directory, TLS that verifies against the test CA, outages that keep the data, peers that
-hang, a watchdog that cleans up, and Postfix's own ldap: map beside it."""
+and directory, TLS that verifies against the test CA, outages that keep the data, and
+Postfix's own ldap: map beside it. The peers that hang and the watchdog, which every server
+shares, are tested in test_common.py."""
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
 from tests.servers import ldap
-from tests.servers.common import ServerError, start_time, wait_until
+from tests.servers.common import ServerError, tcp_refuses
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
-from tests.servers.postfix_maps import PostfixMaps
+from tests.servers.postfix_maps import LookupFailed, PostfixMaps
 from tests.servers.tls import make_ca
 
 SOME_USER = "some.user@localhost.localdomain"
@@ -124,14 +119,6 @@ def test_plain_ldap_and_ldapi_answer_without_tls(slapd: Slapd) -> None:
 # -- outage and recovery -----------------------------------------------------
 
 
-def _refuses(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 def test_restart_keeps_ports_and_data(private_slapd: Slapd) -> None:
     url, ldaps_url = private_slapd.url, private_slapd.ldaps_url
     private_slapd.modify(
@@ -148,59 +135,9 @@ def test_restart_keeps_ports_and_data(private_slapd: Slapd) -> None:
 def test_outage_refuses_connections_then_recovers(private_slapd: Slapd) -> None:
     assert private_slapd.port is not None
     with private_slapd.outage():
-        assert _refuses(private_slapd.port)
+        assert tcp_refuses(private_slapd.port)
         assert private_slapd.ldapsearch("(uid=some.user)").returncode != 0
     assert mails(private_slapd, "(uid=some.user)") == [SOME_USER]
-
-
-# -- peers that hang ---------------------------------------------------------
-
-
-def test_silent_server_accepts_and_never_answers(silent_server) -> None:
-    with socket.create_connection(("127.0.0.1", silent_server.port), timeout=2) as sock:
-        sock.sendall(bytes.fromhex("300c020101600702010304008000"))  # an LDAP bind
-        sock.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            sock.recv(1)
-
-
-def test_syn_drop_server_hangs_connect(syn_drop_server) -> None:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            sock.connect(("127.0.0.1", syn_drop_server.port))
-
-
-# -- cleanup when the test process dies -------------------------------------
-
-_ORPHAN = """
-import json, pathlib, sys
-sys.path.insert(0, {root!r})
-from tests.servers.ldap import Slapd
-server = Slapd(pathlib.Path({path!r}))
-server.start()
-print(json.dumps([server.pid, server.port]), flush=True)
-sys.stdin.read()
-"""
-
-
-def test_watchdog_stops_slapd_when_the_test_process_is_killed(tmp_path_factory) -> None:
-    root = tmp_path_factory.mktemp("orphan")
-    script = _ORPHAN.format(root=str(ROOT), path=str(root / "slapd"))
-    with subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as owner:
-        try:
-            assert owner.stdout is not None
-            pid, port = json.loads(owner.stdout.readline())
-            assert start_time(pid) is not None
-        finally:
-            owner.kill()  # like a CI timeout: no cleanup code runs in it
-    wait_until(lambda: start_time(pid) is None, "the orphaned slapd to be stopped")
-    assert _refuses(port)
 
 
 # -- Postfix's own ldap: map -------------------------------------------------
@@ -211,7 +148,7 @@ def test_postfix_ldap_map_answers_in_server_order(slapd: Slapd, postfix_maps: Po
         "senders.cf",
         slapd.postfix_cf(query_filter=DMS_TEST_FILTERS["senders"], result_attribute="mail, uid"),
     )
-    answer = postfix_maps.query(f"ldap:{table}", "Some.User@localhost.localdomain",
+    answer = postfix_maps.query("Some.User@localhost.localdomain", f"ldap:{table}",
                                 env=slapd.client_env())  # fmt: skip
     # Folded key; entry by entry in server order; each entry's uid (stored first) then mail.
     assert answer.value == (
@@ -230,7 +167,7 @@ def test_postfix_ldap_map_over_tls(slapd: Slapd, postfix_maps: PostfixMaps, how:
             tls_require_cert="yes", **tls,
         ),
     )  # fmt: skip
-    answer = postfix_maps.query(f"ldap:{table}", SOME_USER, env=slapd.client_env())
+    answer = postfix_maps.query(SOME_USER, f"ldap:{table}", env=slapd.client_env())
     assert answer.value == SOME_USER
 
 
@@ -239,10 +176,11 @@ def test_postfix_ldap_map_reports_lookup_errors(slapd: Slapd, postfix_maps: Post
     table = postfix_maps.table(
         "blank.cf", slapd.postfix_cf(query_filter="", result_attribute="mail")
     )
-    answer = postfix_maps.query(f"ldap:{table}", SOME_USER, env=slapd.client_env())
-    assert not answer.found
+    answer = postfix_maps.query(SOME_USER, f"ldap:{table}", env=slapd.client_env())
     assert answer.error is not None
     assert "Fixed query_filter" in answer.log
+    with pytest.raises(LookupFailed):  # a failure never passes for "not found"
+        _ = answer.found
 
 
 def test_postfix_ldap_map_reports_an_outage(
@@ -251,8 +189,8 @@ def test_postfix_ldap_map_reports_an_outage(
     cf = private_slapd.postfix_cf(query_filter="(mail=%s)", result_attribute="mail")
     table = postfix_maps.table("outage.cf", cf)
     with private_slapd.outage():
-        down = postfix_maps.query(f"ldap:{table}", SOME_USER, env=private_slapd.client_env())
-    up = postfix_maps.query(f"ldap:{table}", "nobody@localhost.localdomain",
+        down = postfix_maps.query(SOME_USER, f"ldap:{table}", env=private_slapd.client_env())
+    up = postfix_maps.query("nobody@localhost.localdomain", f"ldap:{table}",
                             env=private_slapd.client_env())  # fmt: skip
     assert down.error is not None
     assert (up.found, up.error) == (False, None)
@@ -265,4 +203,4 @@ def test_postfix_maps_use_only_their_own_plugin_list(
     bare = PostfixMaps(tmp_path / "bare", map_types=())
     table = bare.table("users.cf", slapd.postfix_cf(query_filter="(mail=%s)"))
     with pytest.raises(ServerError, match="ldap"):
-        bare.query(f"ldap:{table}", SOME_USER, env=slapd.client_env())
+        bare.query(SOME_USER, f"ldap:{table}", env=slapd.client_env())

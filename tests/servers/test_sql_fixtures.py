@@ -1,8 +1,8 @@
 """The SQL fixtures themselves: the servers hold the seeded rows, want the password, verify
-TLS against their own CA, keep port and data across a restart, go away with the process that
-started them; the NOTIFY trigger fires; the hung and SYN-dropping listeners behave as named;
-and the example maps in examples/sql/ answer through Postfix's own pgsql:, mysql: and sqlite:
-maps exactly as tests/data/sql/*-owners.tsv says.
+TLS against their own CA, keep port and data across a restart; the NOTIFY trigger fires; and
+the example maps in examples/sql/ answer through Postfix's own pgsql:, mysql: and sqlite:
+maps exactly as tests/data/sql/*-owners.tsv says. The peers that hang and the watchdog,
+which every server shares, are tested in test_common.py.
 """
 
 from __future__ import annotations
@@ -10,24 +10,16 @@ from __future__ import annotations
 import csv
 import os
 import re
-import signal
-import socket
 import sqlite3
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.servers import mysql, pgsql
-from tests.servers.common_sql import (
-    ServerError,
-    make_tls,
-    pid_alive,
-    tcp_accepts,
-    wait_until,
-)
-from tests.servers.postmap import PostmapError, render_cf
+from tests.servers.common import ServerError, tcp_accepts
+from tests.servers.tls import make_ca
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "sql"
@@ -94,7 +86,7 @@ def test_pgsql_tls_is_verified_against_its_ca(pgsql_server: pgsql.PgServer, tmp_
         "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
     )
     assert verified.stdout == "t\n", verified.stderr
-    other_ca = make_tls(tmp_path / "other").ca
+    other_ca = make_ca(tmp_path / "other").ca_file
     uri = pgsql_server.uri(sslmode="verify-full").split("&sslrootcert=")[0]
     refused = psql_uri(f"{uri}&sslrootcert={other_ca}", "SELECT 1")
     assert refused.returncode != 0
@@ -195,7 +187,7 @@ def test_mysql_tls_is_verified_against_its_ca(
     assert "--ssl-verify-server-cert" in args
     status = mariadb(args, "SHOW SESSION STATUS LIKE 'Ssl_version'")
     assert re.fullmatch(r"Ssl_version\tTLSv1\.[23]\n", status.stdout), status.stderr
-    other_ca = make_tls(tmp_path / "other").ca
+    other_ca = make_ca(tmp_path / "other").ca_file
     refused = mariadb(
         [f"--ssl-ca={other_ca}" if a.startswith("--ssl-ca=") else a for a in args], "SELECT 1"
     )
@@ -250,7 +242,7 @@ def test_mysql_slow_query_and_lock(mysql_server: mysql.MariaServer) -> None:
 
 
 # --------------------------------------------------------------------------
-# SQLite, listeners, watchdog
+# SQLite
 # --------------------------------------------------------------------------
 
 
@@ -265,57 +257,6 @@ def test_sqlite_file_opens_read_only(sqlite_postfixadmin: Path) -> None:
             connection.execute("DELETE FROM mailbox")
     finally:
         connection.close()
-
-
-def test_silent_server_accepts_and_never_answers(silent_server) -> None:
-    with socket.create_connection((silent_server.host, silent_server.port), timeout=5) as sock:
-        sock.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            sock.recv(1)
-
-
-def test_syn_dropping_server_never_completes_a_connect(syn_dropping_server) -> None:
-    with pytest.raises(TimeoutError):
-        socket.create_connection((syn_dropping_server.host, syn_dropping_server.port), timeout=0.3)
-
-
-_OWNER = """
-import sys
-from tests.servers.{module} import {cls}
-server = {cls}()
-server.start()
-print(server.root, server.pid, flush=True)
-sys.stdin.read()
-"""
-
-
-@pytest.mark.parametrize(
-    ("module", "cls"), [("pgsql", "PgServer"), ("mysql", "MariaServer")], ids=["pgsql", "mysql"]
-)
-def test_server_goes_away_when_its_owner_is_killed(module: str, cls: str, request) -> None:
-    request.getfixturevalue(f"{module}_factory")  # skips, or fails in CI, as the fixtures do
-    owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER.format(module=module, cls=cls)],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert owner.stdout is not None
-        root_text, pid_text = owner.stdout.readline().split()
-        root, pid = Path(root_text), int(pid_text)
-        assert pid_alive(pid) and root.exists()
-        owner.send_signal(signal.SIGKILL)
-        owner.wait()
-        wait_until(lambda: not pid_alive(pid) and not root.exists(), "the watchdog's cleanup")
-    finally:
-        owner.kill()
-        owner.wait()
-        if owner.stdin is not None:
-            owner.stdin.close()
-        if owner.stdout is not None:
-            owner.stdout.close()
 
 
 # --------------------------------------------------------------------------
@@ -344,46 +285,61 @@ def _cases(name: str, backend: str) -> list[pytest.param]:
     return params
 
 
-def _postfixadmin_table(backend: str, request, tmp_path: Path) -> str:
+def _connection(server) -> dict[str, str]:
+    """The settings of a Postfix SQL map that connect to ``server`` as its login."""
+    hosts = f"{server.host}:{server.port}"
+    return {"hosts": hosts, "user": server.user, "password": server.password}
+
+
+def _postfixadmin_table(backend: str, request, postfix_maps) -> str:
     example = EXAMPLES / "postfixadmin" / f"sender_login_maps.{backend}.cf"
     if backend == "sqlite":
         database = request.getfixturevalue("sqlite_postfixadmin")
-        return f"sqlite:{render_cf(example, tmp_path / 'map.cf', dbpath=str(database))}"
+        return f"sqlite:{postfix_maps.render('map.cf', example, dbpath=str(database))}"
     server = request.getfixturevalue(f"{backend}_server")
-    cf = render_cf(
+    cf = postfix_maps.render(
+        "map.cf",
         example,
-        tmp_path / "map.cf",
-        hosts=f"{server.host}:{server.port}",
-        user=server.user,
-        password=server.password,
+        **_connection(server),
     )
     return f"{backend}:{cf}"
 
 
 @pytest.mark.parametrize("backend", ["pgsql", "mysql", "sqlite"])
-def test_postfixadmin_example_through_postfix(backend, postfix_maps, request, tmp_path) -> None:
-    table = _postfixadmin_table(backend, request, tmp_path)
+def test_postfixadmin_example_through_postfix(backend, postfix_maps, request) -> None:
+    table = _postfixadmin_table(backend, request, postfix_maps)
     for param in _cases("postfixadmin-owners.tsv", backend):
         key, expected = param.values
-        assert _owners(postfix_maps.query(key, table)) == expected, f"{param.id}: {key!r}"
+        assert _owners(postfix_maps.query(key, table).value) == expected, f"{param.id}: {key!r}"
 
 
-def test_mailcow_example_through_postfix(mysql_server, postfix_maps, tmp_path) -> None:
-    cf = render_cf(
+def test_mailcow_example_through_postfix(mysql_server, postfix_maps) -> None:
+    cf = postfix_maps.render(
+        "map.cf",
         EXAMPLES / "mailcow" / "sender_login_maps.mysql.cf",
-        tmp_path / "map.cf",
-        hosts=f"{mysql_server.host}:{mysql_server.port}",
-        user=mysql_server.user,
-        password=mysql_server.password,
+        **_connection(mysql_server),
     )
     for param in _cases("mailcow-owners.tsv", "mysql"):
         key, expected = param.values
-        assert _owners(postfix_maps.query(key, f"mysql:{cf}")) == expected, f"{param.id}: {key!r}"
+        answer = postfix_maps.query(key, f"mysql:{cf}")
+        assert _owners(answer.value) == expected, f"{param.id}: {key!r}"
+
+
+def _answers_only_through_its_ca(
+    table: Callable[[Path, str], str], server, postfix_maps, tmp_path: Path, refusal: str
+) -> None:
+    """Postfix's map, given ``table(ca, name)``, answers over TLS verified against the
+    server's CA, and fails (the log saying ``refusal``) against another CA."""
+    answer = postfix_maps.query("info@example.com", table(server.ca_file, "ok.cf"))
+    assert answer.value == "alice@example.com,bob@example.com"
+    other_ca = make_ca(tmp_path / "other").ca_file
+    refused = postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    assert refused.error is not None
+    assert refusal in refused.log
 
 
 def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, tmp_path) -> None:
     """The URI form the example's comment gives: user in the URI, password in a pgpass file."""
-    assert pgsql_server.tls_files is not None
     passfile = tmp_path / "pgpass"
     passfile.write_text(f"*:*:*:{pgsql_server.user}:{pgsql_server.password}\n")
     passfile.chmod(0o600)
@@ -394,53 +350,40 @@ def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, 
             f"postgresql://{pgsql_server.user}@{pgsql_server.host}:{pgsql_server.port}"
             f"/{pgsql_server.dbname}?sslmode=verify-full&sslrootcert={ca}&passfile={passfile}"
         )
-        cf = render_cf(example, tmp_path / name, hosts=uri, user=None, password=None)
+        cf = postfix_maps.render(name, example, hosts=uri, user=None, password=None)
         return f"pgsql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(pgsql_server.tls_files.ca, "ok.cf")) == (
-        "alice@example.com,bob@example.com"
-    )
-    other_ca = make_tls(tmp_path / "other").ca
-    with pytest.raises(PostmapError, match="certificate verify failed"):
-        postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    refusal = "certificate verify failed"
+    _answers_only_through_its_ca(table, pgsql_server, postfix_maps, tmp_path, refusal)
 
 
 def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, tmp_path) -> None:
-    assert mysql_server.tls_files is not None
     example = EXAMPLES / "postfixadmin" / "sender_login_maps.mysql.cf"
 
     def table(ca: Path, name: str) -> str:
-        cf = render_cf(
+        cf = postfix_maps.render(
+            name,
             example,
-            tmp_path / name,
-            hosts=f"{mysql_server.host}:{mysql_server.port}",
-            user=mysql_server.user,
-            password=mysql_server.password,
+            **_connection(mysql_server),
             tls_CAfile=str(ca),
             tls_verify_cert="yes",
         )
         return f"mysql:{cf}"
 
-    assert postfix_maps.query("info@example.com", table(mysql_server.tls_files.ca, "ok.cf")) == (
-        "alice@example.com,bob@example.com"
-    )
-    other_ca = make_tls(tmp_path / "other").ca
-    with pytest.raises(PostmapError, match="certificate"):
-        postfix_maps.query("info@example.com", table(other_ca, "other.cf"))
+    _answers_only_through_its_ca(table, mysql_server, postfix_maps, tmp_path, "certificate")
 
 
-def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps, tmp_path) -> None:
+def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps) -> None:
     server = pgsql_factory()
-    cf = render_cf(
+    cf = postfix_maps.render(
+        "map.cf",
         EXAMPLES / "postfixadmin" / "sender_login_maps.pgsql.cf",
-        tmp_path / "map.cf",
-        hosts=f"{server.host}:{server.port}",
-        user=server.user,
-        password=server.password,
+        **_connection(server),
     )
-    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}") == "alice@example.com"
+    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}").value == "alice@example.com"
     server.stop()
-    with pytest.raises(PostmapError, match="connect to pgsql server"):
-        postfix_maps.query("alice@example.com", f"pgsql:{cf}")
+    down = postfix_maps.query("alice@example.com", f"pgsql:{cf}")
+    assert down.error is not None
+    assert "connect to pgsql server" in down.log
     server.start()
-    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}") == "alice@example.com"
+    assert postfix_maps.query("alice@example.com", f"pgsql:{cf}").value == "alice@example.com"

@@ -1,13 +1,13 @@
 """A throw-away certificate authority and server certificate for TLS tests, made with the
-openssl command (the standard library cannot make certificates)."""
+openssl command (the standard library cannot make certificates): what slapd, PostgreSQL and
+MariaDB present, and what a test trusts or, made again, distrusts."""
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers.common import ServerError, program
+from tests.servers.common import ServerError, program, run
 
 #: Names the server certificate is valid for: what tests put in their URLs.
 SERVER_NAMES = ("localhost",)
@@ -24,7 +24,8 @@ class ThrowawayCA:
     """Where a test CA's certificate and the server certificate it signed are.
 
     ``ca_file`` is what a client is told to trust; ``cert_file`` and ``key_file`` are what
-    the server presents (the key unencrypted, so servers start without a passphrase).
+    the server presents (the key unencrypted, so servers start without a passphrase, and
+    mode 0600, as PostgreSQL insists).
     """
 
     ca_file: Path
@@ -46,14 +47,14 @@ def make_ca(
     ca = ThrowawayCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     ca_key = directory / "ca.key"
     alt_names = ",".join([*(f"DNS:{n}" for n in names), *(f"IP:{a}" for a in addresses)])
-    _openssl(
+    run([
         openssl, "req", "-x509", *_KEY, "-days", _DAYS,
         "-keyout", str(ca_key), "-out", str(ca.ca_file),
         "-subj", "/O=policyd tests/CN=policyd throw-away test CA",
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    _openssl(
+    ], what="openssl: the test CA")  # fmt: skip
+    run([
         openssl, "req", "-x509", *_KEY, "-days", _DAYS,
         "-CA", str(ca.ca_file), "-CAkey", str(ca_key),
         "-keyout", str(ca.key_file), "-out", str(ca.cert_file),
@@ -62,11 +63,6 @@ def make_ca(
         "-addext", "keyUsage=critical,digitalSignature",
         "-addext", "extendedKeyUsage=serverAuth",
         "-addext", f"subjectAltName={alt_names}",
-    )  # fmt: skip
+    ], what="openssl: the server certificate")  # fmt: skip
+    ca.key_file.chmod(0o600)
     return ca
-
-
-def _openssl(*argv: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-    if result.returncode != 0:
-        raise ServerError(f"{' '.join(argv[:3])} failed:\n{result.stderr}")
