@@ -537,7 +537,7 @@ class LoadRun:
         except BaseException:
             self.close()
             raise
-        # Every connection is open: start shortly ahead, so all begin together.
+        # Every connection is open: start shortly ahead, so every thread begins at once.
         self.start_at = MonoNs() + 50_000_000
         self.measure_from = self.start_at + int(self.warmup * 1e9)
         self.stop_at = self.measure_from + int(self.duration * 1e9)
