@@ -555,8 +555,10 @@ class LoadRun:
 
     def _tell(self, line: str) -> None:
         assert self._process is not None and self._process.stdin is not None
-        self._process.stdin.write(line.encode() + b"\n")
-        self._process.stdin.flush()
+        # Gone already (every connection lost, say): finish() reports what it counted.
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.write(line.encode() + b"\n")
+            self._process.stdin.flush()
 
     def _errors(self) -> str:
         assert self._scratch is not None
@@ -583,13 +585,13 @@ class LoadRun:
         process = self._process
         assert process is not None and self._scratch is not None
         cpu: dict[str, float] = {}
-        _sleep_until(self.measure_from)
+        self._wait_until(self.measure_from)
         if self.server_pids is not None:
             # CPU of the server, of the load generator and of the whole machine over the
             # window: what is left is other work on the machine, which makes the run unreliable.
             before = (_tree_cpu(self.server_pids()), _tree_cpu([process.pid]), machine_cpu())
             start = MonoNs()
-        _sleep_until(self.stop_at)
+        self._wait_until(self.stop_at)
         if self.server_pids is not None:
             after = (_tree_cpu(self.server_pids()), _tree_cpu([process.pid]), machine_cpu())
             seconds = (MonoNs() - start) / 1e9
@@ -632,6 +634,12 @@ class LoadRun:
             window=(report["window_ns"][0], report["window_ns"][1]),
         )
 
+    def _wait_until(self, when: int) -> None:
+        """Until ``when`` (monotonic ns), or until the generator ends, if it ends sooner."""
+        assert self._process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=max(0.0, (when - MonoNs()) / 1e9))
+
     def _sample(self, sample: dict[str, Any]) -> dict[str, str]:
         """A mismatch as the generator saw it, with who asked (sender and login)."""
         request = self.workload.requests[sample["index"]]
@@ -658,12 +666,6 @@ class LoadRun:
             process.wait()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
-
-
-def _sleep_until(when: int) -> None:
-    delay = (when - MonoNs()) / 1e9
-    if delay > 0:
-        time.sleep(delay)
 
 
 def run_load(target: str, workload: Workload, **options: Any) -> LoadResult:
