@@ -4,8 +4,9 @@
  * its own model of the maps) and runs this program; bench/run.py builds it with cc. It opens N
  * persistent connections, and each behaves like one smtpd process (postfix-policy.md §A6-A7):
  * one whole request sent, the whole reply read up to its empty line, only then the next request.
- * One epoll loop per thread, one thread by default: the least CPU per request, so the server
- * under test keeps the machine's other core.
+ * One epoll loop per thread, one thread by default: the least CPU per request. Most of what is
+ * left is the kernel's: a send() and a recv() per request, and on loopback TCP a send() also
+ * runs the server's side of the connection; this program's own code is a small part of it.
  *
  *   loadgen --connect inet:127.0.0.1:10040 --workload FILE [--connections 100] [--threads 1]
  *           [--warmup 2] [--duration 10] [--grace 10] [--timeline FILE] [--control]
