@@ -1,12 +1,14 @@
-"""Load generator for Postfix policy servers: Postfix's own client behaviour, measured.
+"""The benchmark's workload and its checker's model; runs the compiled load generator.
 
-Each connection is one smtpd process: it stays open, sends one whole request, reads the whole
-``action=...`` reply and only then sends the next (postfix-policy.md §A6-A7). Several worker
-processes each drive many such connections, so the generator is not the bottleneck.
+Python is the workload's author and the independent model here; bench/loadgen.c, a small C
+program built with ``cc`` on first use, is the load. Each of its connections is one smtpd process:
+it stays open, sends one whole request, reads the whole ``action=...`` reply and only then sends
+the next (postfix-policy.md §A6-A7). It compares every reply, byte for byte, with the one expected
+here, and it costs a small part of one core, so the server under test has the rest.
 
 Requests carry all 29 attributes of a real Postfix 3.7 request. Senders and logins come from a
-docker-mailserver directory written by gen_data.py. Every reply is compared with the expected one,
-computed here from the map files themselves (never with policyd's code):
+docker-mailserver directory written by gen_data.py. The expected reply to each is computed here
+from the map files themselves (never with policyd's code):
 
 * ``dms``: docker-mailserver's rule. The owners of sender S are S itself, its targets in
   postfix-virtual.cf, and the targets of the first postfix-regexp.cf rule that matches S.
@@ -23,18 +25,21 @@ from __future__ import annotations
 
 import argparse
 import array
-import asyncio
 import contextlib
-import ctypes
+import functools
+import hashlib
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
 import select
+import shutil
 import socket
+import struct
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +60,7 @@ ATTRIBUTES = words(
 assert len(ATTRIBUTES) == 29
 
 MonoNs = time.monotonic_ns  # CLOCK_MONOTONIC: one clock shared by every process on the host
+WORKLOAD_MAGIC = b"PLDLOAD1"
 
 
 # The model: who owns a sender, computed from the files
@@ -157,6 +163,19 @@ class Workload:
         """The same requests, all expected to get ``action`` (the floor's fixed reply)."""
         reply = b"action=" + action.encode() + b"\n\n"
         return Workload(name, self.requests, [reply] * len(self.requests), dict(self.kinds))
+
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """The workload as bench/loadgen.c reads it (its header comment has the format)."""
+        parts = [WORKLOAD_MAGIC, struct.pack("<I", len(self.requests))]
+        for request, reply in zip(self.requests, self.expected, strict=True):
+            parts += (
+                struct.pack("<I", len(request)),
+                request,
+                struct.pack("<I", len(reply)),
+                reply,
+            )
+        return b"".join(parts)
 
 
 def _vary_case(rng: random.Random, address: str) -> str:
@@ -331,19 +350,6 @@ def parse_target(text: str) -> tuple[int, Any]:
     raise ValueError(f"{text!r} is not inet:HOST:PORT or unix:PATH")
 
 
-def connect(target: tuple[int, Any], timeout: float = 10.0) -> socket.socket:
-    family, address = target
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(address)
-    if family != socket.AF_UNIX:
-        # Postfix writes a request in one write(); without NODELAY a split write would wait
-        # for the delayed ACK and add ~40 ms to the latency we measure.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setblocking(False)
-    return sock
-
-
 def ask(target: tuple[int, Any], request: bytes, timeout: float = 10.0) -> bytes:
     """One request, one reply, blocking: for readiness probes."""
     family, address = target
@@ -360,293 +366,48 @@ def ask(target: tuple[int, Any], request: bytes, timeout: float = 10.0) -> bytes
         return reply
 
 
-# One worker process
+# The compiled load generator
 
 
-class Recorder:
-    """Counts and latencies of one worker; only replies inside the measured window count."""
-
-    def __init__(self, measure_from: int, timeline: bool) -> None:
-        self.measure_from = measure_from
-        self.latencies = array.array("q")  # ns, one per reply in the window
-        self.finished = array.array("q") if timeline else None  # ns timestamps, same order
-        self.replies = 0  # every reply, warmup included
-        self.mismatches = 0
-        self.samples: list[tuple[str, str, str]] = []  # (request sender/login, expected, got)
-        self.disconnects = 0
-        self.unanswered = 0
-
-    def mismatch(self, request: bytes, expected: bytes, got: bytes) -> None:
-        self.mismatches += 1
-        if len(self.samples) < 5:
-            who = re.findall(rb"^(?:sender|sasl_username)=(.*)$", request, re.MULTILINE)
-            self.samples.append((repr(who), repr(expected), repr(got)))
+LOADGEN_SOURCE = Path(__file__).resolve().with_name("loadgen.c")
+BUILD_DIR = Path("/tmp/policyd-bench/build")  # outside the repository, like the data
+CFLAGS = ("-O2", "-std=c11", "-pthread", "-Wall", "-Wextra")
 
 
-@dataclass
-class WorkerJob:
-    target: tuple[int, Any]
-    workload: Workload
-    offsets: list[int]  # one per connection: where in the request list it starts
-    timeline: bool
+def build_loadgen(build_dir: Path = BUILD_DIR) -> Path:
+    """Compile bench/loadgen.c with ``$CC`` (default ``cc``), unless this source was built already.
 
-
-def _run_epoll(  # noqa: PLR0915 - one function on purpose: locals and closures are fastest
-    job: WorkerJob, socks_in: list[socket.socket], start_at: int, measure_from: int, stop_at: Any
-) -> Recorder:
-    """Raw sockets and one epoll loop: the least Python per request (run.py --calibrate)."""
-    requests, expected = job.workload.requests, job.workload.expected
-    count = len(requests)
-    rec = Recorder(measure_from, job.timeline)
-    lat_append = rec.latencies.append
-    fin_append = rec.finished.append if rec.finished is not None else None
-    poller = select.epoll()
-    socks: dict[int, socket.socket] = {}
-    position: dict[int, int] = {}  # index of the request in flight
-    sent_at: dict[int, int] = {}  # connections with a request in flight, and since when
-    partial: dict[int, bytes] = {}  # reply bytes received so far
-    unsent: dict[int, bytes] = {}  # request bytes the kernel did not take yet
-    for sock, offset in zip(socks_in, job.offsets, strict=True):
-        socks[sock.fileno()], position[sock.fileno()] = sock, offset % count
-        poller.register(sock.fileno(), select.EPOLLIN)
-
-    def send(fd: int) -> None:
-        data = requests[position[fd]]
-        sent_at[fd] = MonoNs()
-        try:
-            sent = socks[fd].send(data)
-        except OSError:
-            reconnect(fd)
-            return
-        if sent < len(data):  # rare: the server is not reading; finish it when writable
-            unsent[fd] = data[sent:]
-            poller.modify(fd, select.EPOLLIN | select.EPOLLOUT)
-
-    def reconnect(fd: int) -> None:
-        """Postfix reconnects after a server disconnect and retries; so do we (counted)."""
-        rec.disconnects += 1
-        poller.unregister(fd)
-        socks.pop(fd).close()
-        partial.pop(fd, None)
-        unsent.pop(fd, None)
-        sent_at.pop(fd, None)
-        start = position.pop(fd)
-        if MonoNs() >= stop_at.value or rec.disconnects > 1000:
-            return
-        try:
-            sock = connect(job.target)
-        except OSError:
-            return  # the server is gone; the connection stays lost
-        new = sock.fileno()
-        socks[new], position[new] = sock, start
-        poller.register(new, select.EPOLLIN)
-        send(new)
-
-    _sleep_until(start_at)
-    for fd in list(socks):
-        send(fd)
-    stop = stop_at.value
-    while sent_at:
-        for fd, event in poller.poll(0.2):
-            sock = socks.get(fd)
-            if sock is None:
-                continue
-            if event & select.EPOLLOUT and fd in unsent:
-                data = unsent.pop(fd)
-                sent = sock.send(data)
-                if sent < len(data):
-                    unsent[fd] = data[sent:]
-                else:
-                    poller.modify(fd, select.EPOLLIN)
-            if not event & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                continue
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                reconnect(fd)
-                continue
-            if fd in partial:
-                data = partial.pop(fd) + data
-            if not data.endswith(b"\n\n"):  # a reply ends with an empty line; wait for it
-                partial[fd] = data
-                continue
-            done = MonoNs()
-            index = position[fd]
-            # The whole reply must be exactly the expected one: a second reply to the same
-            # request, or anything appended, is a mismatch too.
-            if data != expected[index]:
-                rec.mismatch(requests[index], expected[index], data)
-            rec.replies += 1
-            if measure_from <= done < stop:
-                lat_append(done - sent_at[fd])
-                if fin_append is not None:
-                    fin_append(done)
-            if done >= stop:
-                del sent_at[fd]  # this connection has finished
-                continue
-            index += 1
-            position[fd] = index if index < count else 0
-            send(fd)
-        # The parent may move the stop time (shared memory); read it once per batch of events.
-        stop = stop_at.value
-        if sent_at and MonoNs() > stop + 10_000_000_000:
-            rec.unanswered += len(sent_at)  # no reply 10 s after the end: count, give up
-            break
-    for sock in socks.values():
-        sock.close()
-    poller.close()
-    return rec
-
-
-class _ClientProtocol(asyncio.Protocol):
-    """The asyncio variant of one connection, for comparison with the epoll loop."""
-
-    def __init__(self, runner: _AsyncRunner, start: int) -> None:
-        self.runner = runner
-        self.position = start
-        self.buffer = b""
-        self.sent_at = 0
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def send(self) -> None:
-        assert self.transport is not None
-        self.sent_at = MonoNs()
-        self.transport.write(self.runner.requests[self.position])
-
-    def data_received(self, data: bytes) -> None:
-        if self.buffer:
-            data = self.buffer + data
-        if not data.endswith(b"\n\n"):
-            self.buffer = data
-            return
-        self.buffer = b""
-        self.runner.reply(self, data, MonoNs())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.runner.lost(self)
-
-
-class _AsyncRunner:
-    def __init__(self, job: WorkerJob, measure_from: int, stop_at: Any) -> None:
-        self.job = job
-        self.requests = job.workload.requests
-        self.expected = job.workload.expected
-        self.rec = Recorder(measure_from, job.timeline)
-        self.stop_at = stop_at
-        self.active: set[_ClientProtocol] = set()
-        self.done: asyncio.Future[None] | None = None
-
-    def reply(self, conn: _ClientProtocol, data: bytes, done: int) -> None:
-        rec, index = self.rec, conn.position
-        if data != self.expected[index]:
-            rec.mismatch(self.requests[index], self.expected[index], data)
-        rec.replies += 1
-        stop = self.stop_at.value
-        if rec.measure_from <= done < stop:
-            rec.latencies.append(done - conn.sent_at)
-            if rec.finished is not None:
-                rec.finished.append(done)
-        if done >= stop:
-            self._finish(conn)
-            return
-        conn.position = index + 1 if index + 1 < len(self.requests) else 0
-        conn.send()
-
-    def lost(self, conn: _ClientProtocol) -> None:
-        if conn in self.active:
-            self.rec.disconnects += 1
-            self._finish(conn)
-
-    def _finish(self, conn: _ClientProtocol) -> None:
-        self.active.discard(conn)
-        if conn.transport is not None:
-            conn.transport.close()
-        if not self.active and self.done is not None and not self.done.done():
-            self.done.set_result(None)
-
-    async def run(self, socks: list[socket.socket], start_at: int) -> Recorder:
-        loop = asyncio.get_running_loop()
-        self.done = loop.create_future()
-        count = len(self.requests)
-        for sock, offset in zip(socks, self.job.offsets, strict=True):
-            _, conn = await loop.connect_accepted_socket(
-                lambda offset=offset: _ClientProtocol(self, offset % count), sock
-            )
-            self.active.add(conn)
-        _sleep_until(start_at)
-        for conn in list(self.active):
-            conn.send()
-        while self.active:
-            if MonoNs() > self.stop_at.value + 10_000_000_000:
-                self.rec.unanswered += len(self.active)
-                break
-            await asyncio.wait([self.done], timeout=0.2)
-        for conn in list(self.active):
-            self._finish(conn)
-        return self.rec
-
-
-def _sleep_until(when: int) -> None:
-    """All workers start sending at the same instant (a scheduled time, not a synchronisation)."""
-    delay = (when - MonoNs()) / 1e9
-    if delay > 0:
-        time.sleep(delay)
-
-
-@dataclass
-class _Sync:
-    """What the parent shares with its workers."""
-
-    ready: Any  # Barrier: every worker has its connections open
-    go: Any  # Barrier: the schedule is set
-    schedule: Any  # RawArray [start, end of warmup], ns
-    stop: Any  # RawValue: end of the measured window, ns; the parent may move it
-    results: Any  # Queue: one dict per worker
-
-
-def _worker(job: WorkerJob, engine: str, sync: _Sync) -> None:
-    results = sync.results
-    try:
-        # Open every connection first, as smtpd processes would have them open already; the
-        # parent schedules the start once every worker is connected.
-        socks = [connect(job.target) for _ in job.offsets]
-        sync.ready.wait()
-        sync.go.wait()
-        start_at, measure_from, stop_at = sync.schedule[0], sync.schedule[1], sync.stop
-        cpu_start = time.process_time()
-        if engine == "asyncio":
-            runner = _AsyncRunner(job, measure_from, stop_at)
-            rec = asyncio.run(runner.run(socks, start_at))
-        else:
-            rec = _run_epoll(job, socks, start_at, measure_from, stop_at)
-        cpu = time.process_time() - cpu_start
-        wall = (MonoNs() - start_at) / 1e9
-        results.put(
-            {
-                "latencies": rec.latencies.tobytes(),
-                "finished": rec.finished.tobytes() if rec.finished is not None else b"",
-                "replies": rec.replies,
-                "mismatches": rec.mismatches,
-                "samples": rec.samples,
-                "disconnects": rec.disconnects,
-                "unanswered": rec.unanswered,
-                "cpu": cpu / wall if wall > 0 else 0.0,
-            }
+    The binary's name carries a hash of the source, the compiler and the flags, so an edit of
+    loadgen.c is rebuilt on the next run and runs of different checkouts never share a binary.
+    """
+    compiler = os.environ.get("CC", "cc")
+    found = shutil.which(compiler)
+    if found is None:
+        raise RuntimeError(
+            f"bench/loadgen.c needs a C compiler and {compiler!r} is not on PATH "
+            "(Debian: apt-get install gcc; or set CC)"
         )
-    except BaseException as error:  # report it, so the parent does not wait forever
-        results.put({"error": f"{type(error).__name__}: {error}"})
-        raise
+    source = LOADGEN_SOURCE.read_bytes()
+    recipe = "\0".join((compiler, *CFLAGS)).encode()
+    binary = build_dir / f"loadgen-{hashlib.sha256(source + recipe).hexdigest()[:16]}"
+    if binary.exists():
+        return binary
+    build_dir.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
+    result = subprocess.run(
+        [found, *CFLAGS, "-o", str(partial), str(LOADGEN_SOURCE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{compiler} could not build bench/loadgen.c:\n{result.stderr}")
+    partial.replace(binary)  # atomic: a concurrent run sees no binary or a whole one
+    return binary
 
 
-# The run: many workers, one result
+# The run
 
 
 @dataclass
@@ -657,13 +418,16 @@ class LoadResult:
     mismatches: int
     disconnects: int
     unanswered: int
-    samples: list[tuple[str, str, str]]
-    client_cpu: list[float]  # per worker, fraction of one core over the run
-    latencies: array.array[int]  # ns, sorted
-    finished: array.array[int] | None  # ns timestamps, in the order of the unsorted latencies
-    raw_latencies: array.array[int] | None
+    samples: list[dict[str, str]]
+    latency_ns: dict[str, int]  # nearest-rank percentiles over every request in the window
+    client_cpu: float  # the generator's own CPU in the window (getrusage), in cores
+    client_us_per_request: float  # the same per reply in the window, in microseconds
+    client_user_us: float  # ... of which its own code (user time)
+    client_sys_us: float  # ... and the kernel's socket work on its behalf (system time)
+    finished: array.array[int] | None  # with a timeline: completion times, ns
+    raw_latencies: array.array[int] | None  # ... and each one's latency, ns, in the same order
     server_cpu: float | None = None  # cores used by the server process tree in the window
-    load_cpu: float | None = None  # cores used by the load workers in the window
+    load_cpu: float | None = None  # cores used by the load generator in the window (/proc)
     other_cpu: float | None = None  # cores used by anything else on the machine in the window
     window: tuple[int, int] = (0, 0)
 
@@ -671,25 +435,28 @@ class LoadResult:
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
-    def percentile(self, fraction: float) -> float:
-        """Nearest-rank percentile in milliseconds."""
-        return percentile_ms(self.latencies, fraction)
+    def ms(self, point: str) -> float | None:
+        value = self.latency_ns.get(point, -1)
+        return None if value < 0 else round(value / 1e6, 3)
 
     def summary(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "seconds": round(self.seconds, 3),
             "rps": round(self.rps, 1),
-            "p50_ms": round(self.percentile(0.50), 3),
-            "p99_ms": round(self.percentile(0.99), 3),
-            "p999_ms": round(self.percentile(0.999), 3),
-            "max_ms": round(self.latencies[-1] / 1e6, 3) if self.latencies else None,
+            "p50_ms": self.ms("p50"),
+            "p99_ms": self.ms("p99"),
+            "p999_ms": self.ms("p999"),
+            "max_ms": self.ms("max"),
             "errors": self.errors,
             "mismatches": self.mismatches,
             "disconnects": self.disconnects,
             "unanswered": self.unanswered,
             "mismatch_samples": self.samples,
-            "client_cpu": [round(cpu, 2) for cpu in self.client_cpu],
+            "client_cpu": round(self.client_cpu, 3),
+            "client_us_per_request": round(self.client_us_per_request, 2),
+            "client_user_us": round(self.client_user_us, 2),
+            "client_sys_us": round(self.client_sys_us, 2),
             "server_cpu": _round(self.server_cpu),
             "load_cpu": _round(self.load_cpu),
             "other_cpu": _round(self.other_cpu),
@@ -701,14 +468,24 @@ def _round(value: float | None) -> float | None:
 
 
 def percentile_ms(ordered: Sequence[int], fraction: float) -> float:
+    """Nearest rank, as loadgen.c computes it, over latencies in ns sorted ascending."""
     if not ordered:
         return float("nan")
     rank = max(1, math.ceil(round(fraction * len(ordered), 6)))
     return ordered[min(rank, len(ordered)) - 1] / 1e6
 
 
+_WHO = re.compile(rb"^(?:sender|sasl_username)=(.*)$", re.MULTILINE)
+
+
 class LoadRun:
-    """A load in progress: start() returns once every connection is open and the clock runs."""
+    """A load in progress: start() returns once every connection is open and the clock runs.
+
+    The generator is one process (bench/loadgen.c); it reads the workload from its standard
+    input and then takes its schedule there: the start, the end of the warmup and the end of the
+    measured window, which set_stop() may move. Closing its input ends the window at once, so
+    a generator never outlives the run that started it.
+    """
 
     def __init__(
         self,
@@ -716,117 +493,179 @@ class LoadRun:
         workload: Workload,
         *,
         connections: int = 100,
-        workers: int = 2,
+        threads: int = 1,
         warmup: float = 2.0,
         duration: float = 10.0,
-        engine: str = "epoll",
+        grace: float = 10.0,
         timeline: bool = False,
         server_pids: Callable[[], list[int]] | None = None,
+        build_dir: Path = BUILD_DIR,
     ) -> None:
-        if connections < 1 or workers < 1:
-            raise ValueError("need at least one connection and one worker")
-        self.target = parse_target(target)
+        if connections < 1 or threads < 1:
+            raise ValueError("need at least one connection and one thread")
+        parse_target(target)  # a bad target fails here, not inside the generator
+        self.target = target
         self.workload = workload
         self.connections = connections
-        self.workers = min(workers, connections)
+        self.threads = min(threads, connections)
         self.warmup = warmup
         self.duration = duration
-        self.engine = engine
+        self.grace = grace
         self.timeline = timeline
         self.server_pids = server_pids
-        context = multiprocessing.get_context("fork")  # workers inherit the request list
-        self._context = context
-        self._ready = context.Barrier(self.workers + 1)
-        self._go = context.Barrier(self.workers + 1)
-        self._schedule = context.RawArray(ctypes.c_int64, 2)
-        self._stop = context.RawValue(ctypes.c_int64, 2**62)
-        self._results = context.Queue()
-        self._processes: list[Any] = []
+        self.build_dir = build_dir
         self.start_at = 0
         self.measure_from = 0
+        self.stop_at = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._scratch: Path | None = None
 
-    @property
-    def stop_at(self) -> int:
-        return int(self._stop.value)
+    def start(self) -> None:
+        binary = build_loadgen(self.build_dir)
+        self._scratch = Path(tempfile.mkdtemp(prefix="policyd-loadgen-"))
+        argv = [str(binary), "--connect", self.target, "--workload", "-", "--control"]
+        argv += ["--connections", str(self.connections), "--threads", str(self.threads)]
+        argv += ["--grace", f"{self.grace:g}"]
+        if self.timeline:
+            argv += ["--timeline", str(self._scratch / "timeline")]
+        with (self._scratch / "stderr").open("wb") as errors:
+            self._process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors
+            )
+        try:
+            self._ready()
+        except BaseException:
+            self.close()
+            raise
+        # Every connection is open: start shortly ahead, so every thread begins at once.
+        self.start_at = MonoNs() + 50_000_000
+        self.measure_from = self.start_at + int(self.warmup * 1e9)
+        self.stop_at = self.measure_from + int(self.duration * 1e9)
+        self._tell(f"start {self.start_at} {self.measure_from} {self.stop_at}")
+
+    def _ready(self) -> None:
+        process = self._process
+        assert process is not None and process.stdin is not None and process.stdout is not None
+        with contextlib.suppress(BrokenPipeError):  # it failed early; its stderr says why
+            process.stdin.write(self.workload.encoded)
+            process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        if not ready or process.stdout.readline() != b"ready\n":
+            raise RuntimeError(f"load generator not ready: {self._errors()}")
+
+    def _tell(self, line: str) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        # Gone already (every connection lost, say): finish() reports what it counted.
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.write(line.encode() + b"\n")
+            self._process.stdin.flush()
+
+    def _errors(self) -> str:
+        assert self._scratch is not None
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        text = (self._scratch / "stderr").read_text(errors="replace").strip()
+        code = self._process.returncode if self._process is not None else None
+        return text or f"exit status {code}"
 
     def set_stop(self, when_ns: int) -> None:
         """Move the end of the measured window (e.g. to cover a reload that took long)."""
-        self._stop.value = when_ns
-
-    def start(self) -> None:
-        step = max(1, len(self.workload.requests) // self.connections)
-        offsets = [index * step for index in range(self.connections)]
-        sync = _Sync(self._ready, self._go, self._schedule, self._stop, self._results)
-        for number in range(self.workers):
-            job = WorkerJob(
-                self.target, self.workload, offsets[number :: self.workers], self.timeline
-            )
-            process = self._context.Process(
-                target=_worker, args=(job, self.engine, sync), daemon=True
-            )
-            process.start()
-            self._processes.append(process)
-        self._ready.wait(timeout=60)
-        # Every connection is open: schedule the start shortly ahead, so all begin together.
-        self.start_at = MonoNs() + 50_000_000
-        self.measure_from = self.start_at + int(self.warmup * 1e9)
-        self._schedule[0] = self.start_at
-        self._schedule[1] = self.measure_from
-        self._stop.value = self.measure_from + int(self.duration * 1e9)
-        self._go.wait(timeout=60)
+        self.stop_at = when_ns
+        self._tell(f"stop {when_ns}")
 
     def finish(self) -> LoadResult:
-        """Wait for the end of the window, collect every worker's numbers, merge them."""
+        """Wait for the end of the window and for the generator's report; close everything."""
+        try:
+            return self._finish()
+        finally:
+            self.close()
+
+    def _finish(self) -> LoadResult:
+        process = self._process
+        assert process is not None and self._scratch is not None
         cpu: dict[str, float] = {}
+        self._wait_until(self.measure_from)
         if self.server_pids is not None:
-            # CPU of the server, of the load workers and of the whole machine over the window:
-            # what is left is other work on the machine, which makes the run unreliable.
-            workers = [process.pid for process in self._processes]
-            _sleep_until(self.measure_from)
-            before = (_tree_cpu(self.server_pids()), _tree_cpu(workers), machine_cpu(), MonoNs())
-            while MonoNs() < self.stop_at:
-                _sleep_until(min(self.stop_at, MonoNs() + 200_000_000))
-            after = (_tree_cpu(self.server_pids()), _tree_cpu(workers), machine_cpu(), MonoNs())
-            seconds = (after[3] - before[3]) / 1e9
+            # CPU of the server, of the load generator and of the whole machine over the
+            # window: what is left is other work on the machine, which makes the run unreliable.
+            before = (_tree_cpu(self.server_pids()), _tree_cpu([process.pid]), machine_cpu())
+            start = MonoNs()
+        self._wait_until(self.stop_at)
+        if self.server_pids is not None:
+            after = (_tree_cpu(self.server_pids()), _tree_cpu([process.pid]), machine_cpu())
+            seconds = (MonoNs() - start) / 1e9
             cpu["server"] = (after[0] - before[0]) / seconds
             cpu["load"] = (after[1] - before[1]) / seconds
             cpu["machine"] = (after[2] - before[2]) / seconds
             cpu["other"] = max(0.0, cpu["machine"] - cpu["server"] - cpu["load"])
-        outcomes = [
-            self._results.get(timeout=self.duration + self.warmup + 120) for _ in self._processes
-        ]
-        for process in self._processes:
-            process.join(timeout=10)
-        failures = [outcome["error"] for outcome in outcomes if "error" in outcome]
-        if failures:
-            raise RuntimeError("load worker failed: " + "; ".join(failures))
-        raw = array.array("q")
-        finished = array.array("q") if self.timeline else None
-        for outcome in outcomes:
-            raw.frombytes(outcome["latencies"])
-            if finished is not None:
-                finished.frombytes(outcome["finished"])
-        ordered = array.array("q", sorted(raw))
-        mismatches = sum(o["mismatches"] for o in outcomes)
-        disconnects = sum(o["disconnects"] for o in outcomes)
-        unanswered = sum(o["unanswered"] for o in outcomes)
+        try:
+            # The window is over; closing the input tells the generator so, should it not
+            # have noticed yet. It ends once the requests in flight are answered (or given up).
+            out, _ = process.communicate(timeout=self.grace + 60)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"load generator did not finish: {self._errors()}") from None
+        if process.returncode not in (0, 1) or not out.strip():
+            raise RuntimeError(f"load generator failed: {self._errors()}")
+        report = json.loads(out)
+        finished = latencies = None
+        if self.timeline:
+            pairs = array.array("q")
+            pairs.frombytes((self._scratch / "timeline").read_bytes())
+            finished, latencies = pairs[0::2], pairs[1::2]
         return LoadResult(
-            requests=len(raw),
-            seconds=(self.stop_at - self.measure_from) / 1e9,
-            errors=mismatches + disconnects + unanswered,
-            mismatches=mismatches,
-            disconnects=disconnects,
-            unanswered=unanswered,
-            samples=[s for o in outcomes for s in o["samples"]][:5],
-            client_cpu=[o["cpu"] for o in outcomes],
-            latencies=ordered,
+            requests=report["requests"],
+            seconds=report["seconds"],
+            errors=report["errors"],
+            mismatches=report["mismatches"],
+            disconnects=report["disconnects"],
+            unanswered=report["unanswered"],
+            samples=[self._sample(sample) for sample in report["mismatch_samples"]],
+            latency_ns=report["latency_ns"],
+            client_cpu=report["cpu"]["cores"],
+            client_us_per_request=report["cpu"]["us_per_request"],
+            client_user_us=report["cpu"]["user_us_per_request"],
+            client_sys_us=report["cpu"]["sys_us_per_request"],
             finished=finished,
-            raw_latencies=raw if self.timeline else None,
+            raw_latencies=latencies,
             server_cpu=cpu.get("server"),
             load_cpu=cpu.get("load"),
             other_cpu=cpu.get("other"),
-            window=(self.measure_from, self.stop_at),
+            window=(report["window_ns"][0], report["window_ns"][1]),
         )
+
+    def _wait_until(self, when: int) -> None:
+        """Until ``when`` (monotonic ns), or until the generator ends, if it ends sooner."""
+        assert self._process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=max(0.0, (when - MonoNs()) / 1e9))
+
+    def _sample(self, sample: dict[str, Any]) -> dict[str, str]:
+        """A mismatch as the generator saw it, with who asked (sender and login)."""
+        request = self.workload.requests[sample["index"]]
+        who = b" ".join(_WHO.findall(request)).decode(errors="replace")
+        # JSON strings of bytes, one code point per byte: Latin-1 gives the bytes back.
+        got, expected = (sample[key].encode("latin-1") for key in ("got", "expected"))
+        return {
+            "who": who,
+            "reason": sample["reason"],
+            "expected": repr(expected),
+            "got": repr(got),
+        }
+
+    def close(self) -> None:
+        """Stop the generator if it still runs; remove its scratch files."""
+        process = self._process
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+            process.wait()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def run_load(target: str, workload: Workload, **options: Any) -> LoadResult:
@@ -913,33 +752,57 @@ def pss_kb(pid: int) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connect", required=True, help="inet:HOST:PORT or unix:PATH")
+    parser.add_argument("--connect", help="inet:HOST:PORT or unix:PATH")
     parser.add_argument("--data", type=Path, required=True, help="directory from gen_data.py")
     parser.add_argument(
         "--expect", default="dms", help="dms (default), equal (postfwd2), or fixed:ACTION"
     )
     parser.add_argument("--connections", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2, help="load processes")
-    parser.add_argument("--engine", choices=("epoll", "asyncio"), default="epoll")
+    parser.add_argument("--threads", type=int, default=1, help="load generator threads")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds after the window to wait for replies"
+    )
     parser.add_argument("--pool", type=int, default=60_000, help="distinct requests")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--server-pid", type=int, help="report this process tree's CPU and RSS")
+    parser.add_argument("--build-dir", type=Path, default=BUILD_DIR, help="where loadgen is built")
+    parser.add_argument(
+        "--write-workload",
+        type=Path,
+        metavar="FILE",
+        help="only write the workload for loadgen --workload FILE, and exit",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     workload = make_workload(args.expect, args.data, args.pool, args.seed)
+    if args.write_workload:
+        args.write_workload.write_bytes(workload.encoded)
+        try:
+            print(build_loadgen(args.build_dir))  # the binary that reads it
+        except RuntimeError as error:
+            print(f"load.py: {error}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.connect:
+        parser.error("--connect is required (unless --write-workload)")
     pids = (lambda: process_tree(args.server_pid)) if args.server_pid else None
-    result = run_load(
-        args.connect,
-        workload,
-        connections=args.connections,
-        workers=args.workers,
-        warmup=args.warmup,
-        duration=args.duration,
-        engine=args.engine,
-        server_pids=pids,
-    )
+    try:
+        result = run_load(
+            args.connect,
+            workload,
+            connections=args.connections,
+            threads=args.threads,
+            warmup=args.warmup,
+            duration=args.duration,
+            grace=args.grace,
+            server_pids=pids,
+            build_dir=args.build_dir,
+        )
+    except RuntimeError as error:  # no compiler, no server: the generator's own words
+        print(f"load.py: {error}", file=sys.stderr)
+        return 2
     summary = result.summary()
     if args.server_pid:
         summary["server_peak_rss_kb"] = memory_kb(args.server_pid)
@@ -950,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
     else:
         for name, value in summary.items():
-            print(f"{name:20} {value}")
+            print(f"{name:22} {value}")
     return 1 if result.errors or not result.requests else 0
 
 

@@ -1,9 +1,10 @@
 """Run issue 5's benchmark: policyd against the floor and postfwd2; print rows for BENCHMARKS.md.
 
 Every server is started here, on loopback, and stopped afterwards. For each run and each server
-the load generator (load.py) drives it with N persistent connections for a fixed time and checks
-every reply. Then it measures policyd's startup with the 1M map, a full reload of the 1M map
-while serving, and, with --profile, where policyd spends its time (py-spy).
+the load generator (bench/loadgen.c, built here with cc; load.py writes its workload) drives it
+with N persistent connections for a fixed time and checks every reply. Then it measures
+policyd's startup with the 1M map, a full reload of the 1M map while serving, and, with
+--profile, where policyd spends its time (py-spy).
 
     python bench/run.py                 # the full benchmark: about 8 minutes on a quiet machine
     python bench/run.py --smoke         # CI: small data, a few seconds, checks replies only
@@ -45,6 +46,7 @@ from load import (
     LoadRun,
     Workload,
     ask,
+    build_loadgen,
     dms_workload,
     equal_workload,
     load_model,
@@ -108,7 +110,7 @@ def free_port() -> int:
 @dataclass
 class Server:
     name: str
-    target: str  # inet:HOST:PORT or unix:PATH, as load.py takes it
+    target: str  # inet:HOST:PORT or unix:PATH, as the load generator takes it
     pid: int  # the process whose tree is the server
     log: Path
     startup: float  # seconds from exec to the first correct reply
@@ -519,10 +521,10 @@ def load_run(
         server.target,
         workload,
         connections=options.connections,
-        workers=options.workers,
+        threads=options.threads,
         warmup=options.warmup,
         duration=duration,
-        engine=options.engine,
+        build_dir=options.data_root / "build",
         **extra,
     )
 
@@ -770,25 +772,33 @@ def top_functions(path: Path, count: int = 20, children: bool | None = None) -> 
 
 
 def calibrate(floor: Case, options: argparse.Namespace) -> list[dict[str, Any]]:
-    """Throughput against the floor by client engine and number of load processes."""
+    """The load generator against the floor, with 1 and 2 threads: what it costs per request.
+
+    Load CPU is the generator process's share of a core over the window (/proc); the cost per
+    request splits it into its own code (user time) and the kernel's socket work (system time),
+    which on loopback includes delivering every request into the server's socket.
+    """
     rows = []
-    for engine in ("epoll", "asyncio"):
-        for workers in (1, 2, 3, 4):
-            opts = argparse.Namespace(**{**vars(options), "engine": engine, "workers": workers})
-            case = Case(f"floor, {engine} x{workers}", floor.data, floor.start, floor.workload)
-            rows.append({"engine": engine, "workers": workers} | measure(case, opts))
+    for threads in (1, 2):
+        opts = argparse.Namespace(**{**vars(options), "threads": threads})
+        case = Case(f"floor, loadgen x{threads}", floor.data, floor.start, floor.workload)
+        rows.append({"threads": threads} | measure(case, opts))
     return rows
 
 
 def print_calibration(rows: list[dict[str, Any]]) -> int:
-    print("| client | load processes | floor req/s | p50 ms | p99 ms | load CPU | floor CPU |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| loadgen threads | floor req/s | p50 ms | p99 ms | load CPU (cores) "
+        "| load µs/request: all = own code + kernel | floor CPU |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['engine']} | {row['workers']} | {row['rps']:,.0f} | {row['p50_ms']:.2f} "
-            f"| {row['p99_ms']:.2f} | {row['load_cpu']} | {row['server_cpu']} |"
+            f"| {row['threads']} | {row['rps']:,.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
+            f"| {row['load_cpu']} | {row['client_us_per_request']:.2f} = "
+            f"{row['client_user_us']:.2f} + {row['client_sys_us']:.2f} | {row['server_cpu']} |"
         )
-    return 0
+    return 1 if any(row["errors"] for row in rows) else 0
 
 
 # Report
@@ -846,7 +856,8 @@ def markdown(
     lines = [
         f"Median of {options.runs} runs, {options.connections} connections, "
         f"{options.warmup:g} s warmup + {options.duration:g} s measured per run, "
-        f"{options.workers} load processes ({options.engine}).",
+        f"load generator bench/loadgen.c ({options.threads} thread"
+        f"{'s' if options.threads > 1 else ''}, epoll).",
         "",
         "| server | data | req/s | p50 ms | p99 ms | p99.9 ms | RSS MB: peak (end) "
         "| server CPU | errors |",
@@ -937,7 +948,7 @@ def markdown(
         f"--min_servers {options.connections + 5} --max_servers {options.connections + 10} "
         "--cache 0 --perfmon   # and --cache 600 for the cached row",
         f"python bench/load.py --connect TARGET --data DATA --connections {options.connections} "
-        f"--workers {options.workers} --warmup {options.warmup:g} --duration {options.duration:g} "
+        f"--threads {options.threads} --warmup {options.warmup:g} --duration {options.duration:g} "
         "--expect dms|fixed:DUNNO|equal --server-pid PID",
         "```",
     ]
@@ -955,8 +966,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=Path("/tmp/policyd-bench"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2, help="load generator processes")
-    parser.add_argument("--engine", choices=("epoll", "asyncio"), default="epoll")
+    parser.add_argument("--threads", type=int, default=1, help="load generator threads")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--pool", type=int, default=60_000, help="distinct requests per workload")
@@ -1011,6 +1021,11 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     become_subreaper()
+    try:
+        log(f"load generator: {build_loadgen(options.data_root / 'build')}")
+    except RuntimeError as error:  # no compiler, or the source does not build: say so first
+        print(f"run.py: {error}", file=sys.stderr)
+        return 2
     if options.smoke:
         return smoke(options)
     return benchmark(options)
@@ -1040,7 +1055,7 @@ def prepare(options: argparse.Namespace) -> Setup:
     model = load_model(small_data if options.no_1m else big_data)
     big_load = small_load if options.no_1m else dms_workload(model, options.pool)
     equal_load = equal_workload(model, options.pool)
-    del model  # the 1M model is large; the forked load workers need only the request lists
+    del model  # the 1M model is large; the load generator needs only the request lists
 
     work = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     transport, settings = options.transport, options.setting
@@ -1185,7 +1200,7 @@ def smoke(options: argparse.Namespace) -> int:
         gen_data.generate(data, **gen_data.PRESETS["1k"])
         model = load_model(data)
         dms = dms_workload(model, 3000)
-        options.connections, options.workers = 8, 1
+        options.connections, options.threads = 8, 1
         options.warmup, options.duration, options.quiet_wait, options.retries = 0.2, 1.0, 0, 0
         transport, settings = options.transport, options.setting
         probe = (dms.requests[0], dms.expected[0])
