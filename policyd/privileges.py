@@ -55,7 +55,7 @@ def plan_descriptors(connections: int) -> int:
         limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
         soft = limit
-    fits = soft - reserved
+    fits = min(connections, soft - reserved)
     if fits < connections:
         fits = max(fits, 1)
         log.warning(

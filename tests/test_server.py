@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from policyd.config import Settings
 from policyd.engine import Policy
 from policyd.model import Hit, StoreUnavailable
+from policyd.privileges import plan_descriptors
 from policyd.server import PolicyServer
 from policyd.service import Service
 from policyd.sockets import ListenError
@@ -326,3 +330,27 @@ async def test_client_that_never_reads_stops_being_read(tmp_path: Path) -> None:
         assert await ask(*other, FORGED) == FORGED_REPLY  # everyone else is still served
         connection.resume_writing()
         assert connection.transport.is_reading()
+
+
+def test_the_connection_limit_is_the_setting_when_descriptors_allow_it() -> None:
+    assert plan_descriptors(50) == 50
+
+
+def test_with_too_few_descriptors_fewer_connections_are_served_and_that_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # In a child process: lowering the hard limit cannot be undone in this one.
+    code = (
+        "import resource, logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))\n"
+        "from policyd.privileges import plan_descriptors\n"
+        "print(plan_descriptors(10000))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert result.stdout.strip() == str(300 - 128)
+    assert "serving at most 172 connections" in result.stderr
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)

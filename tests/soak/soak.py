@@ -798,7 +798,9 @@ async def soak(args: argparse.Namespace) -> list[Outcome]:
         {
             "POLICYD_REQUEST_TIMEOUT": str(args.request_timeout),
             # Room for every idle connection plus the others; policyd raises its own file limit.
+            # They all come from 127.0.0.1, like one host's many smtpd processes.
             "POLICYD_MAX_CONNECTIONS": str(args.idle + 1000),
+            "POLICYD_MAX_CONNECTIONS_PER_CLIENT": str(args.idle + 1000),
         },
         "--deny",
         str(DENY),
