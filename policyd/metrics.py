@@ -196,16 +196,23 @@ class _Collector(Collector):
             "Reloads that failed (the last good data stayed in use)",
             labels=["store"],
         )
+        stale = CounterMetricFamily(
+            "policyd_store_stale_answers",
+            "Answers a network store gave from memory because its server failed (stale_ttl)",
+            labels=["store"],
+        )
         for status in self.statuses():
             entries.add_metric([status.name], status.entries)
             ready.add_metric([status.name], 1 if status.ready else 0)
             if status.last_load is not None:
                 reloaded.add_metric([status.name], status.last_load)
             failures.add_metric([status.name], status.load_failures)
+            stale.add_metric([status.name], status.stale_answers)
         yield entries
         yield ready
         yield reloaded
         yield failures
+        yield stale
 
 
 def _counter(

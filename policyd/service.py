@@ -160,7 +160,7 @@ class Service:
             rules=rules,
             metrics=metrics,
             changes=changes,
-            cache=DecisionCache(settings.decision_cache_size),
+            cache=DecisionCache(settings.decision_cache_size, _max_age(stores)),
             lookup_timeout=settings.lookup_timeout,
             time_limit=settings.pattern_time_limit,
             decision_log=decision_log,
@@ -353,6 +353,12 @@ class Service:
         self.metrics.requests[decision.verdict, decision.reason] += 1
         if decision.verdict in self.logged:
             self.log_decision(request, decision)
+
+
+def _max_age(stores: Sequence[Store]) -> float | None:
+    """Decisions live no longer than the answers of the shortest-lived store they used."""
+    ages = [store.max_age for store in stores if store.max_age is not None]
+    return min(ages) if ages else None
 
 
 def _plain_key(request: PolicyRequest) -> tuple[str, ...]:
