@@ -105,6 +105,7 @@ class Settings(Strict):
         default_factory=lambda: [Endpoint.parse(e) for e in defaults.LISTEN], min_length=1
     )
     maps: list[MapOptions] = Field(default_factory=list, validate_default=True)
+    login_addresses: list[MapOptions] = Field(default_factory=list)
     mode: Mode = Mode.AUTHENTICATED
     owned_action: Literal["OK", "DUNNO"] = defaults.OWNED_ACTION
     tempfail_action: str = defaults.TEMPFAIL_ACTION
@@ -162,7 +163,7 @@ class Settings(Strict):
             return None  # metrics and health endpoints switched off
         return Endpoint.parse(value) if isinstance(value, str) else value
 
-    @field_validator("maps", mode="before")
+    @field_validator("maps", "login_addresses", mode="before")
     @classmethod
     def _maps(cls, value: Any) -> Any:
         if isinstance(value, list):
@@ -250,6 +251,7 @@ _LIST_SETTINGS = {
     "allowed_clients",
     "listen",
     "maps",
+    "login_addresses",
     "local_domains",
     "scope_ports",
     "scope_contexts",

@@ -306,3 +306,29 @@ def test_a_glob_in_the_rules_cannot_backtrack_either(tmp_path: Path) -> None:
         service, PolicyRequest(sender="a" * 200 + "!@example.com", sasl_username="x@example.com")
     )
     assert decision.verdict is Verdict.REJECT
+
+
+# login_addresses: a login that is not an address (an LDAP uid) stands for addresses.
+
+
+def test_a_login_counts_as_the_addresses_login_addresses_map_it_to() -> None:
+    senders = Table("senders", {"some.user.email@x": "some.user.email@x"})
+    logins = Table("logins", {"some.user.id": "some.user.email@x"})
+    service = Service(Policy(maps_logins=True), [senders], login_addresses=[logins])
+    owned = at_once(
+        service, PolicyRequest(sender="some.user.email@x", sasl_username="Some.User.ID")
+    )
+    assert owned.verdict is Verdict.PERMIT
+    assert "some.user.id (standing for some.user.email@x, logins:1)" in owned.explanation
+    other = at_once(service, PolicyRequest(sender="other@x", sasl_username="some.user.id"))
+    assert other.action == "553 5.7.1 not owned by user some.user.id"  # the login as sent
+    assert logins.asked == [("some.user.id",), ("some.user.id",)]  # only ever the login
+    assert senders.asked[0] == ("some.user.email@x", "@x")
+
+
+def test_a_login_the_login_addresses_do_not_list_is_just_itself() -> None:
+    senders = Table("senders", {"a@x": "a@x"})
+    service = Service(Policy(maps_logins=True), [senders], login_addresses=[Table("l", {})])
+    assert at_once(service, PolicyRequest(sender="a@x", sasl_username="a@x")).verdict is (
+        Verdict.PERMIT
+    )
