@@ -58,6 +58,8 @@ class NetworkStore(Store):
         self._threads: ThreadPoolExecutor | None = None
         self._connected = False
         self._reconnecting: asyncio.Task[None] | None = None
+        # Moves on every forget(): an answer asked for before it is not remembered after it.
+        self._generation = 0
 
     @property
     def max_age(self) -> float | None:
@@ -113,6 +115,7 @@ class NetworkStore(Store):
     def forget(self) -> None:
         """Forget every remembered answer, and the decisions made with them."""
         self._answers.clear()
+        self._generation += 1
         self.context.changes.happened()
 
     # Answering
@@ -125,13 +128,15 @@ class NetworkStore(Store):
         return self._ask(asked)
 
     async def _ask(self, keys: tuple[str, ...]) -> Hit | None:
+        generation = self._generation
         try:
             async with asyncio.timeout(self.options.timeout):
                 hit = await self.query(keys)
         except (StoreUnavailable, TimeoutError) as error:
             why = str(error) or f"no answer within {self.options.timeout:g} s"
             return self._stale(keys, why)
-        self._remember(keys, hit)
+        if generation == self._generation:  # else the data changed while it was asked
+            self._remember(keys, hit)
         if not self.status.ready or self.status.last_error:
             self.status.loaded(0, ())  # (back) in touch with the server
         return hit
