@@ -13,6 +13,7 @@ mail. Postfix itself remembers nothing (proxymap shares connections, not answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import abstractmethod
@@ -103,6 +104,10 @@ class NetworkStore(Store):
     async def close(self) -> None:
         if self._reconnecting is not None:
             self._reconnecting.cancel()
+            # Awaited, so that a connection it was opening is closed now, not left behind.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
+            self._reconnecting = None
         await self.disconnect()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
