@@ -199,7 +199,10 @@ class MysqlStore(ServerSqlStore):
                     )
                     await self._limit_statements(connection)
             except (OSError, TimeoutError, pymysql.err.Error, ssl.SSLError) as error:
-                failures.append(f"{host}: {unavailable(error, self._secrets)}")
+                # aiomysql says "Can't connect" and keeps why (refused, a certificate) as the
+                # cause.
+                why = unavailable(error.__cause__ or error, self._secrets)
+                failures.append(f"{host}: {why}")
                 continue
             return connection
         raise StoreUnavailable("; ".join(failures))

@@ -142,8 +142,10 @@ class PgsqlStore(ServerSqlStore):
         if self._pool is not None:
             return
         arguments = self._arguments()
+        # No connection floor: asyncpg would keep reopening it in the background through an
+        # outage, logging each failure; the pool opens connections when lookups need them.
         pool = asyncpg.create_pool(
-            min_size=1,
+            min_size=0,
             max_size=self.options.connections,
             max_inactive_connection_lifetime=defaults.SQL_IDLE_SECONDS,
             command_timeout=self.options.timeout,
@@ -151,6 +153,8 @@ class PgsqlStore(ServerSqlStore):
         )
         try:
             await pool
+            async with pool.acquire() as connection:  # the server is there and lets us in
+                await connection.fetchval("SELECT 1")
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             pool.terminate()
             raise unavailable(error, self._secrets) from None
@@ -183,7 +187,7 @@ class PgsqlStore(ServerSqlStore):
 
         pool = self._pool
         if pool is None:
-            raise StoreUnavailable("not connected")
+            raise StoreUnavailable(f"not connected: {self.status.last_error or 'starting'}")
         query = statement.query
         retried = False
         while True:
@@ -203,6 +207,7 @@ class PgsqlStore(ServerSqlStore):
             except (
                 asyncpg.PostgresConnectionError,
                 asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
                 asyncpg.exceptions.OperatorInterventionError,
                 OSError,
             ) as error:
@@ -230,8 +235,6 @@ class PgsqlStore(ServerSqlStore):
     async def _listen(self, arguments: dict[str, Any]) -> None:
         """Keep one connection LISTENing: reopen it whenever it is lost or stops answering,
         and then forget every answer, since notifications may have been missed."""
-        import asyncpg  # noqa: PLC0415 (an extra: imported when a store starts)
-
         delay = defaults.NOTIFY_RETRY_FIRST
         missed = False
         channel = self.options.notify_channel
@@ -239,9 +242,9 @@ class PgsqlStore(ServerSqlStore):
             connection: asyncpg.Connection | None = None
             lost = asyncio.Event()
             try:
+                connection = await self._open_listener(arguments)
+                connection.add_termination_listener(lambda _, event=lost: event.set())
                 async with asyncio.timeout(self.options.timeout):
-                    connection = await asyncpg.connect(**arguments)
-                    connection.add_termination_listener(lambda _, event=lost: event.set())
                     await connection.add_listener(channel, self._notified)
                 if missed:
                     self.forget()
@@ -253,7 +256,7 @@ class PgsqlStore(ServerSqlStore):
                 self.status.detail = self._notify_detail("listening")
                 delay = defaults.NOTIFY_RETRY_FIRST
                 await self._watch(connection, lost)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            except Exception as error:  # whatever it was, this loop must go on
                 why = str(unavailable(error, self._secrets)) or "no answer"
                 if not missed:
                     log.warning("%s: not listening on %r: %s", self.name, channel, why)
@@ -266,6 +269,25 @@ class PgsqlStore(ServerSqlStore):
             missed = True
             await asyncio.sleep(delay)
             delay = min(2 * delay, defaults.NOTIFY_RETRY_MAX)
+
+    async def _open_listener(self, arguments: dict[str, Any]) -> asyncpg.Connection:
+        """A new connection for LISTEN. If the store closes while it is being opened, it is
+        let finish (within the timeout) and closed: a TLS connection abandoned half-way
+        would be left open."""
+        import asyncpg  # noqa: PLC0415 (an extra: imported when a store starts)
+
+        opening = asyncio.ensure_future(asyncpg.connect(**arguments))
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.options.timeout):
+                    (await opening).terminate()
+            raise
+        except TimeoutError:
+            opening.cancel()
+            raise
 
     async def _watch(self, connection: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Ask the listening connection SELECT 1 every notify_check_interval; raise when it
