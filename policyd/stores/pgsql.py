@@ -163,8 +163,11 @@ class PgsqlStore(ServerSqlStore):
             raise
         self._pool = pool
         if self.options.notify_channel and self._listener is None:
+            # Its own name in pg_stat_activity, so an admin can tell it from the pool's.
+            settings = {**arguments["server_settings"], "application_name": "policyd notify"}
+            listening = {**arguments, "server_settings": settings}
             self._listener = asyncio.create_task(
-                self._listen(arguments), name=f"LISTEN {self.name}"
+                self._listen(listening), name=f"LISTEN {self.name}"
             )
 
     async def disconnect(self) -> None:
