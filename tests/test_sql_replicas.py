@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -246,8 +247,6 @@ async def test_without_notify_a_change_is_seen_once_cache_ttl_has_passed(
         def change() -> None:
             server.query(GIVE_INFO_TO_DAVE, database="postfixadmin")
     else:
-        import sqlite3
-
         database = request.getfixturevalue("sqlite_postfixadmin")
         cf = postfix_maps.render(
             "map.cf", oracle.example("postfixadmin", "sqlite"), dbpath=str(database)
