@@ -107,6 +107,39 @@ async def test_the_example_maps_answer_what_postfix_answers(
         assert owners(await ask(store, fold(key))) == expected, f"{case}: {key!r}"
 
 
+MORE_EXAMPLES = [
+    ("iredmail", "mysql"),
+    ("iredmail", "pgsql"),
+    ("modoboa", "pgsql"),
+    ("modoboa", "mysql"),
+]
+
+
+@pytest.mark.parametrize(
+    ("schema", "backend"), MORE_EXAMPLES, ids=[f"{s}-{b}" for s, b in MORE_EXAMPLES]
+)
+async def test_the_iredmail_and_modoboa_examples_answer_what_their_tables_say(
+    schema: str,
+    backend: str,
+    request: pytest.FixtureRequest,
+    postfix_maps: PostfixMaps,
+    open_map: OpenMap,
+) -> None:
+    """Postfix's own map and policyd, both against tests/data/sql/SCHEMA-owners.tsv."""
+    files = (oracle.EXAMPLES / schema / f"schema.{backend}.sql", oracle.DATA / f"{schema}.sql")
+    if backend == "pgsql":
+        server: Any = request.getfixturevalue("pgsql_factory")(dbname=schema, sql_files=files)
+    else:
+        server = request.getfixturevalue("mysql_factory")(databases={schema: files})
+    settings = {**oracle.connection(server), "dbname": schema}
+    cf = postfix_maps.render("map.cf", oracle.example(schema, backend), **settings)
+    store = await open_map(backend, cf)
+    for case, key, expected in oracle.cases(schema, backend):
+        answer = postfix_maps.query(key, f"{backend}:{cf}").value
+        assert oracle.owners_of(answer) == expected, f"Postfix, {case}: {key!r}"
+        assert owners(await ask(store, fold(key))) == expected, f"policyd, {case}: {key!r}"
+
+
 @pytest.mark.parametrize("backend", ["pgsql", "mysql", "sqlite"])
 async def test_the_first_key_with_rows_answers_for_the_whole_search(
     backend: str, request: pytest.FixtureRequest, postfix_maps: PostfixMaps, open_map: OpenMap
