@@ -604,6 +604,21 @@ def test_the_password_is_never_shown(
             assert SECRET not in text and SECRET.replace("%", "%25") not in text
 
 
+def test_validate_connects_and_says_why_it_cannot(
+    pgsql_factory: Callable[..., pgsql.PgServer],
+    postfix_maps: PostfixMaps,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = pgsql_factory()
+    cf = _server_cf("pgsql", server, postfix_maps)
+    assert main(["validate", "--map", f"pgsql:{cf}"]) == 0
+    assert f"map pgsql:{cf}: connected" in capsys.readouterr().out
+    server.stop()
+    # Not a settings error: serve would start, answer 4xx, and connect once it can.
+    assert main(["validate", "--map", f"pgsql:{cf}"]) == 75
+    assert f"map pgsql:{cf}: FAILED: " in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------
 # policyd check says which query and which row decided
 # --------------------------------------------------------------------------

@@ -119,7 +119,7 @@ class PgsqlStore(ServerSqlStore):
         self._pool: asyncpg.Pool | None = None
         self._secrets: list[str] = []
         self._listener: asyncio.Task[None] | None = None
-        self.status.detail = self._notify_detail("not connected yet")
+        self.status.detail = self._notify_detail("connecting")
 
     @classmethod
     def from_options(cls, options: PgsqlOptions, context: StoreContext) -> PgsqlStore:
