@@ -26,10 +26,10 @@ POLICYD = [sys.executable, "-m", "policyd"]
 BASE_ENV = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
 
 
-def load() -> dict[str, dict[str, Any]]:
-    """Every manifest by kind; each kind appears once."""
+def load(directory: Path = HERE) -> dict[str, dict[str, Any]]:
+    """Every manifest of ``directory`` by kind; each kind appears once."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(HERE.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         for resource in yaml_documents(path):
             assert resource["kind"] not in found, f"{path.name}: a second {resource['kind']}"
             found[resource["kind"]] = resource
