@@ -612,7 +612,8 @@ def test_validate_connects_and_says_why_it_cannot(
     server = pgsql_factory()
     cf = _server_cf("pgsql", server, postfix_maps)
     assert main(["validate", "--map", f"pgsql:{cf}"]) == 0
-    assert f"map pgsql:{cf}: connected" in capsys.readouterr().out
+    connected = capsys.readouterr().out
+    assert f"map pgsql:{cf}: connected; notifications on 'policyd': listening" in connected
     server.stop()
     # Not a settings error: serve would start, answer 4xx, and connect once it can.
     assert main(["validate", "--map", f"pgsql:{cf}"]) == 75

@@ -16,7 +16,7 @@ import logging
 import random
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     import asyncpg
 
 log = logging.getLogger("policyd.stores")
+
+#: A LISTENing connection, and the event set when the server closes it.
+Subscription: TypeAlias = "tuple[asyncpg.Connection, asyncio.Event]"
 
 # The libpq URI schemes pgsql_table(5) accepts in ``hosts``.
 _URI = ("postgresql://", "postgres://")
@@ -119,6 +122,7 @@ class PgsqlStore(ServerSqlStore):
         self._pool: asyncpg.Pool | None = None
         self._secrets: list[str] = []
         self._listener: asyncio.Task[None] | None = None
+        self._listening: asyncpg.Connection | None = None  # the LISTEN connection
         self.status.detail = self._notify_detail("connecting")
 
     @classmethod
@@ -166,8 +170,15 @@ class PgsqlStore(ServerSqlStore):
             # Its own name in pg_stat_activity, so an admin can tell it from the pool's.
             settings = {**arguments["server_settings"], "application_name": "policyd notify"}
             listening = {**arguments, "server_settings": settings}
+            # Listening before the store is ready, so /readyz and validate say so at once;
+            # if it fails now, the listener keeps trying in the background.
+            try:
+                first: Subscription | None = await self._subscribe(listening)
+            except Exception as error:  # said by the listener, which tries again
+                log.debug("%s: LISTEN at start: %s", self.name, error)
+                first = None
             self._listener = asyncio.create_task(
-                self._listen(listening), name=f"LISTEN {self.name}"
+                self._listen(listening, first), name=f"LISTEN {self.name}"
             )
 
     async def disconnect(self) -> None:
@@ -176,6 +187,9 @@ class PgsqlStore(ServerSqlStore):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+        if self._listening is not None:  # also when the listener was cancelled unstarted
+            self._listening.terminate()
+            self._listening = None
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -235,7 +249,22 @@ class PgsqlStore(ServerSqlStore):
             return f"notifications: none (answers live {self.options.cache_ttl:g} s)"
         return f"notifications on {self.options.notify_channel!r}: {state}"
 
-    async def _listen(self, arguments: dict[str, Any]) -> None:
+    async def _subscribe(self, arguments: dict[str, Any]) -> Subscription:
+        """A new connection LISTENing on the channel, and the event set when it is lost."""
+        connection = await self._open_listener(arguments)
+        lost = asyncio.Event()
+        try:
+            connection.add_termination_listener(lambda _: lost.set())
+            async with asyncio.timeout(self.options.timeout):
+                await connection.add_listener(self.options.notify_channel, self._notified)
+        except BaseException:
+            connection.terminate()
+            raise
+        self.status.detail = self._notify_detail("listening")
+        self._listening = connection
+        return connection, lost
+
+    async def _listen(self, arguments: dict[str, Any], first: Subscription | None) -> None:
         """Keep one connection LISTENing: reopen it whenever it is lost or stops answering,
         and then forget every answer, since notifications may have been missed."""
         delay = defaults.NOTIFY_RETRY_FIRST
@@ -243,12 +272,9 @@ class PgsqlStore(ServerSqlStore):
         channel = self.options.notify_channel
         while True:
             connection: asyncpg.Connection | None = None
-            lost = asyncio.Event()
             try:
-                connection = await self._open_listener(arguments)
-                connection.add_termination_listener(lambda _, event=lost: event.set())
-                async with asyncio.timeout(self.options.timeout):
-                    await connection.add_listener(channel, self._notified)
+                connection, lost = first or await self._subscribe(arguments)
+                first = None
                 if missed:
                     self.forget()
                     log.info(
@@ -256,7 +282,6 @@ class PgsqlStore(ServerSqlStore):
                         self.name,
                         channel,
                     )
-                self.status.detail = self._notify_detail("listening")
                 delay = defaults.NOTIFY_RETRY_FIRST
                 await self._watch(connection, lost)
             except Exception as error:  # whatever it was, this loop must go on
