@@ -96,6 +96,10 @@ NETWORK_CACHE_SIZE = 100_000  # remembered answers per store
 # One lookup's limit; below lookup_timeout, so the store's own error is what is reported.
 NETWORK_TIMEOUT = 3.0
 NETWORK_CONNECTIONS = 4  # per store: connections (or threads) in its pool
+# A server that could not be reached is not tried again for this long: meanwhile lookups
+# answer from memory (stale_ttl) or with a temporary failure at once, instead of each paying
+# for a connection that fails (Postfix waits its retry_interval, 60 s, for the same reason).
+NETWORK_RETRY_DELAY = 1.0
 
 # PostgreSQL stores LISTEN on this channel and forget their answers when a NOTIFY arrives
 # (examples/sql/postfixadmin/notify.pgsql.sql sends them), so every replica sees a change at

@@ -22,9 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import Field
 
 from policyd import defaults
-from policyd.model import StoreUnavailable
 from policyd.stores.base import StoreContext
-from policyd.stores.network import unavailable
+from policyd.stores.network import Unreachable, unavailable
 from policyd.stores.postfix_cf import PostfixCf
 from policyd.stores.sql import (
     PGSQL,
@@ -204,7 +203,7 @@ class PgsqlStore(ServerSqlStore):
 
         pool = self._pool
         if pool is None:
-            raise StoreUnavailable(f"not connected: {self.status.last_error or 'starting'}")
+            raise Unreachable(f"not connected: {self.status.last_error or 'starting'}")
         query = statement.query
         retried = False
         while True:
@@ -230,8 +229,10 @@ class PgsqlStore(ServerSqlStore):
             ) as error:
                 # A pooled connection the server closed while it was idle (a restart) fails
                 # once; the pool opens a new one for the second try.
-                if retried or isinstance(error, asyncpg.QueryCanceledError):
+                if isinstance(error, asyncpg.QueryCanceledError):  # statement_timeout
                     raise unavailable(error, self._secrets) from None
+                if retried:
+                    raise unavailable(error, self._secrets, Unreachable) from None
                 retried = True
             except (
                 asyncpg.exceptions.SyntaxOrAccessError,
