@@ -27,7 +27,6 @@ from policyd.stores.network import Unreachable, unavailable
 from policyd.stores.postfix_cf import PostfixCf
 from policyd.stores.sql import (
     PGSQL,
-    QueryRefused,
     Row,
     ServerSqlStore,
     SqlOptions,
@@ -218,7 +217,7 @@ class PgsqlStore(ServerSqlStore):
                 found = _PARAMETER.search(str(error))
                 literal = (int(found.group(1)) - 1) % query.literals if found else -1
                 if literal < 0 or literal in query.text_casts:
-                    raise QueryRefused(str(error)) from None
+                    raise unavailable(error, self._secrets) from None
                 query.text_casts.add(literal)
             except (
                 asyncpg.PostgresConnectionError,
@@ -234,12 +233,6 @@ class PgsqlStore(ServerSqlStore):
                 if retried:
                     raise unavailable(error, self._secrets, Unreachable) from None
                 retried = True
-            except (
-                asyncpg.exceptions.SyntaxOrAccessError,
-                asyncpg.exceptions.FeatureNotSupportedError,
-                asyncpg.exceptions.DataError,
-            ) as error:
-                raise QueryRefused(unavailable(error, self._secrets).args[0]) from None
             except asyncpg.PostgresError as error:
                 raise unavailable(error, self._secrets) from None
 

@@ -56,11 +56,6 @@ QUERY_SETTINGS = frozenset(
 _SELECT = re.compile(r"\s*\(*\s*(SELECT|WITH)\b", re.IGNORECASE)
 
 
-class QueryRefused(StoreUnavailable):
-    """The server refused the statement itself (its syntax, a table or column it lacks),
-    as opposed to a connection or time failure."""
-
-
 @dataclass(frozen=True)
 class Dialect:
     """How one SQL dialect writes what policyd must find or write in a query."""
@@ -238,8 +233,9 @@ class Query:
         branches = []
         for rank in range(keys):
             inner = self.sql(self.dialect.placeholder, 1 + rank * self.literals)
+            # On lines of its own: a -- comment at the end of the query ends with its line.
             branches.append(
-                f"SELECT {rank} AS policyd_rank, policyd_rows.* FROM ({inner}) AS policyd_rows"
+                f"SELECT {rank} AS policyd_rank, policyd_rows.* FROM (\n{inner}\n) AS policyd_rows"
             )
         return " UNION ALL ".join(branches)
 
@@ -392,33 +388,28 @@ class SqlStore(NetworkStore):
 
 
 class ServerSqlStore(SqlStore):
-    """An SQL map on a database server (PostgreSQL, MySQL): a search is one round trip,
-    one statement for all the keys, while the server takes the query as a derived table."""
+    """An SQL map on a database server (PostgreSQL, MySQL). With ``combines``, a search is
+    one round trip: one statement for all the keys, the query (a SELECT) as a derived table
+    per key. Otherwise the keys are asked one by one until one has rows (Postfix's own
+    order, and usually one round trip: the full address answers)."""
+
+    #: Ask for all the keys in one statement (see the backends for why or why not).
+    combines: ClassVar[bool] = True
 
     def __init__(
         self, name: str, options: SqlOptions, context: StoreContext, cf: PostfixCf
     ) -> None:
         super().__init__(name, options, context, cf)
-        # Until the server refuses the statement that asks for several keys at once.
-        self.combine = self.sqlmap.query.combinable
+        self.combine = self.combines and self.sqlmap.query.combinable
 
     @abstractmethod
     async def run(self, statement: Statement, values: Sequence[str]) -> Sequence[Row]:
         """Run one statement with these bound values and return its rows. Raise
-        QueryRefused if the server refuses the statement, StoreUnavailable on any other
-        failure."""
+        StoreUnavailable (Unreachable for a connection that failed) on any failure."""
 
     async def search(self, asked: list[str]) -> Hit | None:
         if self.combine and len(asked) > 1:
-            try:
-                return await self._combined(asked)
-            except QueryRefused as refused:
-                hit = await self._one_by_one(asked)
-                # The query works alone but not as a derived table (e.g. two result
-                # columns of the same name in MySQL): ask key by key from now on.
-                log.info("%s: asking key by key: %s", self.name, refused)
-                self.combine = False
-                return hit
+            return await self._combined(asked)
         return await self._one_by_one(asked)
 
     async def _combined(self, asked: list[str]) -> Hit | None:
