@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd import stores
 from policyd.cli import main
 from policyd.config import Settings
 
@@ -32,8 +33,24 @@ def test_readme_check_example(
     assert f"{reason}\n" in capsys.readouterr().out
 
 
+def documented(section: str) -> set[str]:
+    """The names in the first column of a section's tables."""
+    first_cells = re.findall(r"^\| ([^|]+) \|", section, re.MULTILINE)
+    return {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
+
+
+REFERENCE = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+SETTINGS, _, MAP_OPTIONS = REFERENCE.partition("### Map options")
+
+
 def test_every_setting_is_in_the_configuration_reference() -> None:
-    reference = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-    first_cells = re.findall(r"^\| ([^|]+) \|", reference, re.MULTILINE)
-    documented = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
-    assert documented == set(Settings.model_fields)
+    assert documented(SETTINGS) == set(Settings.model_fields)
+
+
+def test_every_option_of_a_network_map_is_in_the_configuration_reference() -> None:
+    """The options a map type adds beside its type and its file (``TYPE:LOCATION``)."""
+    options = set()
+    for _, store in stores.backends().values():
+        options |= set(store.Options.model_fields) - {"type", store.location}
+    assert options, "no map type has options: this table would be empty"
+    assert documented(MAP_OPTIONS) == options
