@@ -27,7 +27,7 @@ from policyd.model import Hit
 from policyd.stores import open_store, store_class
 from policyd.stores.base import StoreContext
 from policyd.stores.sql import SqlStore
-from tests.helpers import wait_until
+from tests.helpers import ask_unix, wait_until
 from tests.servers import mysql, oracle, pgsql
 from tests.servers.postfix_maps import PostfixMaps
 
@@ -86,15 +86,7 @@ class Replica:
         return self.process is not None and self.process.returncode is not None
 
     async def ask(self, login: str, sender: str) -> bytes:
-        reader, writer = await asyncio.open_unix_connection(str(self.socket))
-        try:
-            writer.write(
-                f"request=smtpd_access_policy\nsender={sender}\nsasl_username={login}\n\n".encode()
-            )
-            return await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
-        finally:
-            writer.close()
-            await writer.wait_closed()
+        return await ask_unix(self.socket, sender, login)
 
     async def readyz(self) -> str:
         host, _, port = self.metrics.rpartition(":")

@@ -121,19 +121,19 @@ def test_service_monitor_follows_the_crd() -> None:
         jsonschema.validate(misspelt, SERVICE_MONITOR)
 
 
-def pod() -> dict[str, Any]:
-    template: dict[str, Any] = RESOURCES["Deployment"]["spec"]["template"]
+def pod(resources: dict[str, dict[str, Any]] = RESOURCES) -> dict[str, Any]:
+    template: dict[str, Any] = resources["Deployment"]["spec"]["template"]
     return template
 
 
-def container() -> dict[str, Any]:
-    (only,) = pod()["spec"]["containers"]
+def container(resources: dict[str, dict[str, Any]] = RESOURCES) -> dict[str, Any]:
+    (only,) = pod(resources)["spec"]["containers"]
     result: dict[str, Any] = only
     return result
 
 
-def environment() -> dict[str, str]:
-    return {variable["name"]: variable["value"] for variable in container()["env"]}
+def environment(resources: dict[str, dict[str, Any]] = RESOURCES) -> dict[str, str]:
+    return {variable["name"]: variable["value"] for variable in container(resources)["env"]}
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from tests.deploy import test_kubernetes as kubernetes
 from tests.deploy.helpers import DEPLOY, REPO, run
 from tests.deploy.test_kubernetes import RESOURCES as KEPT
 from tests.deploy.test_kubernetes import VERSIONS, load, selects
@@ -36,18 +37,15 @@ def test_manifest_follows_the_kubernetes_schema(kind: str, version: str) -> None
 
 
 def pod() -> dict[str, Any]:
-    template: dict[str, Any] = RESOURCES["Deployment"]["spec"]["template"]
-    return template
+    return kubernetes.pod(RESOURCES)
 
 
 def container() -> dict[str, Any]:
-    (only,) = pod()["spec"]["containers"]
-    result: dict[str, Any] = only
-    return result
+    return kubernetes.container(RESOURCES)
 
 
 def environment() -> dict[str, str]:
-    return {variable["name"]: variable["value"] for variable in container()["env"]}
+    return kubernetes.environment(RESOURCES)
 
 
 def mounted(volume_kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
