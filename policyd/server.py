@@ -103,13 +103,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._answer_queued()
 
     def _track_request_time(self, now: float) -> None:
-        if self.parser.pending:
+        if self.parser.pending and not self.parser.backlog:
             if self.request_started is None:
                 # A request has begun; it must finish within request_timeout. Checked by the
                 # timer rather than re-armed per read, so a trickling client cannot extend it.
                 self.request_started = now
                 self._schedule(now + self.server.settings.request_timeout)
         else:
+            # Nothing unfinished, or whole requests waiting their turn (a batch per turn of
+            # the loop, or until the client reads its replies): that wait is policyd's, and
+            # the clock starts for the unfinished one behind them when they are answered.
             self.request_started = None
 
     def eof_received(self) -> bool | None:

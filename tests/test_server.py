@@ -196,6 +196,27 @@ async def test_unfinished_request_is_dropped_after_request_timeout(tmp_path: Pat
         assert await asyncio.wait_for(reader.read(), 5) == b""
 
 
+async def test_whole_requests_waiting_their_turn_are_not_timed_out(tmp_path: Path) -> None:
+    """request_timeout is for a request still arriving. Whole requests that wait in policyd
+    (pipelined, answered a batch at a time, held while the client reads its replies) are
+    answered however long that takes; an unfinished one behind them still has its limit."""
+    async with (
+        running(tmp_path, request_timeout=0.2) as server,
+        connect(server) as (reader, writer),
+    ):
+        assert await ask(reader, writer, OWNED) == OWNED_REPLY
+        (connection,) = server.connections
+        connection.pause_writing()  # the client is not reading its replies
+        connection.data_received(b"\n" * 1000 + OWNED[:40])  # 1000 empty requests, half of one
+        await asyncio.sleep(0.6)  # the time under test: three times request_timeout
+        assert not connection.closing
+        connection.resume_writing()
+        empty = b"action=DUNNO\n\n"
+        assert await asyncio.wait_for(reader.readexactly(1000 * len(empty)), 5) == empty * 1000
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the unfinished one, dropped
+        assert server.service.metrics.protocol_errors["request_timeout"] == 1
+
+
 class Broken(Store):
     """A store with a bug: every lookup raises an unexpected exception."""
 
