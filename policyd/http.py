@@ -95,7 +95,11 @@ class HttpServer:
                 raise ListenError(f"metrics_listen: {error}") from None
             set_socket_access(endpoint.path, socket_mode, group)
             self.server = await asyncio.start_unix_server(
-                self._handle, sock=self.unix.socket, limit=HEAD_LIMIT, start_serving=False
+                self._handle,
+                sock=self.unix.socket,
+                limit=HEAD_LIMIT,
+                backlog=defaults.LISTEN_BACKLOG,
+                start_serving=False,
             )
             self.address = str(endpoint)
             return
@@ -106,6 +110,7 @@ class HttpServer:
                 endpoint.port,
                 reuse_address=True,
                 limit=HEAD_LIMIT,
+                backlog=defaults.LISTEN_BACKLOG,
                 start_serving=False,
             )
         except OSError as error:

@@ -347,7 +347,10 @@ class PolicyServer:
                     endpoint.path, self.settings.socket_mode, self.settings.socket_group
                 )
                 listener = await loop.create_unix_server(
-                    lambda: PolicyConnection(self), sock=unix.socket, start_serving=False
+                    lambda: PolicyConnection(self),
+                    sock=unix.socket,
+                    backlog=defaults.LISTEN_BACKLOG,
+                    start_serving=False,
                 )
                 self.addresses.append(str(endpoint))
             else:
@@ -357,6 +360,7 @@ class PolicyServer:
                         endpoint.host or None,
                         endpoint.port,
                         reuse_address=True,
+                        backlog=defaults.LISTEN_BACKLOG,
                         start_serving=False,
                     )
                 except OSError as error:
