@@ -139,7 +139,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
     # Answering
 
     def _answer_queued(self) -> None:
-        while self.queue and self.task is None and not self.closing:
+        while self.queue and self.task is None and self._open():
             self._answer(self.queue.popleft())
         if self.parser.backlog and not self.backlog_scheduled:
             # More requests already arrived: answer them on a later turn of the loop, after
@@ -150,7 +150,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
 
     def _take_backlog(self) -> None:
         self.backlog_scheduled = False
-        if self.closing or self.task is not None or self.write_paused:
+        if not self._open() or self.task is not None or self.write_paused:
             return  # what ends the wait (a decision, the client reading) calls again
         try:
             self.queue.extend(self.parser.feed(b""))
@@ -200,9 +200,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._reply(decision, started)
         self._answer_queued()
 
+    def _open(self) -> bool:
+        """Whether replies can still go out. A write that fails (the client reset the
+        connection) closes the transport at once but reaches connection_lost only on a
+        later turn of the loop; until then, each further write would log a warning."""
+        return not self.closing and self.transport is not None and not self.transport.is_closing()
+
     def _reply(self, decision: Decision, started: float) -> None:
-        if self.closing or self.transport is None:
+        if not self._open():
             return
+        assert self.transport is not None
         self.transport.write(encode_reply(decision.action))
         self.service.metrics.latency.observe(perf_counter() - started)
 
@@ -244,9 +251,13 @@ class PolicyConnection(asyncio.BufferedProtocol):
         if self.transport is None:
             return
         if self.transport.get_write_buffer_size():
-            # Replies to the requests before the broken one are still on their way.
+            # Replies to the requests before the broken one are still on their way: the
+            # client gets CLOSE_GRACE to take them. The connection's one timer, so that
+            # connection_lost cancels it: aborting a transport that is gone fails.
             self.transport.close()
-            self.loop.call_later(defaults.CLOSE_GRACE, self.transport.abort)
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(defaults.CLOSE_GRACE, self.transport.abort)
         else:
             self.transport.abort()
 
