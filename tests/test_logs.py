@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tracemalloc
 
 import pytest
 
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.engine import Decision, Verdict
-from policyd.logs import Formatter, logfmt_value
+from policyd.logs import MIDDLES_BYTES, Formatter, logfmt_value
 from policyd.service import Service
 from tests.conftest import DATA
 from tests.helpers import at_once
@@ -114,3 +115,24 @@ def test_a_decision_shared_by_two_spellings_logs_each_login_and_sender_as_sent()
     second = formatter.decision(0.0, PolicyRequest(sasl_username="BOB@x", sender="A@x"), decision)
     assert "login=bob@x sender=a@x" in first
     assert "login=BOB@x sender=A@x" in second
+
+
+def test_the_text_remembered_for_decisions_is_bounded_in_size() -> None:
+    """The formatter remembers each decision's log text, so that a remembered decision is
+    formatted once. Decisions that are not remembered (a temporary failure, a question with
+    a 4 kB login) are new objects every time, each kept with its login and its reply: a
+    client sending such requests grew the daemon by 7 MB per round of the soak, up to about
+    65536 of them (issue 12). What is kept is bounded in size, not only in number."""
+    formatter = Formatter("logfmt")
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for number in range(6000):
+            login = f"{number:05d}" + "u" * 4000 + "@x"
+            action = f"553 5.7.1 sending is disabled for user {login}"
+            decision = Decision(Verdict.REJECT, action, "deny_login", f"{login} is denied")
+            formatter.decision(0.0, PolicyRequest(sasl_username=login, sender="a@x"), decision)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * MIDDLES_BYTES, f"{grown >> 20} MB kept"
