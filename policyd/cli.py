@@ -168,6 +168,8 @@ def check(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     print(f"action:  {decision.action}")
     print(f"postfix: {postfix_reply(decision.action, args.sender)}")
     print(f"reason:  {decision.reason}: {decision.explanation}")
+    if decision.key is not None:
+        print(f"lookup key: {decision.key}")
     if decision.rule is not None:
         print(f"rule:    {decision.rule}")
     if decision.verdict is Verdict.REJECT and decision.action != "DUNNO":

@@ -117,7 +117,7 @@ def test_config_error_is_one_line_and_exit_78(
     config.write_text('maps = ["dms:/x"]\nmode = "strict"\n')
     code, _, err = run(capsys, "validate", "--config", str(config))
     assert code == EXIT_CONFIG
-    modes = "'authenticated', 'sender', 'known' or 'permit'"
+    modes = "'authenticated', 'sender', 'known', 'unauthenticated' or 'permit'"
     assert err == f"policyd: {config}: mode: Input should be {modes}\n"
 
 

@@ -81,7 +81,8 @@ def test_errors_say_where_and_what(tmp_path: Path) -> None:
     assert sorted(found) == sorted(
         [
             f"{config}: maps: unknown map type 'nosuch' (known: dms, texthash, pcre, regexp)",
-            f"{config}: mode: Input should be 'authenticated', 'sender', 'known' or 'permit'",
+            f"{config}: mode: Input should be 'authenticated', 'sender', 'known',"
+            " 'unauthenticated' or 'permit'",
             f"{config}: unknown_key: unknown setting",
             "POLICYD_LISTEN: 'tcp:1.2.3.4' is not inet:HOST:PORT or unix:PATH",
         ]

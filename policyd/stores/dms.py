@@ -108,6 +108,7 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
     try:
         if regexp_path.exists():
             regexp = parse_pcre(read_text(regexp_path), str(regexp_path))
+            warnings = [*warnings, *regexp.warnings]
     except LoadError as error:
         problems += error.problems
     if problems:

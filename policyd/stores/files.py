@@ -399,8 +399,10 @@ def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
         table, warnings = parse_texthash(text, str(path))
     elif kind == "pcre":
         table = parse_pcre(text, str(path))
+        warnings = list(table.warnings)
     else:
         table = parse_regexp(text, str(path))
+        warnings = list(table.warnings)
     return Loaded(table, len(table), warnings, {str(path): len(table)})
 
 
