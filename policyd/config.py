@@ -244,6 +244,15 @@ class Settings(Strict):
         self.postfix_params()  # a ValueError names its setting
         return self
 
+    def names_postfix_host(self) -> bool:
+        """True if the settings say which host's Postfix this is (not this host's defaults)."""
+        return (
+            self.myhostname is not None
+            or self.mydestination is not None
+            or self.local_domains is not None
+            or self.myorigin != "$myhostname"
+        )
+
     def postfix_params(self) -> PostfixParams:
         """Postfix's parameters as these settings give them, $names expanded."""
         myhostname = self.myhostname or socket.getfqdn()

@@ -75,9 +75,10 @@ class FixedTable:
 
     pattern = False
 
-    def __init__(self, source: str, entries: PackedTable | None = None) -> None:
+    def __init__(self, source: str, entries: PackedTable | None = None, bare_keys: int = 0) -> None:
         self.source = source
         self._entries = entries if entries is not None else PackedTableBuilder().build()
+        self.bare_keys = bare_keys  # keys without @
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -98,12 +99,14 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
     entries = PackedTableBuilder()
     problems: list[Problem] = []
     warnings: list[Problem] = []
+    bare = 0
     for number, line in logical_lines(text):
         key, value, error = _split_key_value(line)
         if error:
             problems.append(Problem(source, number, error))
             continue
         key = fold(key)
+        bare += "@" not in key
         first = entries.add(key, split_owners(value), number)
         if first is not None:
             warnings.append(
@@ -111,7 +114,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
             )
     if problems:
         raise LoadError(problems)
-    return FixedTable(source, entries.build()), warnings
+    return FixedTable(source, entries.build(), bare), warnings
 
 
 _SEPARATORS = re.compile(rb"[,\s]+")
@@ -141,6 +144,7 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
     entries: PackedTableBuilder | None = None
     warnings: list[Problem] = []
     number = 0
+    bare = 0
     size = os.fstat(stream.fileno()).st_size
     rest = b""
     for chunk in iter(lambda: stream.read(_BLOCK), b""):
@@ -174,12 +178,13 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
             keys.append(key)
             values.append(value)
             numbers.append(number)
+        bare += sum(b"@" not in key for key in keys)
         for position, first in entries.add_many(keys, values, numbers):
             message = f'duplicate entry "{keys[position].decode()}": line {first} wins'
             warnings.append(Problem(source, numbers[position], message, fatal=False))
     if rest:  # no newline at the end of the file
         return None
-    return FixedTable(source, (entries or PackedTableBuilder()).build()), warnings
+    return FixedTable(source, (entries or PackedTableBuilder()).build(), bare), warnings
 
 
 _BLOCK = 1 << 20

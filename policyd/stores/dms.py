@@ -123,7 +123,7 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
         if path.exists()
     }
     maps = DmsMaps(accounts, virtual, regexp)
-    return Loaded(maps, sum(files.values()), warnings, files)
+    return Loaded(maps, sum(files.values()), warnings, files, virtual.bare_keys)
 
 
 class DmsOptions(StoreOptions):
