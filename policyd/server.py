@@ -330,6 +330,9 @@ class PolicyServer:
         """Bind every listener, not yet accepting; ListenError names the one that failed."""
         try:
             await self._listen()
+        except ListenError as error:
+            self._close_listeners()
+            raise ListenError(f"listen: {error}") from None
         except BaseException:
             self._close_listeners()
             raise
