@@ -363,7 +363,7 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
                 f" senders, {len(rules.login_denies)} denied logins"
             )
         else:
-            print(f"map {status.name}: {status.entries} entries")
+            print(f"map {status.name}: {status.counted}")
         for warning in status.warnings:
             print(f"policyd: warning: {warning}", file=sys.stderr)
     if failure is not None:

@@ -88,6 +88,11 @@ class StoreStatus:
     warnings: tuple[Problem, ...] = ()
     stale_answers: int = 0  # network stores: answers given from memory through an outage
 
+    @property
+    def counted(self) -> str:
+        """``1 entry``, ``12 entries``: as validate and /readyz show the count."""
+        return f"{self.entries} {'entry' if self.entries == 1 else 'entries'}"
+
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True
         self.entries = entries
