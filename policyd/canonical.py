@@ -10,6 +10,7 @@ of Postfix 3.7.11 (vdukhovni/postfix, tag v3.7.11, commit b51592167377ee5c720c12
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -78,6 +79,22 @@ class PostfixParams:
             append_dot_mydomain=legacy,
             smtputf8_enable=not legacy,
         )
+
+
+_PARAMETER = re.compile(r"\$(?:\{(\w+)\}|\((\w+)\)|(\w+))")
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """``$name``, ``${name}`` and ``$(name)`` replaced as in main.cf (mac_expand); a name it
+    does not know is a ValueError naming it."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2) or match.group(3)
+        if name not in values:
+            raise ValueError(f"${name} is not one of ${', $'.join(sorted(values))}")
+        return values[name]
+
+    return _PARAMETER.sub(value, text)
 
 
 def compat_level(text: str) -> tuple[int, int, int]:
@@ -458,7 +475,7 @@ def resolve(address: str, params: PostfixParams) -> str:
     tokens = _scan(quote_local(address))  # L234-236
     saved_domain: list[_Token] | None = None
     remote = False
-    for _ in range(len(address.encode("utf-8", "surrogateescape")) + 101):  # L264-277
+    for _ in range(len(address.encode("utf-8", "surrogatepass")) + 101):  # L264-277
         if (
             tokens
             and tokens[-1].kind == "."
@@ -568,10 +585,20 @@ def _forms(address: str, partial: bool, bare_localpart: bool = False) -> Iterato
 
 
 def lookup_keys(sender: str, params: PostfixParams) -> tuple[LookupKey, ...]:
-    """Every key smtpd tries for ``sender``, in order; the first key any table answers wins.
+    """Every key smtpd tries for ``sender``, in order: :func:`address_keys` of its
+    :func:`lookup_form`. The null sender gets no keys: smtpd skips the check for it
+    (smtpd_check.c L4564, L4573, L4586)."""
+    if not sender:
+        return ()
+    return address_keys(lookup_form(sender, params), params)
+
+
+def address_keys(address: str, params: PostfixParams) -> tuple[LookupKey, ...]:
+    """Every key smtpd tries for an address already in lookup form, in order; the first key
+    any table answers wins.
 
     mail_addr_find() with MA_FIND_DEFAULT and the legacy forms (mail_addr_find.h L39-60,
-    mail_addr_find.c L328-480), on :func:`lookup_form`:
+    mail_addr_find.c L328-480):
 
     1. the full address, quoted, then unquoted if different: all tables (L373-379);
     2. without the extension (:func:`strip_extension`), both forms: fixed tables (L381-387);
@@ -580,13 +607,9 @@ def lookup_keys(sender: str, params: PostfixParams) -> tuple[LookupKey, ...]:
        (L394-411, find_local() L289-324);
     4. ``@domain``, never quoted (L416-418).
 
-    The null sender gets no keys: smtpd skips the check for it. Partial keys
-    (``partial=True``) are offered only to fixed-key tables: pcre, regexp, tcp
+    Partial keys (``partial=True``) are offered only to fixed-key tables: pcre, regexp, tcp
     and socketmap tables skip them (PARTIAL = DICT_FLAG_FIXED, L228-229; maps.c L193).
     """
-    if not sender:
-        return ()  # the null sender is never checked (smtpd_check.c L4564, L4573, L4586)
-    address = lookup_form(sender, params)
     keys = list(_forms(address, partial=False))
     bare = strip_extension(address, params)
     if bare is not None:

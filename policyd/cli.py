@@ -291,6 +291,8 @@ def check(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     print(f"action:  {decision.action}")
     print(f"postfix: {postfix_reply(decision.action, args.sender)}")
     print(f"reason:  {decision.reason}: {decision.explanation}")
+    if decision.key is not None:
+        print(f"lookup key: {decision.key}")
     if decision.rule is not None:
         print(f"rule:    {decision.rule}")
     if decision.verdict is Verdict.REJECT and decision.action != "DUNNO":
@@ -366,6 +368,15 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
             print(f"map {status.name}: {status.counted}")
         for warning in status.warnings:
             print(f"policyd: warning: {warning}", file=sys.stderr)
+    bare = [status for status in service.statuses() if status.bare_keys]
+    if bare and not settings.names_postfix_host():
+        names = ", ".join(f"{status.name} ({status.bare_keys})" for status in bare)
+        print(
+            f"policyd: warning: {names}: bare local-part keys are found only for $myorigin and"
+            " mydestination, which are this host's defaults now: set myhostname, myorigin and"
+            " mydestination as in Postfix's main.cf",
+            file=sys.stderr,
+        )
     if failure is not None:
         _print_load_error(failure)
         return EXIT_CONFIG

@@ -14,9 +14,10 @@ import os
 import pwd
 import re
 import shlex
+import socket
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
@@ -26,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyAddress,
     IPvAnyNetwork,
     ValidationError,
     field_validator,
@@ -33,6 +35,7 @@ from pydantic import (
 )
 
 from policyd import defaults, stores
+from policyd.canonical import PostfixParams, compat_level, expand
 from policyd.model import Mode
 from policyd.readfile import LineTooLong, read_regular
 from policyd.stores.base import StoreOptions
@@ -142,7 +145,21 @@ class Settings(Strict):
     owned_action: Literal["OK", "DUNNO"] = defaults.OWNED_ACTION
     tempfail_action: str = defaults.TEMPFAIL_ACTION
     recipient_delimiter: str = defaults.RECIPIENT_DELIMITER
-    local_domains: list[str] = Field(default_factory=list)
+    # How Postfix turns the sender into its lookup key: its own main.cf parameters, by the
+    # same names, with Postfix's defaults (README "How the sender is looked up").
+    myhostname: str | None = None  # None: this host's name
+    mydomain: str | None = None  # None: myhostname without its first label
+    myorigin: str = "$myhostname"
+    mydestination: list[str] | None = None  # None: Postfix's default; local_domains: the old name
+    local_domains: list[str] | None = None
+    inet_interfaces: list[IPvAnyAddress] = Field(default_factory=list)
+    proxy_interfaces: list[IPvAnyAddress] = Field(default_factory=list)
+    compatibility_level: str = defaults.COMPATIBILITY_LEVEL
+    append_at_myorigin: bool = True
+    append_dot_mydomain: bool | None = None  # None: as compatibility_level says
+    swap_bangpath: bool = True
+    allow_percent_hack: bool = True
+    smtputf8_enable: bool | None = None  # None: as compatibility_level says
     reload_interval: float = Field(default=defaults.RELOAD_INTERVAL, ge=0)
     idle_timeout: float = Field(default=defaults.IDLE_TIMEOUT, gt=0)
     request_timeout: float = Field(default=defaults.REQUEST_TIMEOUT, gt=0)
@@ -231,10 +248,68 @@ class Settings(Strict):
                 raise ValueError(f"no user named {value!r}") from None
         return value
 
-    @field_validator("local_domains")
+    @field_validator("compatibility_level")
     @classmethod
-    def _domains(cls, value: list[str]) -> list[str]:
-        return [domain.casefold().rstrip(".") for domain in value]
+    def _compatibility(cls, value: str) -> str:
+        compat_level(value)  # ValueError: malformed compatibility level syntax
+        return value
+
+    @model_validator(mode="after")
+    def _postfix(self) -> Settings:
+        if self.mydestination is not None and self.local_domains is not None:
+            raise ValueError("local_domains: is the old name of mydestination; set one of them")
+        self.postfix_params()  # a ValueError names its setting
+        return self
+
+    def names_postfix_host(self) -> bool:
+        """True if the settings say which host's Postfix this is (not this host's defaults)."""
+        return (
+            self.myhostname is not None
+            or self.mydestination is not None
+            or self.local_domains is not None
+            or self.myorigin != "$myhostname"
+        )
+
+    def postfix_params(self) -> PostfixParams:
+        """Postfix's parameters as these settings give them, $names expanded."""
+        myhostname = self.myhostname or socket.getfqdn()
+        base = PostfixParams.for_host(
+            myhostname, mydomain=self.mydomain, compatibility_level=self.compatibility_level
+        )
+        names = {"myhostname": myhostname, "mydomain": base.mydomain}
+        try:
+            myorigin = expand(self.myorigin, names).rstrip(".")
+        except ValueError as error:
+            raise ValueError(f"myorigin: {error}") from None
+        names["myorigin"] = myorigin
+        destinations = self.mydestination if self.mydestination is not None else self.local_domains
+        if destinations is None:
+            mydestination = base.mydestination
+        else:
+            try:
+                items = [expand(item, names) for item in destinations]
+            except ValueError as error:
+                raise ValueError(f"mydestination: {error}") from None
+            mydestination = tuple(word for item in items for word in item.replace(",", " ").split())
+        return replace(
+            base,
+            myorigin=myorigin,
+            mydestination=mydestination,
+            inet_interfaces=tuple(str(address) for address in self.inet_interfaces),
+            proxy_interfaces=tuple(str(address) for address in self.proxy_interfaces),
+            append_at_myorigin=self.append_at_myorigin,
+            append_dot_mydomain=(
+                base.append_dot_mydomain
+                if self.append_dot_mydomain is None
+                else self.append_dot_mydomain
+            ),
+            swap_bangpath=self.swap_bangpath,
+            allow_percent_hack=self.allow_percent_hack,
+            smtputf8_enable=(
+                base.smtputf8_enable if self.smtputf8_enable is None else self.smtputf8_enable
+            ),
+            recipient_delimiter=self.recipient_delimiter,
+        )
 
     @model_validator(mode="after")
     def _unique_listeners(self) -> Settings:
@@ -271,6 +346,9 @@ _LIST_SETTINGS = {
     "maps",
     "login_addresses",
     "local_domains",
+    "mydestination",
+    "inet_interfaces",
+    "proxy_interfaces",
     "scope_ports",
     "scope_contexts",
     "exempt_networks",

@@ -104,6 +104,12 @@ LOG_INTERVAL = 10.0
 # On SIGTERM, requests being decided get this long to finish before connections are cut.
 SHUTDOWN_TIMEOUT = 10.0
 
+# Postfix's compatibility_level, which decides the defaults of append_dot_mydomain and
+# smtputf8_enable. Postfix's compiled-in level is 0, but every main.cf Debian 12 and
+# docker-mailserver generate sets 3.6 or 2; both give append_dot_mydomain = no and
+# smtputf8_enable = yes. Set it as the Postfix main.cf does.
+COMPATIBILITY_LEVEL = "3.6"
+
 # Postfix's recipient_delimiter as docker-mailserver sets it. Set "" when Postfix's is empty.
 RECIPIENT_DELIMITER = "+"
 

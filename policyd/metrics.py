@@ -218,6 +218,11 @@ class _Collector(Collector):
             "Reloads that failed (the last good data stayed in use)",
             labels=["store"],
         )
+        warned = GaugeMetricFamily(
+            "policyd_store_warnings",
+            "Problems in the data in use that do not stop it loading (a duplicate key, ...)",
+            labels=["store"],
+        )
         stale = CounterMetricFamily(
             "policyd_store_stale_answers",
             "Answers a network store gave from memory because its server failed (stale_ttl)",
@@ -230,11 +235,13 @@ class _Collector(Collector):
                 reloaded.add_metric([status.name], status.last_load)
             failures.add_metric([status.name], status.load_failures)
             stale.add_metric([status.name], status.stale_answers)
+            warned.add_metric([status.name], len(status.warnings))
         yield entries
         yield ready
         yield reloaded
         yield failures
         yield stale
+        yield warned
 
 
 def _counter(

@@ -59,6 +59,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.write_paused = False
         self.backlog_scheduled = False
+        self.lost = False  # connection_lost() has run
 
     # asyncio.Protocol callbacks
 
@@ -118,6 +119,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.lost = True
         self.server.closed(self, self.address)
         if self.timer is not None:
             self.timer.cancel()
@@ -244,8 +246,13 @@ class PolicyConnection(asyncio.BufferedProtocol):
         if self.transport.get_write_buffer_size():
             # Replies to the requests before the broken one are still on their way.
             self.transport.close()
-            self.loop.call_later(defaults.CLOSE_GRACE, self.transport.abort)
+            self.loop.call_later(defaults.CLOSE_GRACE, self._cut)
         else:
+            self.transport.abort()
+
+    def _cut(self) -> None:
+        """Abort a connection closed gracefully that the client has not let go of."""
+        if not self.lost and self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:

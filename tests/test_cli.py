@@ -132,7 +132,7 @@ def test_config_error_is_one_line_and_exit_78(
     config.write_text('maps = ["dms:/x"]\nmode = "strict"\n')
     code, _, err = run(capsys, "validate", "--config", str(config))
     assert code == EXIT_CONFIG
-    modes = "'authenticated', 'sender', 'known' or 'permit'"
+    modes = "'authenticated', 'sender', 'known', 'unauthenticated' or 'permit'"
     assert err == f"policyd: {config}:2: mode: Input should be {modes}\n"
 
 
@@ -459,3 +459,20 @@ async def test_root_drops_to_the_configured_user() -> None:
         assert await asyncio.wait_for(process.wait(), 10) == 0
     finally:
         shutil.rmtree(readable)
+
+
+def test_validate_warns_about_bare_keys_when_postfix_local_domains_are_not_set(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    table = f"texthash:{DATA / 'postfix' / 'sender_login.texthash'}"
+    _, _, err = run(capsys, "validate", "--map", table)
+    assert "bare local-part keys are found only for $myorigin and mydestination" in err
+    assert f"{table} (1)" in err
+    _, _, err = run(capsys, "validate", "--map", table, "--config", str(myorigin_config()))
+    assert "bare local-part keys" not in err
+
+
+def myorigin_config() -> Path:
+    config = Path(tempfile.mkdtemp(prefix="policyd-")) / "policyd.toml"
+    config.write_text('myhostname = "mail.example.com"\n')
+    return config

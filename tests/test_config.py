@@ -82,7 +82,8 @@ def test_errors_say_where_and_what(tmp_path: Path) -> None:
     assert sorted(found) == sorted(
         [
             f"{config}:1: maps[1]: unknown map type 'nosuch' (known: dms, texthash, pcre, regexp)",
-            f"{config}:2: mode: Input should be 'authenticated', 'sender', 'known' or 'permit'",
+            f"{config}:2: mode: Input should be 'authenticated', 'sender', 'known',"
+            " 'unauthenticated' or 'permit'",
             f"{config}:3: unknown_key: unknown setting",
             "POLICYD_LISTEN[0]: 'tcp:1.2.3.4' is not inet:HOST:PORT, HOST:PORT or unix:PATH",
         ]

@@ -109,6 +109,7 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
     try:
         if regexp_path.exists():
             regexp = parse_pcre(read_text(regexp_path), str(regexp_path))
+            warnings = [*warnings, *regexp.warnings]
     except LoadError as error:
         problems += error.problems
     if problems:
@@ -123,7 +124,7 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
         if path.exists()
     }
     maps = DmsMaps(accounts, virtual, regexp)
-    return Loaded(maps, sum(files.values()), warnings, files)
+    return Loaded(maps, sum(files.values()), warnings, files, virtual.bare_keys)
 
 
 class DmsOptions(StoreOptions):
