@@ -60,7 +60,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="policyd",
         description="Postfix policy daemon: may this SASL login use this envelope sender?",
-        epilog="Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()),
+        epilog="exit codes:\n"
+        + "".join(f"  {code:<3} {what}\n" for code, what in EXIT_CODES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"policyd {__version__}")
     commands = parser.add_subparsers(

@@ -471,14 +471,21 @@ def _root_keys(text: str) -> list[tuple[int, str, bool]]:
     """(line, name, is a table header) of each top-level setting, in order."""
     found: list[tuple[int, str, bool]] = []
     in_table = False
+    depth = 0  # brackets and braces still open: lines inside a value are not keys
     for number, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header:
+        if depth == 0 and (header := _HEADER.match(line)):
             in_table = True
             found.append((number, header.group(1), True))
-        elif not in_table and (key := _ROOT_KEY.match(line)):
+        elif depth == 0 and not in_table and (key := _ROOT_KEY.match(line)):
             found.append((number, key.group(1), False))
+        if not (depth == 0 and header):
+            code = _STRING_OR_COMMENT.sub("", line)
+            depth = max(0, depth + code.count("[") + code.count("{"))
+            depth = max(0, depth - code.count("]") - code.count("}"))
     return found
+
+
+_STRING_OR_COMMENT = re.compile(r""""(?:[^"\\]|\\.)*"|'[^']*'|#.*""")
 
 
 def read_toml(path: Path) -> TomlFile:

@@ -101,6 +101,20 @@ def test_a_misspelt_key_names_its_line_and_the_setting_meant(tmp_path: Path) -> 
     ]
 
 
+def test_lines_inside_a_value_are_not_taken_for_settings(tmp_path: Path) -> None:
+    config = tmp_path / "policyd.toml"
+    config.write_text(
+        'maps = [\n  "texthash:/etc/postfix/mode.cf",\n  # mode = "known"\n]\n'
+        'exempt_networks = [\n  "10.0.0.0/8",\n  "mode.example/33",\n]\n'
+        'mode = "strict"\n'
+    )
+    assert sorted(problems(config_file=config, environ={})) == [
+        f"{config}:7: exempt_networks[1]: value is not a valid IPv4 or IPv6 network",
+        f"{config}:9: mode: Input should be 'authenticated', 'sender', 'known',"
+        " 'unauthenticated' or 'permit'",
+    ]
+
+
 def test_map_options_are_named_by_position_and_line(tmp_path: Path) -> None:
     config = tmp_path / "policyd.toml"
     config.write_text(

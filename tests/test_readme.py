@@ -23,6 +23,7 @@ from policyd.cli import (
     EXIT_REJECT,
     EXIT_TEMPFAIL,
     EXIT_USAGE,
+    build_parser,
     main,
 )
 from policyd.codec import PolicyRequest
@@ -296,6 +297,9 @@ def exit_code_table() -> dict[int, str]:
 def test_the_exit_code_table_is_the_one_policyd_uses() -> None:
     """The same words `policyd --help` prints."""
     assert exit_code_table() == EXIT_CODES
+    shown = build_parser().format_help()
+    for code, meaning in exit_code_table().items():
+        assert f"  {code:<3} {meaning}\n" in shown, code
 
 
 CHECK = ["check", "--config", "examples/policyd.toml"]
