@@ -23,6 +23,7 @@ from policyd.codec import PolicyRequest, ProtocolError, RequestParser, encode_re
 from policyd.config import Endpoint, Settings
 from policyd.engine import Decision, store_failure
 from policyd.http import set_socket_access
+from policyd.metrics import RefusalReason
 from policyd.service import Service
 from policyd.sockets import ListenError, UnixListener
 
@@ -287,7 +288,7 @@ class PolicyServer:
         """Open policy connections, for the metrics."""
         return len(self.connections)
 
-    def refusal(self, peer: object) -> str | None:
+    def refusal(self, peer: object) -> RefusalReason | None:
         """Why a new connection must be closed at once, or None to serve it."""
         if len(self.connections) >= self.max_connections:
             return "too_many"
@@ -322,7 +323,7 @@ class PolicyServer:
         now = time.monotonic()
         if now - self._refusal_logged >= 1.0:
             self._refusal_logged = now
-            counts = dict(self.service.metrics.connections_refused)
+            counts = {why: n for why, n in self.service.metrics.connections_refused.items() if n}
             log.warning("refused connection from %s (%s); refused so far: %s", peer, why, counts)
 
     def internal_error(self, request: PolicyRequest, error: Exception) -> Decision:
@@ -337,6 +338,9 @@ class PolicyServer:
         """Bind every listener, not yet accepting; ListenError names the one that failed."""
         try:
             await self._listen()
+        except ListenError as error:
+            self._close_listeners()
+            raise ListenError(f"listen: {error}") from None
         except BaseException:
             self._close_listeners()
             raise

@@ -89,6 +89,11 @@ class StoreStatus:
     stale_answers: int = 0  # network stores: answers given from memory through an outage
     bare_keys: int = 0  # keys without @ (bare local parts): they need Postfix's local domains
 
+    @property
+    def counted(self) -> str:
+        """``1 entry``, ``12 entries``: as validate and /readyz show the count."""
+        return f"{self.entries} {'entry' if self.entries == 1 else 'entries'}"
+
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True
         self.entries = entries
