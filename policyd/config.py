@@ -130,6 +130,9 @@ def parse_map(value: Any) -> Any:
 ListenEndpoint = Annotated[Endpoint, BeforeValidator(_endpoint)]
 MapSpec = Annotated[MapOptions, BeforeValidator(parse_map)]
 
+InetProtocol = Literal["all", "ipv4", "ipv6"]
+_ALL_PROTOCOLS: InetProtocol = "all"  # Postfix's default inet_protocols
+
 _DEFER = re.compile(r"(4\d\d|DEFER|DEFER_IF_PERMIT|DEFER_IF_REJECT)(\s.*)?", re.IGNORECASE)
 
 
@@ -154,6 +157,7 @@ class Settings(Strict):
     local_domains: list[str] | None = None
     inet_interfaces: list[IPvAnyAddress] = Field(default_factory=list)
     proxy_interfaces: list[IPvAnyAddress] = Field(default_factory=list)
+    inet_protocols: list[InetProtocol] = Field(default_factory=lambda: [_ALL_PROTOCOLS])
     compatibility_level: str = defaults.COMPATIBILITY_LEVEL
     append_at_myorigin: bool = True
     append_dot_mydomain: bool | None = None  # None: as compatibility_level says
@@ -297,6 +301,11 @@ class Settings(Strict):
             mydestination=mydestination,
             inet_interfaces=tuple(str(address) for address in self.inet_interfaces),
             proxy_interfaces=tuple(str(address) for address in self.proxy_interfaces),
+            inet_protocols=tuple(
+                family
+                for family in ("ipv4", "ipv6")
+                if family in self.inet_protocols or "all" in self.inet_protocols
+            ),
             append_at_myorigin=self.append_at_myorigin,
             append_dot_mydomain=(
                 base.append_dot_mydomain
@@ -349,6 +358,7 @@ _LIST_SETTINGS = {
     "mydestination",
     "inet_interfaces",
     "proxy_interfaces",
+    "inet_protocols",
     "scope_ports",
     "scope_contexts",
     "exempt_networks",

@@ -62,6 +62,28 @@ def test_environment_lists_as_json() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("value", "families"),
+    [
+        (None, ("ipv4", "ipv6")),  # Postfix's default: all
+        ("all", ("ipv4", "ipv6")),
+        ("ipv4", ("ipv4",)),
+        ("ipv6, ipv4", ("ipv4", "ipv6")),
+        ("", ()),
+    ],
+)
+def test_inet_protocols_as_in_main_cf(value: str | None, families: tuple[str, ...]) -> None:
+    environ = {"POLICYD_MAPS": "dms:/srv/dms"}
+    if value is not None:
+        environ["POLICYD_INET_PROTOCOLS"] = value
+    assert load_settings(environ=environ).postfix_params().inet_protocols == families
+
+
+def test_inet_protocols_are_postfix_names() -> None:
+    [problem] = problems(environ={"POLICYD_MAPS": "dms:/a", "POLICYD_INET_PROTOCOLS": "ip4"})
+    assert problem.startswith("POLICYD_INET_PROTOCOLS[0]: Input should be 'all', 'ipv4' or 'ipv6'")
+
+
 def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     config = tmp_path / "policyd.toml"
     config.write_text('mode = "known"\nmaps = [\n  "dms:/a",\nmode\n')
