@@ -59,6 +59,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.write_paused = False
         self.backlog_scheduled = False
+        self.reading_paused = False  # paused by _flow(), not by the transport itself
         self.lost = False  # connection_lost() has run
 
     # asyncio.Protocol callbacks
@@ -130,7 +131,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
         # The client sends but does not read. Stop reading until it catches up, so replies
         # cannot pile up in memory.
         self.write_paused = True
-        self._flow()
+        self._flow(self.parser.backlog)
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -139,14 +140,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
     # Answering
 
     def _answer_queued(self) -> None:
-        while self.queue and self.task is None and not self.closing:
-            self._answer(self.queue.popleft())
-        if self.parser.backlog and not self.backlog_scheduled:
+        queue = self.queue
+        while queue and self.task is None and not self.closing:
+            self._answer(queue.popleft())
+        backlog = self.parser.backlog
+        if backlog and not self.backlog_scheduled:
             # More requests already arrived: answer them on a later turn of the loop, after
             # everyone else's, and read nothing new from this client meanwhile.
             self.backlog_scheduled = True
             self.loop.call_soon(self._take_backlog)
-        self._flow()
+        self._flow(backlog)
 
     def _take_backlog(self) -> None:
         self.backlog_scheduled = False
@@ -160,14 +163,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._track_request_time(self.loop.time())
         self._answer_queued()
 
-    def _flow(self) -> None:
+    def _flow(self, backlog: bool) -> None:
         """Read from the client only while nothing of its is waiting to be answered or read:
         no backlog of requests, no decision in progress, no unread replies."""
-        if self.transport is None or self.closing:
+        busy = backlog or self.write_paused or self.task is not None or bool(self.queue)
+        if busy is self.reading_paused or self.transport is None or self.closing:
             return
-        if self.write_paused or self.task is not None or self.parser.backlog or self.queue:
+        self.reading_paused = busy
+        if busy:
             self.transport.pause_reading()
-        elif not self.transport.is_reading():
+        else:
             self.transport.resume_reading()
 
     def _answer(self, request: PolicyRequest) -> None:
