@@ -93,12 +93,27 @@ LOOKUP_TIMEOUT = 5.0
 # timer ticks in a few milliseconds, so a match is cut off between this and about 10 ms later.
 PATTERN_TIME_LIMIT = 0.1
 
+# Network stores (LDAP, SQL). An answer, found or not found, is remembered this long: a
+# change in the directory or database takes at most this long to reach policyd (PostgreSQL's
+# NOTIFY makes it at once). Decisions made with these answers live no longer.
+CACHE_TTL = 60.0
+NETWORK_CACHE_SIZE = 100_000  # remembered answers per store
+# One lookup's limit; below lookup_timeout, so the store's own error is what is reported.
+NETWORK_TIMEOUT = 3.0
+NETWORK_CONNECTIONS = 4  # per store: connections (or threads) in its pool
+
 # A problem that can repeat thousands of times a second (descriptors run out, a flood is
 # refused) is logged at most once per this many seconds, with how often it happened.
 LOG_INTERVAL = 10.0
 
 # On SIGTERM, requests being decided get this long to finish before connections are cut.
 SHUTDOWN_TIMEOUT = 10.0
+
+# Postfix's compatibility_level, which decides the defaults of append_dot_mydomain and
+# smtputf8_enable. Postfix's compiled-in level is 0, but every main.cf Debian 12 and
+# docker-mailserver generate sets 3.6 or 2; both give append_dot_mydomain = no and
+# smtputf8_enable = yes. Set it as the Postfix main.cf does.
+COMPATIBILITY_LEVEL = "3.6"
 
 # Postfix's recipient_delimiter as docker-mailserver sets it. Set "" when Postfix's is empty.
 RECIPIENT_DELIMITER = "+"

@@ -26,12 +26,20 @@ import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 from policyd import defaults
-from policyd.address import canonical, fold, search_keys, split, strip_extension
+from policyd.address import fold, split
+from policyd.canonical import (
+    PostfixParams,
+    ResolveError,
+    address_keys,
+    lookup_form,
+    quote_local,
+    strip_extension,
+)
 from policyd.codec import PolicyRequest
 from policyd.model import Entry, EntryKind, Hit, Lookup, Mode, Origin
 from policyd.rules import NO_RULES, Rules
@@ -59,9 +67,47 @@ class Decision(NamedTuple):
     reason: str
     explanation: str
     rule: Origin | None = None
+    key: str | None = None  # the key the maps were searched with, if not the sender as sent
 
+
+# Why a decision could not be made (store_failure): each answers tempfail_action.
+TempfailReason = Literal[
+    "store_error", "pattern_timeout", "time_limit", "internal_error", "resolve_error"
+]
+
+# Every reason word a decision can have, by verdict: the label pairs of policyd_requests_total,
+# exported at 0 from the start so that rate() and alerts see them before the first request.
+# Mode permit keeps the verdict (only the action becomes DUNNO), so it adds no pair.
+# tests/test_engine.py checks the decision tables against this list.
+REASONS: dict[Verdict, tuple[str, ...]] = {
+    Verdict.PERMIT: ("owner", "nested_alias", "grant", "catch_all", "plus_address"),
+    Verdict.REJECT: (
+        "not_owner",
+        "unlisted",
+        "not_logged_in",
+        "deny_login",
+        "deny_sender",
+        "alias_login",
+    ),
+    Verdict.DUNNO: (
+        "null_sender",
+        "unauthenticated",
+        "authenticated",
+        "unlisted",
+        "out_of_scope",
+        "exempt_network",
+    ),
+    Verdict.TEMPFAIL: get_args(TempfailReason),
+}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Postfix's defaults for a host named localhost, at compatibility level 3.6 (Debian 12's),
+#: with docker-mailserver's recipient_delimiter.
+DEFAULT_POSTFIX = replace(
+    PostfixParams.for_host("localhost", compatibility_level=defaults.COMPATIBILITY_LEVEL),
+    recipient_delimiter=defaults.RECIPIENT_DELIMITER,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +117,8 @@ class Policy:
     mode: Mode = Mode.AUTHENTICATED
     owned_action: str = defaults.OWNED_ACTION
     tempfail_action: str = defaults.TEMPFAIL_ACTION
-    recipient_delimiter: str = defaults.RECIPIENT_DELIMITER
-    local_domains: frozenset[str] = frozenset()
+    # How Postfix turns the sender into its lookup key (myorigin, mydestination, ...).
+    postfix: PostfixParams = DEFAULT_POSTFIX
     plus_addresses: bool = False
     catch_all: bool = False
     nested_aliases: bool = False
@@ -82,6 +128,7 @@ class Policy:
     scope_ports: frozenset[str] = frozenset()
     scope_contexts: frozenset[str] = frozenset()
     exempt_networks: tuple[Network, ...] = ()
+    maps_logins: bool = False  # login_addresses maps are set: ask what each login stands for
 
     @property
     def scoped(self) -> bool:
@@ -98,8 +145,7 @@ class Policy:
             mode=settings.mode,
             owned_action=settings.owned_action,
             tempfail_action=settings.tempfail_action,
-            recipient_delimiter=settings.recipient_delimiter,
-            local_domains=frozenset(settings.local_domains),
+            postfix=settings.postfix_params(),
             plus_addresses=settings.plus_addresses,
             catch_all=settings.catch_all,
             nested_aliases=settings.nested_aliases,
@@ -109,6 +155,7 @@ class Policy:
             scope_ports=frozenset(str(port) for port in settings.scope_ports),
             scope_contexts=frozenset(settings.scope_contexts),
             exempt_networks=tuple(settings.exempt_networks),
+            maps_logins=bool(settings.login_addresses),
         )
 
 
@@ -133,32 +180,50 @@ def decide(request: PolicyRequest, policy: Policy, rules: Rules = NO_RULES) -> L
         scope = _out_of_scope(request, policy)
         if scope is not None:
             return _finish(policy, scope)
-    key = canonical(sender)
+    try:
+        key = lookup_form(sender, policy.postfix)
+    except ResolveError as error:
+        # Postfix's smtpd answers 451 4.3.0 when its resolver gives up (smtpd_check.c L3930).
+        return store_failure(policy, f"{sender}: {error}", "resolve_error")
+    decision = yield from _decide(request, key, policy, rules)
+    shown = quote_local(key)
+    if shown != sender:
+        decision = decision._replace(key=shown)
+    return decision
+
+
+def _decide(request: PolicyRequest, key: str, policy: Policy, rules: Rules) -> Lookups:
+    sender = request.sender
     login = request.sasl_username
     if not login:
         return (yield from _unauthenticated(sender, key, policy))
+    if policy.mode is Mode.UNAUTHENTICATED:
+        # reject_unauthenticated_sender_login_mismatch does nothing for a logged-in client.
+        return _dunno(policy, "authenticated", "the client logged in; mode unauthenticated")
 
     if rules.sender_denies or rules.login_denies:
         denied = _denied(request, fold(login), key, policy, rules)
         if denied is not None:
             return denied
-    folded_login, owner_kinds = fold(login), _OWNER_KINDS
+    who, owner_kinds = Who.plain(fold(login)), _OWNER_KINDS
     if policy.resolves_logins:
         resolved = yield from _resolve_login(login, policy, rules)
         if isinstance(resolved, Decision):
             return resolved
-        folded_login, owner_kinds = resolved
+        who, owner_kinds = resolved
+    if policy.maps_logins:
+        who = yield from _mapped(who)
 
     hit = yield from find_owners(key, policy)
     # The common answer, tried before any opt-in rule: the maps name the login as an owner.
-    entry = None if hit is None else hit.entry_for(folded_login, owner_kinds)
+    entry = None if hit is None else hit.entry_for(who.names, owner_kinds)
     if entry is not None:
-        return _permit(policy, sender, _listed_owner(login, entry))
-    owned = yield from _owned(key, hit, folded_login, owner_kinds, policy=policy, rules=rules)
+        return _permit(policy, sender, _listed_owner(who, entry))
+    owned = yield from _owned(key, hit, who, owner_kinds, policy=policy, rules=rules)
     if owned is not None:
         return _permit(policy, sender, owned)
     if hit is None or not hit.explicit:
-        owned = yield from _unlisted_rules(key, folded_login, owner_kinds, policy, rules)
+        owned = yield from _unlisted_rules(key, who, owner_kinds, policy, rules)
         if owned is not None:
             return _permit(policy, sender, owned)
     if hit is None:
@@ -174,8 +239,37 @@ def decide(request: PolicyRequest, policy: Policy, rules: Rules = NO_RULES) -> L
         policy,
         _not_owned(login),
         "not_owner",
-        f"{sender}: owned by {hit.describe()}, not by {login}",
+        f"{sender}: owned by {hit.describe()}, not by {who.described()}",
     )
+
+
+class Who(NamedTuple):
+    """Who the login is for the ownership rules: the name shown (folded), and every name that
+    counts as it: the login, and what login_addresses say it stands for, and where."""
+
+    name: str
+    names: frozenset[str]
+    mapped: Origin | None = None
+
+    @classmethod
+    def plain(cls, name: str) -> Who:
+        return cls(name, frozenset((name,)))
+
+    def described(self) -> str:
+        if self.mapped is None:
+            return self.name
+        others = ", ".join(sorted(self.names - {self.name}))
+        return f"{self.name} (standing for {others}, {self.mapped})"
+
+
+def _mapped(who: Who) -> Generator[Lookup, Hit | None, Who]:
+    """login_addresses: the addresses the login stands for (a directory's uid -> mail) count
+    as the login. A login they do not list is just itself."""
+    hit = yield Lookup.login(who.name)
+    if hit is None:
+        return who
+    addresses = frozenset(owner for entry in hit.entries for owner in entry.owners)
+    return Who(who.name, who.names | addresses, hit.entries[0].origin)
 
 
 _OWNER_KINDS = frozenset(EntryKind)
@@ -188,15 +282,22 @@ def find_owners(address: str, policy: Policy) -> Generator[Lookup, Hit | None, H
 
     A found entry is final: there is no fall-through to @domain after a hit (§B3.3).
     """
-    return (yield search_keys(address, policy.recipient_delimiter, policy.local_domains))
+    return (yield lookup_for(address, policy.postfix))
 
 
-def _listed_owner(login: str, entry: Entry) -> Ownership:
-    return Ownership("owner", f"owned by {login} ({entry.origin})", entry.origin)
+def lookup_for(address: str, postfix: PostfixParams) -> Lookup:
+    """The lookup of an address in lookup form: Postfix's keys, the full ones first."""
+    keys = address_keys(address, postfix)
+    return Lookup(tuple(key.key for key in keys), tuple(key.key for key in keys if not key.partial))
+
+
+def _listed_owner(who: Who, entry: Entry) -> Ownership:
+    return Ownership("owner", f"owned by {who.described()} ({entry.origin})", entry.origin)
 
 
 def _unauthenticated(sender: str, key: str, policy: Policy) -> Lookups:
-    """No login: reject_sender_login_mismatch and reject_known_... want one for owned senders."""
+    """No login: reject_sender_login_mismatch, reject_known_... and
+    reject_unauthenticated_... want one for owned senders."""
     if policy.mode in (Mode.AUTHENTICATED, Mode.PERMIT):
         return _dunno(policy, "unauthenticated", "the client did not log in")
     hit = yield from find_owners(key, policy)
@@ -261,7 +362,7 @@ def _denied(
             f"login {login} is denied by {login_deny.pattern.text} ({login_deny.origin})",
             login_deny.origin,
         )
-    base = strip_extension(key, policy.recipient_delimiter)
+    base = strip_extension(key, policy.postfix)
     for address in (key, base):
         if address is None:
             continue
@@ -279,12 +380,12 @@ def _denied(
 
 def _resolve_login(
     login: str, policy: Policy, rules: Rules
-) -> Generator[Lookup, Hit | None, Decision | tuple[str, frozenset[EntryKind]]]:
-    """Who the login is for the ownership rules: its folded name and the entry kinds that
-    may grant it ownership. Only alias_logins and ignore_external_targets need a lookup."""
+) -> Generator[Lookup, Hit | None, Decision | tuple[Who, frozenset[EntryKind]]]:
+    """Who the login is for the ownership rules, and the entry kinds that may grant it
+    ownership. Only alias_logins and ignore_external_targets need a lookup."""
     folded_login = fold(login)
     if policy.alias_logins == "allow" and not policy.ignore_external_targets:
-        return folded_login, _OWNER_KINDS
+        return Who.plain(folded_login), _OWNER_KINDS
     account = yield Lookup.exact(folded_login)
     if policy.alias_logins != "allow" and account is not None and not account.is_account:
         resolved = yield from _alias_login(login, folded_login, account, policy, rules)
@@ -294,8 +395,8 @@ def _resolve_login(
     # ignore_external_targets: a target that is not an account grants nothing, so a login
     # that is not an account owns only itself.
     if policy.ignore_external_targets and not (account is not None and account.is_account):
-        return folded_login, _SELF
-    return folded_login, _OWNER_KINDS
+        return Who.plain(folded_login), _SELF
+    return Who.plain(folded_login), _OWNER_KINDS
 
 
 def _alias_login(
@@ -334,7 +435,7 @@ def _alias_login(
 def _owned(
     key: str,
     hit: Hit | None,
-    login: str,
+    who: Who,
     kinds: frozenset[EntryKind],
     *,
     policy: Policy,
@@ -342,44 +443,49 @@ def _owned(
 ) -> Found:
     """Rules 3 and 4: explicit ownership (and alias chains), then grants."""
     if hit is not None:
-        entry = hit.entry_for(login, kinds)
+        entry = hit.entry_for(who.names, kinds)
         if entry is not None:
-            return _listed_owner(login, entry)
+            return _listed_owner(who, entry)
         if policy.nested_aliases:
-            chain = yield from _follow_aliases(hit, login, kinds, policy)
+            chain = yield from _follow_aliases(hit, who, kinds, policy)
             if chain is not None:
                 path = " -> ".join(f"{address} ({entry.origin})" for address, entry in chain)
                 return Ownership(
-                    "nested_alias", f"owned by {login} through {path}", chain[0][1].origin
+                    "nested_alias",
+                    f"owned by {who.described()} through {path}",
+                    chain[0][1].origin,
                 )
-    grant = rules.grant_for(login, key)
-    if grant is not None:
-        return Ownership(
-            "grant", f"granted to {login} as {grant.pattern.text} ({grant.origin})", grant.origin
-        )
+    for name in (who.name, *sorted(who.names - {who.name})):
+        grant = rules.grant_for(name, key)
+        if grant is not None:
+            return Ownership(
+                "grant",
+                f"granted to {name} as {grant.pattern.text} ({grant.origin})",
+                grant.origin,
+            )
     return None
 
 
 def _unlisted_rules(
-    key: str, login: str, kinds: frozenset[EntryKind], policy: Policy, rules: Rules
+    key: str, who: Who, kinds: frozenset[EntryKind], policy: Policy, rules: Rules
 ) -> Found:
     """Rules 5 and 6, for a sender with no entry of its own: catch-all, then plus-address."""
     _, domain = split(key)
     if policy.catch_all and domain:
         domain_hit = yield Lookup.partial("@" + domain)
         if domain_hit is not None:
-            entry = domain_hit.entry_for(login, kinds)
+            entry = domain_hit.entry_for(who.names, kinds)
             if entry is not None:
                 return Ownership(
                     "catch_all",
-                    f"not listed itself; the catch-all @{domain} is owned by {login}"
+                    f"not listed itself; the catch-all @{domain} is owned by {who.described()}"
                     f" ({entry.origin})",
                     entry.origin,
                 )
-    base = strip_extension(key, policy.recipient_delimiter) if policy.plus_addresses else None
+    base = strip_extension(key, policy.postfix) if policy.plus_addresses else None
     if base is not None:
         base_hit = yield from find_owners(base, policy)
-        owned = yield from _owned(base, base_hit, login, kinds, policy=policy, rules=rules)
+        owned = yield from _owned(base, base_hit, who, kinds, policy=policy, rules=rules)
         if owned is not None:
             return Ownership(
                 "plus_address",
@@ -390,9 +496,9 @@ def _unlisted_rules(
 
 
 def _follow_aliases(
-    hit: Hit, login: str, kinds: frozenset[EntryKind], policy: Policy
+    hit: Hit, who: Who, kinds: frozenset[EntryKind], policy: Policy
 ) -> Generator[Lookup, Hit | None, list[tuple[str, Entry]] | None]:
-    """Breadth-first through alias -> alias -> ... until an entry names ``login``.
+    """Breadth-first through alias -> alias -> ... until an entry names the login.
 
     Returns the chain as (address, the entry listing the next hop) pairs. Loops are cut by
     remembering every address seen; depth and total lookups are bounded.
@@ -412,7 +518,7 @@ def _follow_aliases(
         if target is None:
             continue
         for entry in target.listed():
-            if login in entry.owners and entry.kind in kinds:
+            if entry.kind in kinds and not who.names.isdisjoint(entry.owners):
                 return [*chain, (address, entry)]
             queue.extend((owner, [*chain, (address, entry)]) for owner in entry.owners)
     return None
@@ -432,7 +538,7 @@ def _login_denied(login: str) -> str:
     return defaults.REJECT_LOGIN_DENIED.format(login=_CONTROL.sub(" ", login))
 
 
-def store_failure(policy: Policy, error: str, reason: str = "store_error") -> Decision:
+def store_failure(policy: Policy, error: str, reason: TempfailReason = "store_error") -> Decision:
     """A store (or policyd itself) could not answer: a temporary reply, so Postfix retries
     and no mail is lost. Never a 5xx, never an OK."""
     return _finish(

@@ -19,6 +19,7 @@ class Mode(StrEnum):
     AUTHENTICATED = "authenticated"  # reject_authenticated_sender_login_mismatch
     SENDER = "sender"  # reject_sender_login_mismatch
     KNOWN = "known"  # reject_known_sender_login_mismatch
+    UNAUTHENTICATED = "unauthenticated"  # reject_unauthenticated_sender_login_mismatch
     PERMIT = "permit"  # dry run: check, log and count, but always answer DUNNO
 
 
@@ -58,10 +59,13 @@ class Hit(NamedTuple):
     key: str
     entries: tuple[Entry, ...]
 
-    def entry_for(self, login: str, kinds: frozenset[EntryKind] = ALL_KINDS) -> Entry | None:
-        """The first entry of one of ``kinds`` naming ``login`` (already folded) as an owner."""
+    def entry_for(
+        self, names: frozenset[str], kinds: frozenset[EntryKind] = ALL_KINDS
+    ) -> Entry | None:
+        """The first entry of one of ``kinds`` naming one of ``names`` (the login, folded, and
+        what a login map says it stands for) as an owner."""
         for entry in self.entries:
-            if entry.kind in kinds and login in entry.owners:
+            if entry.kind in kinds and not names.isdisjoint(entry.owners):
                 return entry
         return None
 
@@ -97,11 +101,17 @@ class Lookup(NamedTuple):
 
     keys: tuple[str, ...]
     full: tuple[str, ...]
+    logins: bool = False  # asked of login_addresses (what a login stands for), not of maps
 
     @classmethod
     def exact(cls, address: str) -> Lookup:
         """Just this address, as a full key."""
         return cls((address,), (address,))
+
+    @classmethod
+    def login(cls, login: str) -> Lookup:
+        """What ``login`` (folded) stands for, asked of the login_addresses maps."""
+        return cls((login,), (login,), logins=True)
 
     @classmethod
     def partial(cls, key: str) -> Lookup:

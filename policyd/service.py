@@ -99,6 +99,7 @@ class Service:
         policy: Policy,
         maps: Sequence[Store],
         *,
+        login_addresses: Sequence[Store] = (),
         rules: RuleFiles | None = None,
         metrics: Metrics | None = None,
         changes: Changes | None = None,
@@ -111,6 +112,7 @@ class Service:
         self.policy = policy
         self.metrics = metrics or Metrics()
         self.maps = LoginMaps(maps, self.metrics)
+        self.login_maps = LoginMaps(login_addresses, self.metrics)
         self.rule_files = rules
         self.changes = changes or Changes()
         self.lookup_timeout = lookup_timeout
@@ -143,10 +145,14 @@ class Service:
         context = StoreContext(settings.reload_interval, settings.allow_empty_maps, changes)
         metrics = metrics or Metrics()
         problems = []
-        stores = []
-        for options in settings.maps:
+        stores: list[Store] = []
+        login_stores: list[Store] = []
+        for where, options in [
+            *((stores, options) for options in settings.maps),
+            *((login_stores, options) for options in settings.login_addresses),
+        ]:
             try:
-                stores.append(open_store(options, context))
+                where.append(open_store(options, context))
             except LoadError as error:
                 problems += error.problems
         if problems:
@@ -157,10 +163,11 @@ class Service:
         return cls(
             Policy.from_settings(settings),
             stores,
+            login_addresses=login_stores,
             rules=rules,
             metrics=metrics,
             changes=changes,
-            cache=DecisionCache(settings.decision_cache_size),
+            cache=DecisionCache(settings.decision_cache_size, _max_age(stores + login_stores)),
             lookup_timeout=settings.lookup_timeout,
             time_limit=settings.pattern_time_limit,
             decision_log=decision_log,
@@ -173,9 +180,14 @@ class Service:
     def rules(self) -> Rules:
         return self.rule_files.rules if self.rule_files is not None else NO_RULES
 
+    @property
+    def stores(self) -> tuple[Store, ...]:
+        """Every store: the maps, then the login_addresses maps."""
+        return self.maps.stores + self.login_maps.stores
+
     def statuses(self) -> list[StoreStatus]:
         """Every store's status, and the rule files', for /readyz, the metrics and validate."""
-        statuses = [store.status for store in self.maps.stores]
+        statuses = [store.status for store in self.stores]
         if self.rule_files is not None:
             statuses.append(self.rule_files.status)
         return statuses
@@ -184,7 +196,7 @@ class Service:
         """Load every store and the rules files. If any cannot start, close those that did
         and raise one LoadError with every problem of every one that did not."""
         problems = []
-        for store in self.maps.stores:
+        for store in self.stores:
             try:
                 await store.start()
             except Exception as error:
@@ -203,7 +215,7 @@ class Service:
             raise LoadError(problems)
 
     async def close(self) -> None:
-        for store in self.maps.stores:
+        for store in self.stores:
             await store.close()
         if self.rule_files is not None:
             await self.rule_files.files.close()
@@ -221,7 +233,7 @@ class Service:
 
     async def reload(self) -> bool:
         """Reload every store and the rule files (SIGHUP); True only if all took the new data."""
-        results = [await store.reload() for store in self.maps.stores]
+        results = [await store.reload() for store in self.stores]
         if self.rule_files is not None:
             results.append(await self.rule_files.files.reload())
         return all(results)
@@ -267,7 +279,8 @@ class Service:
         try:
             lookup = next(steps)
             while True:
-                lookup = steps.send((yield from self.maps.search(lookup)))
+                maps = self.login_maps if lookup.logins else self.maps
+                lookup = steps.send((yield from maps.search(lookup)))
         except StopIteration as done:
             decision: Decision = done.value
             return decision
@@ -353,6 +366,12 @@ class Service:
         self.metrics.requests[decision.verdict, decision.reason] += 1
         if decision.verdict in self.logged:
             self.log_decision(request, decision)
+
+
+def _max_age(stores: Sequence[Store]) -> float | None:
+    """Decisions live no longer than the answers of the shortest-lived store they used."""
+    ages = [store.max_age for store in stores if store.max_age is not None]
+    return min(ages) if ages else None
 
 
 def _plain_key(request: PolicyRequest) -> tuple[str, ...]:

@@ -86,6 +86,13 @@ class StoreStatus:
     load_failures: int = 0
     last_error: str | None = None
     warnings: tuple[Problem, ...] = ()
+    stale_answers: int = 0  # network stores: answers given from memory through an outage
+    bare_keys: int = 0  # keys without @ (bare local parts): they need Postfix's local domains
+
+    @property
+    def counted(self) -> str:
+        """``1 entry``, ``12 entries``: as validate and /readyz show the count."""
+        return f"{self.entries} {'entry' if self.entries == 1 else 'entries'}"
 
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True
@@ -124,6 +131,12 @@ class Store(ABC):
         self.name = name
         self.context = context
         self.status = StoreStatus(name, context.changes)
+
+    @property
+    def max_age(self) -> float | None:
+        """How long a decision made with this store's answers may be remembered; None: until
+        the store's data changes (it then counts a change in ``context.changes``)."""
+        return None
 
     @classmethod
     @abstractmethod
