@@ -106,13 +106,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._answer_queued()
 
     def _track_request_time(self, now: float) -> None:
-        if self.parser.pending:
+        if self.parser.pending and not self.parser.backlog:
             if self.request_started is None:
                 # A request has begun; it must finish within request_timeout. Checked by the
                 # timer rather than re-armed per read, so a trickling client cannot extend it.
                 self.request_started = now
                 self._schedule(now + self.server.settings.request_timeout)
         else:
+            # Nothing unfinished, or whole requests waiting their turn (a batch per turn of
+            # the loop, or until the client reads its replies): that wait is policyd's, and
+            # the clock starts for the unfinished one behind them when they are answered.
             self.request_started = None
 
     def eof_received(self) -> bool | None:
@@ -141,7 +144,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
 
     def _answer_queued(self) -> None:
         queue = self.queue
-        while queue and self.task is None and not self.closing:
+        while queue and self.task is None and self._open():
             self._answer(queue.popleft())
         backlog = self.parser.backlog
         if backlog and not self.backlog_scheduled:
@@ -153,7 +156,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
 
     def _take_backlog(self) -> None:
         self.backlog_scheduled = False
-        if self.closing or self.task is not None or self.write_paused:
+        if not self._open() or self.task is not None or self.write_paused:
             return  # what ends the wait (a decision, the client reading) calls again
         try:
             self.queue.extend(self.parser.feed(b""))
@@ -205,9 +208,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._reply(decision, started)
         self._answer_queued()
 
+    def _open(self) -> bool:
+        """Whether replies can still go out. A write that fails (the client reset the
+        connection) closes the transport at once but reaches connection_lost only on a
+        later turn of the loop; until then, each further write would log a warning."""
+        return not self.closing and self.transport is not None and not self.transport.is_closing()
+
     def _reply(self, decision: Decision, started: float) -> None:
-        if self.closing or self.transport is None:
+        if not self._open():
             return
+        assert self.transport is not None
         self.transport.write(encode_reply(decision.action))
         self.service.metrics.latency.observe(perf_counter() - started)
 
@@ -360,7 +370,10 @@ class PolicyServer:
                     endpoint.path, self.settings.socket_mode, self.settings.socket_group
                 )
                 listener = await loop.create_unix_server(
-                    lambda: PolicyConnection(self), sock=unix.socket, start_serving=False
+                    lambda: PolicyConnection(self),
+                    sock=unix.socket,
+                    backlog=defaults.LISTEN_BACKLOG,
+                    start_serving=False,
                 )
                 self.addresses.append(str(endpoint))
             else:
@@ -370,6 +383,7 @@ class PolicyServer:
                         endpoint.host or None,
                         endpoint.port,
                         reuse_address=True,
+                        backlog=defaults.LISTEN_BACKLOG,
                         start_serving=False,
                     )
                 except OSError as error:
