@@ -10,6 +10,7 @@ of Postfix 3.7.11 (vdukhovni/postfix, tag v3.7.11, commit b51592167377ee5c720c12
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,7 +28,7 @@ class PostfixParams:
     mail_params.c do, and with them ``append_dot_mydomain`` and ``smtputf8_enable``, which depend
     on ``compatibility_level``. The fields hold effective, expanded values: ``mydestination`` is a
     list of domain names (no ``$name``, no tables), ``inet_interfaces`` and ``proxy_interfaces``
-    are IP addresses.
+    are IP addresses, ``inet_protocols`` the families ``ipv4`` and ``ipv6`` (``all`` is both).
     """
 
     myhostname: str
@@ -38,6 +39,7 @@ class PostfixParams:
     # host's interfaces, so the addresses must be listed.
     inet_interfaces: tuple[str, ...] = ()
     proxy_interfaces: tuple[str, ...] = ()
+    inet_protocols: tuple[str, ...] = ("ipv4", "ipv6")  # Postfix's default: all
     append_at_myorigin: bool = True
     append_dot_mydomain: bool = True  # "yes" below compatibility_level 1, "no" from 1 on
     swap_bangpath: bool = True
@@ -53,6 +55,9 @@ class PostfixParams:
     def __post_init__(self) -> None:
         for address in (*self.inet_interfaces, *self.proxy_interfaces):
             ipaddress.ip_address(address)  # ValueError now, not at the first address literal
+        unknown = set(self.inet_protocols) - {"ipv4", "ipv6"}
+        if unknown:
+            raise ValueError(f"inet_protocols: not ipv4 or ipv6: {', '.join(sorted(unknown))}")
 
     @classmethod
     def for_host(
@@ -78,6 +83,22 @@ class PostfixParams:
             append_dot_mydomain=legacy,
             smtputf8_enable=not legacy,
         )
+
+
+_PARAMETER = re.compile(r"\$(?:\{(\w+)\}|\((\w+)\)|(\w+))")
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    """``$name``, ``${name}`` and ``$(name)`` replaced as in main.cf (mac_expand); a name it
+    does not know is a ValueError naming it."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2) or match.group(3)
+        if name not in values:
+            raise ValueError(f"${name} is not one of ${', $'.join(sorted(values))}")
+        return values[name]
+
+    return _PARAMETER.sub(value, text)
 
 
 def compat_level(text: str) -> tuple[int, int, int]:
@@ -384,7 +405,10 @@ def _ipv4(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(".".join(map(str, values)))
 
 
-def _literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _literal_address(domain: str) -> _Address | None:
     """The address of ``[ADDRESS]`` or ``[IPv6:ADDRESS]`` (global/valid_mailhost_addr.c L79-86)."""
     if len(domain) < 2 or domain[0] != "[" or domain[-1] != "]":
         return None
@@ -400,14 +424,36 @@ def _literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
         return None
 
 
+def _in_family(address: _Address, protocols: tuple[str, ...]) -> _Address | None:
+    """The address getaddrinfo() gives for a numeric host in the family of $inet_protocols.
+
+    hostaddr_to_sockaddr() asks with ai_family from inet_protocols (util/myaddrinfo.c L555,
+    L580): PF_INET for ipv4 alone, PF_INET6 for ipv6 alone, PF_UNSPEC for both or none
+    (util/inet_proto.c L229-256). The C library answers PF_INET with the IPv4 address of an
+    IPv4-mapped IPv6 address (``::ffff:127.0.0.1`` is 127.0.0.1) and fails other IPv6 ones;
+    PF_INET6 fails IPv4 addresses; PF_UNSPEC keeps each family. Own addresses are read the same
+    way (inet_addr_host(), own_inet_addr.c L147, L243), and compared within a family
+    (sock_addr_cmp_addr()), so an IPv6 address is never equal to an IPv4 one.
+    """
+    families = set(protocols)
+    if families == {"ipv4"}:
+        if isinstance(address, ipaddress.IPv6Address):
+            return address.ipv4_mapped
+        return address
+    if families == {"ipv6"} and isinstance(address, ipaddress.IPv4Address):
+        return None
+    return address
+
+
 def is_local_domain(domain: str, params: PostfixParams) -> bool:
     """resolve_local(): is ``domain`` this Postfix's own? (global/resolve_local.c L78-169).
 
     One trailing dot is dropped, not two (L107-113). Then the domain is compared, folded,
     with each $mydestination entry, exactly: no parent-domain matching (string_list, L119).
-    Last, an address literal ``[ADDRESS]`` is local when ADDRESS is one of
-    $inet_interfaces or $proxy_interfaces (L155-163). $myhostname and localhost are local only
-    through $mydestination.
+    Last, an address literal ``[ADDRESS]`` is local when ADDRESS, read in the family of
+    $inet_protocols (:func:`_in_family`), is one of $inet_interfaces or $proxy_interfaces
+    (L155-163). Without any protocol Postfix has no own address (own_inet_addr.c L100).
+    $myhostname and localhost are local only through $mydestination.
     """
     if domain.endswith("."):
         domain = domain[:-1]
@@ -418,10 +464,15 @@ def is_local_domain(domain: str, params: PostfixParams) -> bool:
     if any(folded == fold(entry, utf8) for entry in params.mydestination):
         return True
     literal = _literal_address(domain)
-    if literal is None:
+    if literal is None or not params.inet_protocols:
+        return False
+    address = _in_family(literal, params.inet_protocols)
+    if address is None:
         return False
     own = (*params.inet_interfaces, *params.proxy_interfaces)
-    return any(literal == ipaddress.ip_address(address) for address in own)
+    return any(
+        address == _in_family(ipaddress.ip_address(item), params.inet_protocols) for item in own
+    )
 
 
 def _crack_open(tokens: list[_Token], params: PostfixParams) -> str | None:
@@ -458,7 +509,7 @@ def resolve(address: str, params: PostfixParams) -> str:
     tokens = _scan(quote_local(address))  # L234-236
     saved_domain: list[_Token] | None = None
     remote = False
-    for _ in range(len(address.encode("utf-8", "surrogateescape")) + 101):  # L264-277
+    for _ in range(len(address.encode("utf-8", "surrogatepass")) + 101):  # L264-277
         if (
             tokens
             and tokens[-1].kind == "."
@@ -568,10 +619,20 @@ def _forms(address: str, partial: bool, bare_localpart: bool = False) -> Iterato
 
 
 def lookup_keys(sender: str, params: PostfixParams) -> tuple[LookupKey, ...]:
-    """Every key smtpd tries for ``sender``, in order; the first key any table answers wins.
+    """Every key smtpd tries for ``sender``, in order: :func:`address_keys` of its
+    :func:`lookup_form`. The null sender gets no keys: smtpd skips the check for it
+    (smtpd_check.c L4564, L4573, L4586)."""
+    if not sender:
+        return ()
+    return address_keys(lookup_form(sender, params), params)
+
+
+def address_keys(address: str, params: PostfixParams) -> tuple[LookupKey, ...]:
+    """Every key smtpd tries for an address already in lookup form, in order; the first key
+    any table answers wins.
 
     mail_addr_find() with MA_FIND_DEFAULT and the legacy forms (mail_addr_find.h L39-60,
-    mail_addr_find.c L328-480), on :func:`lookup_form`:
+    mail_addr_find.c L328-480):
 
     1. the full address, quoted, then unquoted if different: all tables (L373-379);
     2. without the extension (:func:`strip_extension`), both forms: fixed tables (L381-387);
@@ -580,13 +641,9 @@ def lookup_keys(sender: str, params: PostfixParams) -> tuple[LookupKey, ...]:
        (L394-411, find_local() L289-324);
     4. ``@domain``, never quoted (L416-418).
 
-    The null sender gets no keys: smtpd skips the check for it. Partial keys
-    (``partial=True``) are offered only to fixed-key tables: pcre, regexp, tcp
+    Partial keys (``partial=True``) are offered only to fixed-key tables: pcre, regexp, tcp
     and socketmap tables skip them (PARTIAL = DICT_FLAG_FIXED, L228-229; maps.c L193).
     """
-    if not sender:
-        return ()  # the null sender is never checked (smtpd_check.c L4564, L4573, L4586)
-    address = lookup_form(sender, params)
     keys = list(_forms(address, partial=False))
     bare = strip_extension(address, params)
     if bare is not None:

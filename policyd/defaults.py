@@ -56,6 +56,11 @@ MAX_HTTP_CONNECTIONS = 64
 # Descriptors never given to connections: listeners, map files being read, the parsing
 # process's pipes, the log, and a margin, so reloads and health checks always have some.
 RESERVED_FILES = 64
+# Each listener's queue of connections not yet accepted (listen(2)'s backlog, asyncio's
+# default). asyncio accepts the whole queue at once, and only then can policyd close those
+# over a cap, so for a moment each listener holds up to this many descriptors beyond its cap:
+# the plan keeps room for that, or a flood being refused would take the reserve above.
+LISTEN_BACKLOG = 100
 
 # Connections from one client address at once (unix-socket clients are not counted): enough
 # for Postfix's smtpd processes on a host (100 per master.cf service by default, several
@@ -123,6 +128,12 @@ LOG_INTERVAL = 10.0
 
 # On SIGTERM, requests being decided get this long to finish before connections are cut.
 SHUTDOWN_TIMEOUT = 10.0
+
+# Postfix's compatibility_level, which decides the defaults of append_dot_mydomain and
+# smtputf8_enable. Postfix's compiled-in level is 0, but every main.cf Debian 12 and
+# docker-mailserver generate sets 3.6 or 2; both give append_dot_mydomain = no and
+# smtputf8_enable = yes. Set it as the Postfix main.cf does.
+COMPATIBILITY_LEVEL = "3.6"
 
 # Postfix's recipient_delimiter as docker-mailserver sets it. Set "" when Postfix's is empty.
 RECIPIENT_DELIMITER = "+"

@@ -26,12 +26,20 @@ import ipaddress
 import re
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 from policyd import defaults
-from policyd.address import canonical, fold, search_keys, split, strip_extension
+from policyd.address import fold, split
+from policyd.canonical import (
+    PostfixParams,
+    ResolveError,
+    address_keys,
+    lookup_form,
+    quote_local,
+    strip_extension,
+)
 from policyd.codec import PolicyRequest
 from policyd.model import Entry, EntryKind, Hit, Lookup, Mode, Origin
 from policyd.rules import NO_RULES, Rules
@@ -59,9 +67,47 @@ class Decision(NamedTuple):
     reason: str
     explanation: str
     rule: Origin | None = None
+    key: str | None = None  # the key the maps were searched with, if not the sender as sent
 
+
+# Why a decision could not be made (store_failure): each answers tempfail_action.
+TempfailReason = Literal[
+    "store_error", "pattern_timeout", "time_limit", "internal_error", "resolve_error"
+]
+
+# Every reason word a decision can have, by verdict: the label pairs of policyd_requests_total,
+# exported at 0 from the start so that rate() and alerts see them before the first request.
+# Mode permit keeps the verdict (only the action becomes DUNNO), so it adds no pair.
+# tests/test_engine.py checks the decision tables against this list.
+REASONS: dict[Verdict, tuple[str, ...]] = {
+    Verdict.PERMIT: ("owner", "nested_alias", "grant", "catch_all", "plus_address"),
+    Verdict.REJECT: (
+        "not_owner",
+        "unlisted",
+        "not_logged_in",
+        "deny_login",
+        "deny_sender",
+        "alias_login",
+    ),
+    Verdict.DUNNO: (
+        "null_sender",
+        "unauthenticated",
+        "authenticated",
+        "unlisted",
+        "out_of_scope",
+        "exempt_network",
+    ),
+    Verdict.TEMPFAIL: get_args(TempfailReason),
+}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Postfix's defaults for a host named localhost, at compatibility level 3.6 (Debian 12's),
+#: with docker-mailserver's recipient_delimiter.
+DEFAULT_POSTFIX = replace(
+    PostfixParams.for_host("localhost", compatibility_level=defaults.COMPATIBILITY_LEVEL),
+    recipient_delimiter=defaults.RECIPIENT_DELIMITER,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +117,8 @@ class Policy:
     mode: Mode = Mode.AUTHENTICATED
     owned_action: str = defaults.OWNED_ACTION
     tempfail_action: str = defaults.TEMPFAIL_ACTION
-    recipient_delimiter: str = defaults.RECIPIENT_DELIMITER
-    local_domains: frozenset[str] = frozenset()
+    # How Postfix turns the sender into its lookup key (myorigin, mydestination, ...).
+    postfix: PostfixParams = DEFAULT_POSTFIX
     plus_addresses: bool = False
     catch_all: bool = False
     nested_aliases: bool = False
@@ -99,8 +145,7 @@ class Policy:
             mode=settings.mode,
             owned_action=settings.owned_action,
             tempfail_action=settings.tempfail_action,
-            recipient_delimiter=settings.recipient_delimiter,
-            local_domains=frozenset(settings.local_domains),
+            postfix=settings.postfix_params(),
             plus_addresses=settings.plus_addresses,
             catch_all=settings.catch_all,
             nested_aliases=settings.nested_aliases,
@@ -135,10 +180,26 @@ def decide(request: PolicyRequest, policy: Policy, rules: Rules = NO_RULES) -> L
         scope = _out_of_scope(request, policy)
         if scope is not None:
             return _finish(policy, scope)
-    key = canonical(sender)
+    try:
+        key = lookup_form(sender, policy.postfix)
+    except ResolveError as error:
+        # Postfix's smtpd answers 451 4.3.0 when its resolver gives up (smtpd_check.c L3930).
+        return store_failure(policy, f"{sender}: {error}", "resolve_error")
+    decision = yield from _decide(request, key, policy, rules)
+    shown = quote_local(key)
+    if shown != sender:
+        decision = decision._replace(key=shown)
+    return decision
+
+
+def _decide(request: PolicyRequest, key: str, policy: Policy, rules: Rules) -> Lookups:
+    sender = request.sender
     login = request.sasl_username
     if not login:
         return (yield from _unauthenticated(sender, key, policy))
+    if policy.mode is Mode.UNAUTHENTICATED:
+        # reject_unauthenticated_sender_login_mismatch does nothing for a logged-in client.
+        return _dunno(policy, "authenticated", "the client logged in; mode unauthenticated")
 
     if rules.sender_denies or rules.login_denies:
         denied = _denied(request, fold(login), key, policy, rules)
@@ -221,7 +282,13 @@ def find_owners(address: str, policy: Policy) -> Generator[Lookup, Hit | None, H
 
     A found entry is final: there is no fall-through to @domain after a hit (§B3.3).
     """
-    return (yield search_keys(address, policy.recipient_delimiter, policy.local_domains))
+    return (yield lookup_for(address, policy.postfix))
+
+
+def lookup_for(address: str, postfix: PostfixParams) -> Lookup:
+    """The lookup of an address in lookup form: Postfix's keys, the full ones first."""
+    keys = address_keys(address, postfix)
+    return Lookup(tuple(key.key for key in keys), tuple(key.key for key in keys if not key.partial))
 
 
 def _listed_owner(who: Who, entry: Entry) -> Ownership:
@@ -229,7 +296,8 @@ def _listed_owner(who: Who, entry: Entry) -> Ownership:
 
 
 def _unauthenticated(sender: str, key: str, policy: Policy) -> Lookups:
-    """No login: reject_sender_login_mismatch and reject_known_... want one for owned senders."""
+    """No login: reject_sender_login_mismatch, reject_known_... and
+    reject_unauthenticated_... want one for owned senders."""
     if policy.mode in (Mode.AUTHENTICATED, Mode.PERMIT):
         return _dunno(policy, "unauthenticated", "the client did not log in")
     hit = yield from find_owners(key, policy)
@@ -294,7 +362,7 @@ def _denied(
             f"login {login} is denied by {login_deny.pattern.text} ({login_deny.origin})",
             login_deny.origin,
         )
-    base = strip_extension(key, policy.recipient_delimiter)
+    base = strip_extension(key, policy.postfix)
     for address in (key, base):
         if address is None:
             continue
@@ -414,7 +482,7 @@ def _unlisted_rules(
                     f" ({entry.origin})",
                     entry.origin,
                 )
-    base = strip_extension(key, policy.recipient_delimiter) if policy.plus_addresses else None
+    base = strip_extension(key, policy.postfix) if policy.plus_addresses else None
     if base is not None:
         base_hit = yield from find_owners(base, policy)
         owned = yield from _owned(base, base_hit, who, kinds, policy=policy, rules=rules)
@@ -470,7 +538,7 @@ def _login_denied(login: str) -> str:
     return defaults.REJECT_LOGIN_DENIED.format(login=_CONTROL.sub(" ", login))
 
 
-def store_failure(policy: Policy, error: str, reason: str = "store_error") -> Decision:
+def store_failure(policy: Policy, error: str, reason: TempfailReason = "store_error") -> Decision:
     """A store (or policyd itself) could not answer: a temporary reply, so Postfix retries
     and no mail is lost. Never a 5xx, never an OK."""
     return _finish(

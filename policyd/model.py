@@ -19,6 +19,7 @@ class Mode(StrEnum):
     AUTHENTICATED = "authenticated"  # reject_authenticated_sender_login_mismatch
     SENDER = "sender"  # reject_sender_login_mismatch
     KNOWN = "known"  # reject_known_sender_login_mismatch
+    UNAUTHENTICATED = "unauthenticated"  # reject_unauthenticated_sender_login_mismatch
     PERMIT = "permit"  # dry run: check, log and count, but always answer DUNNO
 
 

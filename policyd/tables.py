@@ -21,6 +21,7 @@ from policyd.address import fold
 from policyd.budget import OutOfTime
 from policyd.model import Entry, LoadError, Origin, PatternTimeout, Problem
 from policyd.packed import PackedTable, PackedTableBuilder
+from policyd.posix_regex import REG_ICASE, PosixMatch, PosixRegex, RegexError, postfix_flags
 from policyd.readfile import open_regular
 
 # Owners in a lookup result are separated by commas and whitespace (smtpd_check.c, CHARS_COMMA_SP).
@@ -74,9 +75,10 @@ class FixedTable:
 
     pattern = False
 
-    def __init__(self, source: str, entries: PackedTable | None = None) -> None:
+    def __init__(self, source: str, entries: PackedTable | None = None, bare_keys: int = 0) -> None:
         self.source = source
         self._entries = entries if entries is not None else PackedTableBuilder().build()
+        self.bare_keys = bare_keys  # keys without @
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,12 +99,14 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
     entries = PackedTableBuilder()
     problems: list[Problem] = []
     warnings: list[Problem] = []
+    bare = 0
     for number, line in logical_lines(text):
         key, value, error = _split_key_value(line)
         if error:
             problems.append(Problem(source, number, error))
             continue
         key = fold(key)
+        bare += "@" not in key
         first = entries.add(key, split_owners(value), number)
         if first is not None:
             warnings.append(
@@ -110,7 +114,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
             )
     if problems:
         raise LoadError(problems)
-    return FixedTable(source, entries.build()), warnings
+    return FixedTable(source, entries.build(), bare), warnings
 
 
 _SEPARATORS = re.compile(rb"[,\s]+")
@@ -140,6 +144,7 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
     entries: PackedTableBuilder | None = None
     warnings: list[Problem] = []
     number = 0
+    bare = 0
     size = os.fstat(stream.fileno()).st_size
     rest = b""
     for chunk in iter(lambda: stream.read(_BLOCK), b""):
@@ -173,12 +178,13 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
             keys.append(key)
             values.append(value)
             numbers.append(number)
+        bare += sum(b"@" not in key for key in keys)
         for position, first in entries.add_many(keys, values, numbers):
             message = f'duplicate entry "{keys[position].decode()}": line {first} wins'
             warnings.append(Problem(source, numbers[position], message, fatal=False))
     if rest:  # no newline at the end of the file
         return None
-    return FixedTable(source, (entries or PackedTableBuilder()).build()), warnings
+    return FixedTable(source, (entries or PackedTableBuilder()).build(), bare), warnings
 
 
 _BLOCK = 1 << 20
@@ -230,14 +236,128 @@ def _split_key_value(line: str) -> tuple[str, str, str]:
     return key, value, ""
 
 
+class _PosixFound:
+    """A POSIX match, read like an re.Match for $n substitution: group(n) is text."""
+
+    __slots__ = ("_match",)
+
+    def __init__(self, match: PosixMatch) -> None:
+        self._match = match
+
+    def group(self, number: int) -> str | None:
+        return self._match.text(number)
+
+
+class _PosixPattern:
+    """A regexp: rule's pattern, compiled and matched by the C library as Postfix does
+    (leftmost-longest, glibc's captures, bytes in the C locale), read like an re.Pattern."""
+
+    __slots__ = ("_regex", "flags", "groups", "pattern")
+
+    def __init__(self, body: str, flags: int) -> None:
+        self._regex = PosixRegex(body, flags)
+        self.pattern = body
+        self.groups = self._regex.groups
+        # For the domain index (_literal_domain): case-insensitive as re would say it.
+        self.flags = re.IGNORECASE if flags & REG_ICASE else 0
+
+    def search(self, key: str) -> _PosixFound | None:
+        found = self._regex.search(key)
+        return None if found is None else _PosixFound(found)
+
+    def match(self, key: str) -> _PosixFound | None:  # regexp: tables have no anchored rules
+        return self.search(key)
+
+
+_BACK_REFERENCE = re.compile(r"(?<!\\)(?:\\\\)*\\[1-9]")
+_COUNT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def _refuse_unbounded(body: str) -> None:
+    """The C library's matcher cannot be interrupted, and it is exponential only for
+    back-references and nested counted repetition: refuse both at load. Postfix accepts them
+    and can take seconds to minutes on one key."""
+    if _BACK_REFERENCE.search(body):
+        raise ValueError(
+            "back-references (\\1 ... \\9) are not accepted: matching them has no bound"
+        )
+    depth_weight = [1]
+    weight = 1
+    index = 0
+    while index < len(body):
+        char = body[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == "(":
+            depth_weight.append(weight)
+        elif char == ")" and len(depth_weight) > 1:
+            inner = weight
+            weight = depth_weight.pop()
+            count = _COUNT.match(body, index + 1)
+            if count is not None:
+                inner *= int(count.group(2) or count.group(1) or 1)
+                if inner > _MAX_REPETITION:
+                    raise ValueError(
+                        f"counted repetition nested to more than {_MAX_REPETITION} matches"
+                        " is not accepted: matching it has no bound"
+                    )
+            weight = max(weight, inner)
+        elif char == "{":
+            count = _COUNT.match(body, index)
+            if count is not None and int(count.group(2) or count.group(1) or 0) > _MAX_REPETITION:
+                raise ValueError(f"a repetition count over {_MAX_REPETITION} is not accepted")
+            if count is not None:
+                weight = max(weight, int(count.group(2) or count.group(1) or 1))
+        index += 1
+
+
+_MAX_REPETITION = 255
+
+
+def _never_matches(body: str, case_sensitive: bool) -> bool:
+    """True if a case-sensitive pattern spells an upper-case letter: policyd and Postfix fold
+    every key to lower case first, so it can never match (outside [...] and escapes)."""
+    if not case_sensitive:
+        return False
+    index = 0
+    in_brackets = False
+    while index < len(body):
+        char = body[index]
+        if char == "\\":
+            index += 2
+            continue
+        if in_brackets:
+            if char == "]":
+                in_brackets = False
+        elif char == "[":
+            in_brackets = True
+            if body.startswith("]", index + 1):
+                index += 1
+        elif "A" <= char <= "Z":
+            return True
+        index += 1
+    return False
+
+
+# What a rule's condition gives: a match to substitute $n from, or whether it held.
+_Found = re.Match[str] | _PosixFound | bool | None
+
+
 @dataclass(frozen=True, slots=True)
 class _Match:
-    regex: re.Pattern[str]
+    regex: re.Pattern[str] | _PosixPattern
     negate: bool
     anchored: bool
     domain: str | None = None  # the only key domain the pattern can match, if it spells one
 
-    def matches(self, key: str) -> re.Match[str] | bool | None:
+    @property
+    def never_matches(self) -> bool:
+        """True for a positive case-sensitive pattern with an upper-case letter."""
+        case_sensitive = not self.regex.flags & re.IGNORECASE
+        return not self.negate and _never_matches(self.regex.pattern, case_sensitive)
+
+    def matches(self, key: str) -> _Found:
         found = self.regex.match(key) if self.anchored else self.regex.search(key)
         if self.negate:
             return found is None
@@ -261,9 +381,10 @@ class PatternTable:
 
     pattern = True
 
-    def __init__(self, source: str, rules: list[_Rule]) -> None:
+    def __init__(self, source: str, rules: list[_Rule], warnings: tuple[Problem, ...] = ()) -> None:
         self.source = source
         self._rules = rules
+        self.warnings = warnings  # rules that load but can never match
         # Trying a hundred rules one by one costs tens of microseconds per request (issue 5).
         # Most rules end in a literal domain ("...@example\.com$") and can only match keys at
         # that domain, so for each domain keep just the rules that can match there, in file
@@ -323,7 +444,7 @@ class PatternTable:
             raise PatternTimeout(Origin(self.source, rule.line if rule else 0)) from None
         return None
 
-    def _entry(self, rule: _Rule, found: re.Match[str] | bool) -> Entry:
+    def _entry(self, rule: _Rule, found: _Found) -> Entry:
         value = _expand(rule.replacement, found)
         return Entry(split_owners(value), Origin(self.source, rule.line))
 
@@ -335,7 +456,7 @@ def _domain_of(rule: _Rule) -> str | None:
     return rule.conditions[0].domain
 
 
-def _literal_domain(regex: re.Pattern[str]) -> str | None:
+def _literal_domain(regex: re.Pattern[str] | _PosixPattern) -> str | None:
     r"""``example.com`` for a pattern that ends in the literal text ``@example\.com$``.
 
     Such a pattern can only match keys at that domain. Read from the end of the pattern: the
@@ -381,7 +502,7 @@ def _escaped(pattern: str, index: int) -> bool:
     return slashes % 2 == 1
 
 
-def _all_match(conditions: tuple[_Match, ...], key: str) -> re.Match[str] | bool | None:
+def _all_match(conditions: tuple[_Match, ...], key: str) -> _Found:
     """The first condition's match object (for $n substitution) if every condition holds."""
     first = conditions[0].matches(key)
     if not first:
@@ -395,7 +516,7 @@ def _all_match(conditions: tuple[_Match, ...], key: str) -> re.Match[str] | bool
 _SUBSTITUTION = re.compile(r"\$(?:\$|(\d+)|\{(\d+)\}|\((\d+)\))")
 
 
-def _expand(replacement: str, found: re.Match[str] | bool | None) -> str:
+def _expand(replacement: str, found: _Found) -> str:
     """Replace $n, ${n}, $(n) with captured text and $$ with $; an unset group is empty."""
     if "$" not in replacement:
         return replacement
@@ -404,25 +525,11 @@ def _expand(replacement: str, found: re.Match[str] | bool | None) -> str:
         number = m.group(1) or m.group(2) or m.group(3)
         if number is None:
             return "$"
-        if not isinstance(found, re.Match):
+        if not isinstance(found, re.Match | _PosixFound):
             return ""
         return found.group(int(number)) or ""
 
     return _SUBSTITUTION.sub(substitute, replacement)
-
-
-# POSIX bracket classes that Python's re lacks, for regexp: tables.
-_POSIX_CLASSES = {
-    "[:alpha:]": "a-zA-Z",
-    "[:digit:]": "0-9",
-    "[:alnum:]": "a-zA-Z0-9",
-    "[:upper:]": "A-Z",
-    "[:lower:]": "a-z",
-    "[:space:]": r"\s",
-    "[:blank:]": r" \t",
-    "[:punct:]": r"!-/:-@\[-`{-~",
-    "[:xdigit:]": "0-9A-Fa-f",
-}
 
 
 def parse_pcre(text: str, source: str) -> PatternTable:
@@ -435,10 +542,10 @@ def parse_pcre(text: str, source: str) -> PatternTable:
 
 
 def parse_regexp(text: str, source: str) -> PatternTable:
-    """A regexp table (regexp_table(5)): POSIX extended regular expressions.
-
-    POSIX bracket classes such as [[:alpha:]] are translated; basic (non-extended) syntax,
-    the ``x`` flag, is refused.
+    """A regexp table (regexp_table(5)): POSIX regular expressions, compiled and matched by
+    the C library's regcomp()/regexec() as Postfix's dict_regexp.c does (leftmost-longest
+    matches, the C library's captures, bytes in the C locale). Back-references and nested
+    counted repetition are refused: the C library's matcher cannot be bounded for them.
     """
     return _parse_patterns(text, source, dialect="regexp")
 
@@ -468,7 +575,18 @@ def _parse_patterns(text: str, source: str, dialect: str) -> PatternTable:
         problems.append(Problem(source, rules[opening].line, "IF has no matching ENDIF"))
     if problems:
         raise LoadError(problems)
-    return PatternTable(source, rules)
+    warnings = tuple(
+        Problem(
+            source,
+            rule.line,
+            "this pattern is case-sensitive and spells an upper-case letter, but keys are"
+            " folded to lower case first: it can never match",
+            fatal=False,
+        )
+        for rule in rules
+        if any(condition.never_matches for condition in rule.conditions)
+    )
+    return PatternTable(source, rules, warnings)
 
 
 def _parse_rule(line: str, number: int, dialect: str) -> _Rule:
@@ -532,9 +650,16 @@ def _parse_pattern(text: str, dialect: str) -> tuple[_Match, str]:
         raise ValueError(f'no closing regexp delimiter "{delimiter}"')
     body = text[start:index]
     index += 1
-    flags = re.IGNORECASE | re.DOTALL if dialect == "pcre" else re.IGNORECASE
+    if dialect == "regexp":
+        end = index
+        while end < len(text) and not text[end].isspace() and text[end] != "!":
+            end += 1
+        options = text[index:end]
+        posix = _compile_posix(body, options)
+        return _Match(posix, negate, False, _literal_domain(posix)), text[end:]
+    flags = re.IGNORECASE | re.DOTALL
     anchored = False
-    allowed = "imsxAEUX" if dialect == "pcre" else "imx"
+    allowed = "imsxAEUX"
     while index < len(text) and not text[index].isspace() and text[index] != "!":
         option = text[index]
         if option not in allowed:
@@ -545,10 +670,8 @@ def _parse_pattern(text: str, dialect: str) -> tuple[_Match, str]:
             flags ^= re.MULTILINE
         elif option == "s":
             flags ^= re.DOTALL
-        elif option == "x" and dialect == "pcre":
-            flags ^= re.VERBOSE
         elif option == "x":
-            raise ValueError("basic (non-extended) POSIX regular expressions are not supported")
+            flags ^= re.VERBOSE
         elif option == "A":
             anchored = not anchored
         elif option == "U":
@@ -559,12 +682,17 @@ def _parse_pattern(text: str, dialect: str) -> tuple[_Match, str]:
 
 
 def _compile(body: str, flags: int, dialect: str) -> re.Pattern[str]:
-    if dialect == "regexp":
-        for posix, python in _POSIX_CLASSES.items():
-            body = body.replace(posix, python)
     try:
         return re.compile(body, flags)
     except re.error as error:
         raise ValueError(f"error in regex at offset {error.pos}: {error.msg}") from None
     except (RecursionError, OverflowError, MemoryError) as error:  # pathological nesting
         raise ValueError(f"regex too complex to compile ({type(error).__name__})") from None
+
+
+def _compile_posix(body: str, options: str) -> _PosixPattern:
+    _refuse_unbounded(body)
+    try:
+        return _PosixPattern(body, postfix_flags(options))
+    except RegexError as error:
+        raise ValueError(str(error)) from None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from policyd.address import canonical, search_keys, strip_extension
+from policyd.canonical import strip_extension
+from policyd.engine import DEFAULT_POSTFIX, lookup_for
 
 
 @pytest.mark.parametrize(
@@ -27,19 +30,22 @@ from policyd.address import canonical, search_keys, strip_extension
     ],
 )
 def test_strip_extension(address: str, delimiters: str, expected: str | None) -> None:
-    assert strip_extension(address, delimiters) == expected
+    params = replace(DEFAULT_POSTFIX, recipient_delimiter=delimiters)
+    assert strip_extension(address, params) == expected
 
 
-def test_canonical_folds_and_drops_the_trailing_dot() -> None:
-    assert canonical("Alice@Example.COM.") == "alice@example.com"
-    assert canonical("STRASSE@EXAMPLE.DE") == "strasse@example.de"
-
-
-def test_bare_name_has_only_its_own_key() -> None:
-    assert search_keys("alice", "+").keys == ("alice",)
+def test_a_name_without_domain_has_only_its_own_key() -> None:
+    assert lookup_for("alice", DEFAULT_POSTFIX).keys == ("alice",)
 
 
 def test_only_the_full_address_is_offered_to_pattern_tables() -> None:
-    lookup = search_keys("a+b@d", "+")
+    params = replace(DEFAULT_POSTFIX, recipient_delimiter="+")
+    lookup = lookup_for("a+b@d", params)
     assert lookup.keys == ("a+b@d", "a@d", "@d")
     assert lookup.full == ("a+b@d",)
+
+
+def test_a_quoted_local_part_is_looked_up_quoted_then_as_it_is_both_full() -> None:
+    lookup = lookup_for("x y@example.com", DEFAULT_POSTFIX)
+    assert lookup.keys == ('"x y"@example.com', "x y@example.com", "@example.com")
+    assert lookup.full == ('"x y"@example.com', "x y@example.com")

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from policyd.canonical import PostfixParams
 from policyd.codec import PolicyRequest
-from policyd.engine import Decision, Policy, Verdict, decide, run, store_failure
+from policyd.engine import (
+    DEFAULT_POSTFIX,
+    REASONS,
+    Decision,
+    Policy,
+    Verdict,
+    decide,
+    run,
+    store_failure,
+)
 from policyd.model import Entry, Hit, Lookup, Mode, Origin
 from policyd.service import DecisionCache, Service
 from policyd.stores.base import Store, StoreContext
@@ -83,13 +94,18 @@ def lookups(request: PolicyRequest, policy: Policy, answers: dict[str, Hit]) -> 
     return asked
 
 
+def postfix(domains: tuple[str, ...] = (), delimiter: str = "+") -> PostfixParams:
+    """Postfix's parameters with these local domains (mydestination) and delimiter."""
+    return replace(DEFAULT_POSTFIX, mydestination=domains, recipient_delimiter=delimiter)
+
+
 def hit(key: str, *owners: str) -> Hit:
     return Hit(key, (Entry(owners, Origin("test", 1)),))
 
 
 def test_search_order_is_full_then_no_extension_then_local_part_then_domain() -> None:
     request = PolicyRequest(sender="Alice+Tag@Example.COM", sasl_username="x")
-    policy = Policy(local_domains=frozenset({"example.com"}))
+    policy = Policy(postfix=postfix(("example.com",)))
     asked = lookups(request, policy, {})
     # One lookup with every key; pattern tables see only the full address.
     assert asked == [
@@ -106,13 +122,14 @@ def test_first_answered_key_is_final() -> None:
         "alice@example.com": hit("alice@example.com", "alice@example.com"),
         "@example.com": hit("@example.com", "bob@example.com"),
     }
-    decision = run(decide(request, Policy()), lambda lookup: first_answer(answers, lookup))
+    policy = Policy(postfix=postfix())
+    decision = run(decide(request, policy), lambda lookup: first_answer(answers, lookup))
     assert decision.verdict is Verdict.REJECT  # alice@example.com answered first
 
 
 def test_local_part_key_with_local_domain() -> None:
     request = PolicyRequest(sender="postmaster@example.com", sasl_username="admin@example.com")
-    policy = Policy(local_domains=frozenset({"example.com"}))
+    policy = Policy(postfix=postfix(("example.com",)))
     decision = decided("postfix", request, policy)
     assert decision.verdict is Verdict.PERMIT
     assert str(decision.rule).endswith("sender_login.texthash:10")
@@ -120,13 +137,13 @@ def test_local_part_key_with_local_domain() -> None:
 
 def test_no_delimiter_means_no_extension_key() -> None:
     request = PolicyRequest(sender="alice+tag@example.com", sasl_username="x")
-    (asked,) = lookups(request, Policy(recipient_delimiter=""), {})
+    (asked,) = lookups(request, Policy(postfix=postfix(delimiter="")), {})
     assert asked.keys == ("alice+tag@example.com", "@example.com")
 
 
 def test_several_delimiters_split_at_the_first_one_found() -> None:
     request = PolicyRequest(sender="alice-list+x@example.com", sasl_username="x")
-    (asked,) = lookups(request, Policy(recipient_delimiter="+-"), {})
+    (asked,) = lookups(request, Policy(postfix=postfix(delimiter="+-")), {})
     assert asked.keys[1] == "alice@example.com"
 
 
@@ -201,6 +218,16 @@ def test_rule_table(row: RuleRow) -> None:
         assert decision.rule is None, decision.rule
     else:
         assert str(decision.rule).endswith(row.rule), decision.rule
+
+
+def test_the_tables_decide_only_the_known_reasons_and_reach_each_one() -> None:
+    """REASONS gives policyd_requests_total its zero series: a decision whose reason it does
+    not list would have none before it first happens, and one it lists but no decision has
+    would be a series that never moves."""
+    known = {(verdict, reason) for verdict, reasons in REASONS.items() for reason in reasons}
+    decided = {(Verdict(row.verdict), row.reason) for row in [*read_table(), *read_rule_table()]}
+    assert decided <= known
+    assert known - decided == {(Verdict.TEMPFAIL, reason) for reason in REASONS[Verdict.TEMPFAIL]}
 
 
 def test_rule_table_covers_every_reason() -> None:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ from policyd.codec import (
     encode_reply,
 )
 from policyd.config import Settings
-from policyd.engine import Decision, Policy, Verdict
+from policyd.engine import DEFAULT_POSTFIX, Decision, Policy, Verdict
 from policyd.model import Hit, Mode
 from policyd.server import PolicyConnection, PolicyServer
 from policyd.service import DecisionCache, Service
@@ -307,9 +308,16 @@ POLICY = st.builds(
     mode=st.sampled_from(list(Mode)),
     owned_action=st.sampled_from(["OK", "DUNNO"]),
     tempfail_action=st.sampled_from([defaults.TEMPFAIL_ACTION, "DEFER_IF_PERMIT try later"]),
-    recipient_delimiter=st.sampled_from(["+", "", "+-", "-"]),
-    local_domains=st.sampled_from(
-        [frozenset(), frozenset({"localhost.localdomain"}), frozenset({"otherdomain.tld"})]
+    postfix=st.builds(
+        lambda delimiter, domains, origin: replace(
+            DEFAULT_POSTFIX,
+            recipient_delimiter=delimiter,
+            mydestination=domains,
+            myorigin=origin,
+        ),
+        st.sampled_from(["+", "", "+-", "-"]),
+        st.sampled_from([(), ("localhost.localdomain",), ("otherdomain.tld",)]),
+        st.sampled_from(["localhost", "localhost.localdomain", "mail.example.test"]),
     ),
     plus_addresses=st.booleans(),
     catch_all=st.booleans(),

@@ -174,3 +174,57 @@ def test_plain_file_reader_on_a_big_file(tmp_path: Path) -> None:
     entry = plain[0].get("alias99999@d4.example")
     assert entry is not None and entry.owners == ("user345@d.example",)
     assert entry.origin.line == 100_000
+
+
+# regexp: tables match as the C library's regexec() does, as Postfix's do.
+
+
+def test_regexp_finds_the_leftmost_longest_match_like_postfix() -> None:
+    # Confirmed with Postfix's postmap -q (tests/test_posix_regex.py): $1 is ab, where
+    # Python's re would say a.
+    table = parse_regexp("/^(a|ab)/ $1@y\n", "t")
+    entry = table.get("abc@x")
+    assert entry is not None and entry.owners == ("ab@y",)
+
+
+def test_regexp_knows_posix_classes_and_basic_syntax() -> None:
+    table = parse_regexp("/^[[:digit:]]+@x$/ num@y\n/^a\\(b\\)c@x$/x b$1@y\n", "t")
+    assert table.get("123@x") is not None
+    found = table.get("abc@x")
+    assert found is not None and found.owners == ("bb@y",)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "refused"),
+    [
+        ("/(a*)\\1x/ u@x", "back-references"),
+        ("/((a{1,50}){1,50}){1,50}/ u@x", "nested to more than 255"),
+        ("/a{1,1000}/ u@x", "repetition count over 255"),
+    ],
+)
+def test_regexp_refuses_what_the_c_library_cannot_match_in_bounded_time(
+    pattern: str, refused: str
+) -> None:
+    with pytest.raises(LoadError, match=refused):
+        parse_regexp(pattern + "\n", "t")
+
+
+@pytest.mark.parametrize(
+    ("dialect", "line", "warned"),
+    [
+        ("pcre", "/^VIP@/i u@x", True),  # the i flag makes a pcre rule case-sensitive
+        ("pcre", "/^VIP@/ u@x", False),  # case-insensitive by default: it matches vip@
+        ("pcre", "/^[A-Z]+@/i u@x", False),  # a bracket: not judged
+        ("pcre", "/^\\Avip@/i u@x", False),  # an escape, not a letter
+        ("regexp", "/^VIP@/i u@x", True),
+        ("regexp", "/^VIP@/ u@x", False),
+    ],
+)
+def test_a_case_sensitive_pattern_with_capitals_is_warned_about(
+    dialect: str, line: str, warned: bool
+) -> None:
+    table = (parse_pcre if dialect == "pcre" else parse_regexp)(line + "\n", "t")
+    assert bool(table.warnings) is warned
+    if warned:
+        assert "can never match" in str(table.warnings[0])
+        assert table.get("vip@x") is None

@@ -88,6 +88,12 @@ class StoreStatus:
     warnings: tuple[Problem, ...] = ()
     stale_answers: int = 0  # network stores: answers given from memory through an outage
     detail: str = ""  # what /readyz adds to the store's line (PostgreSQL: its LISTEN state)
+    bare_keys: int = 0  # keys without @ (bare local parts): they need Postfix's local domains
+
+    @property
+    def counted(self) -> str:
+        """``1 entry``, ``12 entries``: as validate and /readyz show the count."""
+        return f"{self.entries} {'entry' if self.entries == 1 else 'entries'}"
 
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True

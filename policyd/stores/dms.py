@@ -40,8 +40,9 @@ VIRTUAL = "postfix-virtual.cf"
 REGEXP = "postfix-regexp.cf"
 FILES = (ACCOUNTS, VIRTUAL, REGEXP)
 
-#: docker-mailserver's /etc/postfix/maps/sender_login_maps.pcre: every address owns itself.
-IDENTITY = Origin("identity (docker-mailserver sender_login_maps.pcre)")
+#: docker-mailserver's identity rule (its sender_login_maps.pcre, inside the container, not in
+#: the config directory): every address owns itself. Shown inside parentheses, so it has none.
+IDENTITY = Origin("docker-mailserver: every address owns itself")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
     try:
         if regexp_path.exists():
             regexp = parse_pcre(read_text(regexp_path), str(regexp_path))
+            warnings = [*warnings, *regexp.warnings]
     except LoadError as error:
         problems += error.problems
     if problems:
@@ -122,7 +124,7 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
         if path.exists()
     }
     maps = DmsMaps(accounts, virtual, regexp)
-    return Loaded(maps, sum(files.values()), warnings, files)
+    return Loaded(maps, sum(files.values()), warnings, files, virtual.bare_keys)
 
 
 class DmsOptions(StoreOptions):

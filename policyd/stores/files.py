@@ -104,6 +104,7 @@ class Loaded(NamedTuple, Generic[Snapshot]):
     entries: int
     warnings: list[Problem]
     files: dict[str, int]
+    bare_keys: int = 0  # keys without @: bare local parts, found only for local domains
 
 
 def _ends_in_newline(path: str, size: int) -> bool:
@@ -330,6 +331,7 @@ class Reloader(Generic[Snapshot]):
         self._files = loaded.files
         self._backoff = 0.0
         self.status.loaded(loaded.entries, tuple(loaded.warnings))
+        self.status.bare_keys = loaded.bare_keys
 
     async def _watch(self) -> None:
         while True:
@@ -389,19 +391,12 @@ class FileStore(MemoryStore, Generic[Snapshot]):
 def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
     """One Postfix table file of type ``kind``: texthash, pcre or regexp."""
     if kind == "texthash":
-        plain = parse_texthash_file(path, str(path))
-        if plain is not None:
-            return Loaded(plain[0], len(plain[0]), plain[1], {str(path): len(plain[0])})
+        parsed = parse_texthash_file(path, str(path)) or parse_texthash(read_text(path), str(path))
+        fixed, warnings = parsed
+        return Loaded(fixed, len(fixed), warnings, {str(path): len(fixed)}, fixed.bare_keys)
     text = read_text(path)
-    table: FixedTable | PatternTable
-    warnings: list[Problem] = []
-    if kind == "texthash":
-        table, warnings = parse_texthash(text, str(path))
-    elif kind == "pcre":
-        table = parse_pcre(text, str(path))
-    else:
-        table = parse_regexp(text, str(path))
-    return Loaded(table, len(table), warnings, {str(path): len(table)})
+    rules = parse_pcre(text, str(path)) if kind == "pcre" else parse_regexp(text, str(path))
+    return Loaded(rules, len(rules), list(rules.warnings), {str(path): len(rules)})
 
 
 class TableOptions(StoreOptions):
