@@ -357,10 +357,15 @@ async def test_pgsql_hosts_reach_the_server_through_a_dead_host_a_socket_and_a_u
 
 
 async def test_mysql_hosts_reach_the_server_through_a_dead_host_and_a_socket(
-    mysql_server: mysql.MariaServer, postfix_maps: PostfixMaps, open_map: OpenMap
+    mysql_server: mysql.MariaServer, postfix_maps: PostfixMaps, open_map: OpenMap, tmp_path: Path
 ) -> None:
     example = oracle.example("postfixadmin", "mysql")
     login = oracle.connection(mysql_server)
+    option_file = tmp_path / "my.cnf"  # [client], then option_group, as libmysqlclient reads it
+    option_file.write_text(
+        f"[client]\nuser = nobody\n[policyd]\nuser = {mysql_server.user}\n"
+        f"password = {mysql_server.password}\n"
+    )
     forms = {
         "a dead host and a live one": {
             **login,
@@ -371,6 +376,13 @@ async def test_mysql_hosts_reach_the_server_through_a_dead_host_and_a_socket(
             "user": mysql_server.user,
             "password": None,
             "password_file": str(mysql_server.password_file),
+        },
+        "the login from option_file": {
+            "hosts": login["hosts"],
+            "user": None,
+            "password": None,
+            "option_file": str(option_file),
+            "option_group": "policyd",
         },
     }
     for name, settings in forms.items():
