@@ -16,7 +16,6 @@ answer, and a key with a quote, a backslash or a ``%`` can change nothing.
 
 from __future__ import annotations
 
-import logging
 import re
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
@@ -30,8 +29,6 @@ from policyd.stores.base import StoreContext
 from policyd.stores.network import NetworkOptions, NetworkStore, read_secret
 from policyd.stores.postfix_cf import DomainFilter, PostfixCf, Template
 from policyd.tables import quoted, split_owners
-
-log = logging.getLogger("policyd.stores")
 
 #: A row as the client library gives it: one value per column, None for NULL.
 Row = Sequence[Any]
