@@ -27,6 +27,7 @@ from policyd.logs import Logging
 from policyd.model import LoadError, Mode
 from policyd.service import Service
 from policyd.sockets import ListenError
+from policyd.stores.network import NetworkStore
 
 EXIT_OK = 0
 EXIT_REJECT = 1
@@ -41,7 +42,8 @@ EXIT_CODES = {
     EXIT_REJECT: "check: the sender is rejected; serve: a second SIGTERM cut the shutdown short",
     EXIT_USAGE: "usage error: an unknown command or flag, a missing or extra argument",
     EXIT_SOFTWARE: "internal error (a bug): the traceback is printed",
-    EXIT_TEMPFAIL: "check: temporary failure (a map could not answer)",
+    EXIT_TEMPFAIL: "check: temporary failure (a map could not answer); validate: a map's"
+    " server could not be reached",
     EXIT_CONFIG: "configuration error: settings, maps, rules files or listen addresses",
 }
 
@@ -347,17 +349,20 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
     except LoadError as error:
         _print_load_error(error)
         return EXIT_CONFIG
-    try:
-        asyncio.run(service.start())
-    except LoadError as error:
-        failure: LoadError | None = error
-    else:
-        failure = None
-        asyncio.run(service.close())
+    failure = asyncio.run(_start_and_close(service))
+    network = {store.status.name for store in service.stores if isinstance(store, NetworkStore)}
+    unreachable = False
     for status in service.statuses():
         is_rules = service.rule_files is not None and status is service.rule_files.status
         if not status.ready:
-            print(f"{status.name if is_rules else 'map ' + status.name}: FAILED")
+            # A server that cannot be reached is not a settings error: serve would start
+            # and answer 4xx until it can.
+            why = f": {status.last_error}" if status.name in network and status.last_error else ""
+            unreachable |= status.name in network
+            print(f"{status.name if is_rules else 'map ' + status.name}: FAILED{why}")
+            continue
+        if status.name in network:
+            print(f"map {status.name}: connected" + (f"; {status.detail}" if status.detail else ""))
             continue
         if service.rule_files is not None and is_rules:
             rules = service.rule_files.rules
@@ -382,4 +387,15 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
     if failure is not None:
         _print_load_error(failure)
         return EXIT_CONFIG
-    return 0
+    return EXIT_TEMPFAIL if unreachable else EXIT_OK
+
+
+async def _start_and_close(service: Service) -> LoadError | None:
+    """Start the service as serve does, then close it, in one event loop (a network
+    store's connections belong to the loop that opened them)."""
+    try:
+        await service.start()
+    except LoadError as error:
+        return error  # start() has closed what it opened
+    await service.close()
+    return None

@@ -101,6 +101,26 @@ NETWORK_CACHE_SIZE = 100_000  # remembered answers per store
 # One lookup's limit; below lookup_timeout, so the store's own error is what is reported.
 NETWORK_TIMEOUT = 3.0
 NETWORK_CONNECTIONS = 4  # per store: connections (or threads) in its pool
+# A server that could not be reached is not tried again for this long: meanwhile lookups
+# answer from memory (stale_ttl) or with a temporary failure at once, instead of each paying
+# for a connection that fails (Postfix waits its retry_interval, 60 s, for the same reason).
+NETWORK_RETRY_DELAY = 1.0
+
+# PostgreSQL stores LISTEN on this channel and forget their answers when a NOTIFY arrives
+# (examples/sql/postfixadmin/notify.pgsql.sql sends them), so every replica sees a change at
+# once instead of after CACHE_TTL. A listening connection whose server goes silent (a
+# network partition, a frozen host) is noticed by asking it SELECT 1 this often; then it is
+# reopened and every answer forgotten, since notifications may have been missed meanwhile.
+NOTIFY_CHANNEL = "policyd"
+NOTIFY_CHECK_INTERVAL = 5.0
+# How long to wait before opening a lost listening connection again, at first and at most.
+NOTIFY_RETRY_FIRST = 0.5
+NOTIFY_RETRY_MAX = 30.0
+# Postfix closes a database connection idle for about a minute (pgsql_table(5)); so do we.
+SQL_IDLE_SECONDS = 60.0
+# What `hosts = localhost` means to Postfix's mysql: maps: libmysqlclient's default socket,
+# not TCP (mysql_table(5)). This is Debian's.
+MYSQL_DEFAULT_SOCKET = "/run/mysqld/mysqld.sock"
 
 # A problem that can repeat thousands of times a second (descriptors run out, a flood is
 # refused) is logged at most once per this many seconds, with how often it happened.

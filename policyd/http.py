@@ -45,13 +45,14 @@ def readiness(statuses: list[StoreStatus]) -> Response:
     lines = []
     ready = True
     for status in statuses:
+        detail = f"; {status.detail}" if status.detail else ""
         if not status.ready:
             ready = False
-            lines.append(f"{status.name}: not loaded: {status.last_error or 'starting'}")
+            lines.append(f"{status.name}: not loaded: {status.last_error or 'starting'}{detail}")
         elif status.last_error:
-            lines.append(f"{status.name}: stale, last reload failed: {status.last_error}")
+            lines.append(f"{status.name}: stale, last reload failed: {status.last_error}{detail}")
         else:
-            lines.append(f"{status.name}: ok, {status.counted}")
+            lines.append(f"{status.name}: ok, {status.counted}{detail}")
     body = ("ready\n" if ready else "not ready\n") + "".join(f"{line}\n" for line in lines)
     return Response(
         "200 OK" if ready else "503 Service Unavailable", "text/plain; charset=utf-8", body.encode()

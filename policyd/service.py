@@ -262,7 +262,7 @@ class Service:
                 decision = self._failure(error)
             else:
                 if not isinstance(outcome, Decision):
-                    return self._wait(request, key, questions, outcome)
+                    return self._wait(request, key, questions, outcome, self.changes.count)
                 decision = outcome
                 self._remember(key, decision)
         self.record(request, decision)
@@ -311,9 +311,12 @@ class Service:
         key: tuple[str, ...],
         questions: Questions,
         pending: Awaitable[Hit | None],
+        changes: int,
     ) -> Decision:
         """Finish a decision that waits for a store. It must be made within lookup_timeout,
-        well before Postfix gives up, or it is a temporary failure."""
+        well before Postfix gives up, or it is a temporary failure. It is remembered only if
+        no store's data changed meanwhile (``changes`` is the count it started with): an
+        answer asked for before a change may predate it."""
         try:
             async with asyncio.timeout(self.lookup_timeout):
                 while True:
@@ -336,7 +339,8 @@ class Service:
                 questions.throw(StoreUnavailable(why))  # counted as that store's error
             decision = store_failure(self.policy, why)
         else:
-            self._remember(key, decision)
+            if self.changes.count == changes:
+                self._remember(key, decision)
         self.record(request, decision)
         return decision
 

@@ -61,3 +61,16 @@ def at_once(service: Service, request: PolicyRequest) -> Decision:
     outcome = service.decide(request)
     assert type(outcome) is Decision, "a memory store's decision must be at hand"
     return outcome
+
+
+async def ask_unix(path: Path, sender: str, login: str) -> bytes:
+    """One policy request over the unix socket ``path``, and its whole reply."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(
+            f"request=smtpd_access_policy\nsender={sender}\nsasl_username={login}\n\n".encode()
+        )
+        return await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -30,7 +30,9 @@ from policyd.cli import (
     main,
     postfix_reply,
 )
+from policyd.stores import backends
 from tests.conftest import DATA, require
+from tests.helpers import ask_unix
 
 DMS = f"dms:{DATA / 'dms'}"
 
@@ -153,7 +155,7 @@ def test_errors_name_the_flags_as_typed(capsys: pytest.CaptureFixture[str]) -> N
     )
     assert code == EXIT_CONFIG
     assert err.splitlines() == [
-        "policyd: --map dsm:/srv/mail: unknown map type 'dsm' (known: dms, texthash, pcre, regexp)",
+        f"policyd: --map dsm:/srv/mail: unknown map type 'dsm' (known: {', '.join(backends())})",
         "policyd: --scope-port 70000: port 70000 is out of range (0 to 65535)",
         "policyd: --exempt-network 192.0.2.0/33: value is not a valid IPv4 or IPv6 network",
     ]
@@ -261,24 +263,15 @@ def test_postfix_reply(action: str, expected: str) -> None:
     assert postfix_reply(action, "s@x") == expected
 
 
-async def ask(path: Path, sender: str, login: str) -> bytes:
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    try:
-        writer.write(
-            f"request=smtpd_access_policy\nsender={sender}\nsasl_username={login}\n\n".encode()
-        )
-        return await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
 async def read_until(stream: asyncio.StreamReader, text: bytes) -> None:
     """Read log lines until one contains ``text``; fail if the daemon's output ends first."""
     seen = []
     while text not in (line := await asyncio.wait_for(stream.readline(), 10)):
         assert line, f"policyd exited before logging {text!r}: {b''.join(seen)!r}"
         seen.append(line)
+
+
+USER1 = "user1@localhost.localdomain"
 
 
 async def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -300,13 +293,13 @@ async def test_serve_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path) -> N
     try:
         assert process.stderr is not None
         await read_until(process.stderr, b"msg=ready")
-        reply = await ask(socket_path, "new@localhost.localdomain", "user1@localhost.localdomain")
+        reply = await ask_unix(socket_path, "new@localhost.localdomain", USER1)
         assert reply == b"action=553 5.7.1 not owned by user user1@localhost.localdomain\n\n"
         with (dms / "postfix-virtual.cf").open("a") as virtual:
             virtual.write("new@localhost.localdomain user1@localhost.localdomain\n")
         process.send_signal(signal.SIGHUP)
         await read_until(process.stderr, b"reloaded")
-        reply = await ask(socket_path, "new@localhost.localdomain", "user1@localhost.localdomain")
+        reply = await ask_unix(socket_path, "new@localhost.localdomain", USER1)
         assert reply == b"action=OK\n\n"
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 10) == 0

@@ -85,3 +85,12 @@ def test_the_domain_setting_limits_keys_to_full_addresses_at_those_domains(
     assert not domains.allows("@example.com")  # an empty local part: skipped
     assert not domains.allows("a@sub.example.com")
     assert not domains.allows("a")
+
+
+def test_a_malformed_line_is_named_without_its_value(tmp_path: Path) -> None:
+    """A password line with its = left out must not reach the log and /readyz."""
+    cf = tmp_path / "m.cf"
+    cf.write_text("hosts = db.example\npassword  hunter2\n")
+    with pytest.raises(LoadError) as raised:
+        PostfixCf.read(cf, {"hosts", "password"})
+    assert str(raised.value) == f"{cf}:2: expected name = value; the line starts with 'password'"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from policyd import stores
 from policyd.cli import (
     EXIT_CODES,
     EXIT_CONFIG,
@@ -113,11 +114,25 @@ def test_the_configuration_error_example(
     assert "exits with status 78" in reference
 
 
+def documented(text: str) -> set[str]:
+    """The names in the first column of the tables in ``text``."""
+    first_cells = re.findall(r"^\| ([^|]+) \|", text, re.MULTILINE)
+    return {name for cell in first_cells for name in re.findall(r"`([a-z0-9_]+)`", cell)}
+
+
 def test_every_setting_is_in_the_configuration_reference() -> None:
     reference = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-    first_cells = re.findall(r"^\| ([^|]+) \|", reference, re.MULTILINE)
-    documented = {name for cell in first_cells for name in re.findall(r"`([a-z0-9_]+)`", cell)}
-    assert documented == set(Settings.model_fields)
+    settings = reference.split("### Map options", 1)[0]
+    assert documented(settings) == set(Settings.model_fields)
+
+
+def test_every_option_of_a_network_map_is_in_the_configuration_reference() -> None:
+    """The options a map type adds beside its type and its file (``TYPE:LOCATION``)."""
+    options = set()
+    for _, store in stores.backends().values():
+        options |= set(store.Options.model_fields) - {"type", store.location}
+    assert options, "no map type has options: this table would be empty"
+    assert documented(section("Map options")) == options
 
 
 def section(title: str) -> str:

@@ -37,6 +37,9 @@ BACKENDS = (
     Backend("texthash", "policyd.stores.files:TexthashStore"),
     Backend("pcre", "policyd.stores.files:PcreStore"),
     Backend("regexp", "policyd.stores.files:RegexpStore"),
+    Backend("pgsql", "policyd.stores.pgsql:PgsqlStore", requires={"asyncpg": "pgsql"}),
+    Backend("mysql", "policyd.stores.mysql:MysqlStore", requires={"aiomysql": "mysql"}),
+    Backend("sqlite", "policyd.stores.sqlite:SqliteStore"),
 )
 
 

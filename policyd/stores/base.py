@@ -87,6 +87,7 @@ class StoreStatus:
     last_error: str | None = None
     warnings: tuple[Problem, ...] = ()
     stale_answers: int = 0  # network stores: answers given from memory through an outage
+    detail: str = ""  # what /readyz adds to the store's line (PostgreSQL: its LISTEN state)
     bare_keys: int = 0  # keys without @ (bare local parts): they need Postfix's local domains
 
     @property

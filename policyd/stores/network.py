@@ -13,6 +13,7 @@ mail. Postfix itself remembers nothing (proxymap shares connections, not answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import abstractmethod
@@ -33,6 +34,12 @@ log = logging.getLogger("policyd.stores")
 T = TypeVar("T")
 
 _MISSING = object()
+
+
+class Unreachable(StoreUnavailable):
+    """The server could not be reached (refused, reset, no route, not connected). Until
+    NETWORK_RETRY_DELAY has passed, further lookups do not try again: they answer from
+    memory (stale_ttl) or fail at once, instead of each paying for a failed connect."""
 
 
 class NetworkOptions(StoreOptions):
@@ -58,6 +65,11 @@ class NetworkStore(Store):
         self._threads: ThreadPoolExecutor | None = None
         self._connected = False
         self._reconnecting: asyncio.Task[None] | None = None
+        # Moves on every forget(): an answer asked for before it is not remembered after it.
+        self._generation = 0
+        # After an Unreachable: not before this (monotonic) time again, and why.
+        self._retry_at = 0.0
+        self._unreachable = ""
 
     @property
     def max_age(self) -> float | None:
@@ -101,6 +113,10 @@ class NetworkStore(Store):
     async def close(self) -> None:
         if self._reconnecting is not None:
             self._reconnecting.cancel()
+            # Awaited, so that a connection it was opening is closed now, not left behind.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
+            self._reconnecting = None
         await self.disconnect()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
@@ -113,6 +129,7 @@ class NetworkStore(Store):
     def forget(self) -> None:
         """Forget every remembered answer, and the decisions made with them."""
         self._answers.clear()
+        self._generation += 1
         self.context.changes.happened()
 
     # Answering
@@ -120,18 +137,27 @@ class NetworkStore(Store):
     def lookup(self, keys: Sequence[str]) -> Answer:
         asked = tuple(keys)
         remembered = self._answers.get(asked)
-        if remembered is not None and time.monotonic() - remembered[1] < self.options.cache_ttl:
+        now = time.monotonic()
+        if remembered is not None and now - remembered[1] < self.options.cache_ttl:
             return remembered[0]
+        if now < self._retry_at:  # the server was unreachable a moment ago
+            return self._kept(asked, self._unreachable)
         return self._ask(asked)
 
     async def _ask(self, keys: tuple[str, ...]) -> Hit | None:
+        generation = self._generation
         try:
             async with asyncio.timeout(self.options.timeout):
                 hit = await self.query(keys)
         except (StoreUnavailable, TimeoutError) as error:
             why = str(error) or f"no answer within {self.options.timeout:g} s"
+            if isinstance(error, Unreachable):
+                self._retry_at = time.monotonic() + defaults.NETWORK_RETRY_DELAY
+                self._unreachable = why
             return self._stale(keys, why)
-        self._remember(keys, hit)
+        self._retry_at = 0.0
+        if generation == self._generation:  # else the data changed while it was asked
+            self._remember(keys, hit)
         if not self.status.ready or self.status.last_error:
             self.status.loaded(0, ())  # (back) in touch with the server
         return hit
@@ -144,8 +170,14 @@ class NetworkStore(Store):
         self._answers[keys] = (hit, time.monotonic())
 
     def _stale(self, keys: tuple[str, ...], why: str) -> Hit | None:
-        """An expired answer younger than cache_ttl + stale_ttl, or StoreUnavailable."""
+        """After a failure: an expired answer younger than cache_ttl + stale_ttl, or
+        StoreUnavailable."""
         self.status.failed(why)
+        return self._kept(keys, why)
+
+    def _kept(self, keys: tuple[str, ...], why: str) -> Hit | None:
+        """The answer kept for ``keys`` if it is younger than cache_ttl + stale_ttl
+        (counted), else StoreUnavailable saying ``why``."""
         remembered = self._answers.get(keys)
         if remembered is not None:
             age = time.monotonic() - remembered[1]
@@ -189,15 +221,19 @@ class NetworkStore(Store):
             log.info("%s: connected", self.name)
 
 
-def unavailable(error: BaseException, secrets: Sequence[str] = ()) -> StoreUnavailable:
-    """A client library's exception as a StoreUnavailable that says what happened: its first
-    line, with every one of ``secrets`` (passwords) blanked out, since it goes to the log,
-    /readyz and `policyd check`."""
+def unavailable(
+    error: BaseException,
+    secrets: Sequence[str] = (),
+    kind: type[StoreUnavailable] = StoreUnavailable,
+) -> StoreUnavailable:
+    """A client library's exception as a StoreUnavailable (or ``kind``, e.g. Unreachable)
+    that says what happened: its first line, with every one of ``secrets`` (passwords)
+    blanked out, since it goes to the log, /readyz and `policyd check`."""
     text = str(error).splitlines()[0] if str(error) else ""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "********")
-    return StoreUnavailable(f"{type(error).__name__}: {text}" if text else type(error).__name__)
+    return kind(f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 
 def read_secret(path: Path, source: str) -> str:

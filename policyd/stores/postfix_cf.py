@@ -53,7 +53,10 @@ class PostfixCf:
             name, sep, value = line.partition("=")
             name = name.strip()
             if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name):
-                problems.append(Problem(source, number, f"expected name = value: {quoted(line)}"))
+                # Only the first word: the line may be a password with its = left out.
+                first = line.split(None, 1)[0].split("=", 1)[0]
+                message = f"expected name = value; the line starts with {quoted(first)}"
+                problems.append(Problem(source, number, message))
                 continue
             if name not in allowed:
                 problems.append(Problem(source, number, f"{name}: not supported by policyd"))

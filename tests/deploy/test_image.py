@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.helpers import REPO, Daemon, ask, require_tool, run
+from tests.servers.common import free_ports
 
 DOCKERFILE = REPO / "Dockerfile"
 DMS_MOUNT = "/tmp/docker-mailserver"  # where docker-mailserver and the image put its config
@@ -350,3 +351,17 @@ def test_serve_answers_postfix_and_its_healthcheck(image: Image, tmp_path: Path)
     assert unhealthy.returncode != 0
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://{daemon.http}/healthz", timeout=5)
+
+
+@pytest.mark.parametrize("backend", ["pgsql", "mysql"])
+def test_the_image_reads_sql_maps(image: Image, backend: str, tmp_path: Path) -> None:
+    """Its client library is installed: a map whose server is down is a temporary failure,
+    not "needs the Python package"."""
+    cf = tmp_path / "map.cf"
+    cf.write_text(
+        f"hosts = 127.0.0.1:{free_ports(1)[0]}\n"
+        "query = SELECT username FROM mailbox WHERE username = '%s'\n"
+    )
+    result = policyd(image, "check", "--map", f"{backend}:{cf}", "a@example.com", "a@example.com")
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "verdict: tempfail" in result.stdout

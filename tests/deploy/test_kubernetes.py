@@ -48,7 +48,9 @@ def by_kind(directory: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-APPLIED = ("sidecar", "standalone")  # the directories the README has kubectl apply -f
+# The directories the README has kubectl apply -f; sql/ is standalone/ with its ownership in
+# PostgreSQL (tests/deploy/test_kubernetes_sql.py).
+APPLIED = ("sidecar", "standalone", "sql")
 RESOURCES = by_kind("standalone")
 MONITORING = by_kind("monitoring")
 SIDECAR = documents("sidecar")
@@ -168,19 +170,19 @@ def test_monitors_follow_the_crd(kind: str, schema: str, endpoints: str) -> None
         jsonschema.validate(misspelt, crd)
 
 
-def pod() -> dict[str, Any]:
-    template: dict[str, Any] = RESOURCES["Deployment"]["spec"]["template"]
+def pod(resources: dict[str, dict[str, Any]] = RESOURCES) -> dict[str, Any]:
+    template: dict[str, Any] = resources["Deployment"]["spec"]["template"]
     return template
 
 
-def container() -> dict[str, Any]:
-    (only,) = pod()["spec"]["containers"]
+def container(resources: dict[str, dict[str, Any]] = RESOURCES) -> dict[str, Any]:
+    (only,) = pod(resources)["spec"]["containers"]
     result: dict[str, Any] = only
     return result
 
 
-def environment() -> dict[str, str]:
-    return {variable["name"]: variable["value"] for variable in container()["env"]}
+def environment(resources: dict[str, dict[str, Any]] = RESOURCES) -> dict[str, str]:
+    return {variable["name"]: variable["value"] for variable in container(resources)["env"]}
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:

@@ -547,6 +547,19 @@ class MailStack:
             raise MailStackError(f"listener {name!r} has no port yet: start or reload first")
         return port
 
+    def add_users(self, users: Mapping[str, str]) -> None:
+        """More SASL accounts ``{login: password}``; usable at once, also while running
+        (Dovecot rereads its passwd-file when it changes)."""
+        before = dict(self.users)
+        self.users.update(users)
+        try:
+            self._check_users()
+        except ValueError:
+            self.users = before
+            raise
+        if self.running:
+            self._write_users()
+
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> MailStack:
@@ -844,12 +857,18 @@ class MailStack:
         if result.returncode != 0 or warnings:
             raise MailStackError("postconf rejected the config:\n" + result.stderr)
 
+    def _write_users(self) -> Path:
+        """Dovecot's passwd-file, written atomically: a running Dovecot rereads it when it
+        changes, so logins added while running work at once."""
+        users_file = self.dovecot_dir / "users"
+        temp = users_file.with_name(".users.tmp")
+        temp.write_text("".join(f"{login}:{{PLAIN}}{pw}\n" for login, pw in self.users.items()))
+        os.replace(temp, users_file)
+        return users_file
+
     def _write_dovecot_config(self) -> None:
         """An auth-only Dovecot whose SASL socket sits in Postfix's queue."""
-        users_file = self.dovecot_dir / "users"
-        users_file.write_text(
-            "".join(f"{login}:{{PLAIN}}{pw}\n" for login, pw in self.users.items())
-        )
+        users_file = self._write_users()
         settings = {
             "base_dir": str(self.dovecot_dir / "run"),
             "state_dir": str(self.dovecot_dir / "state"),

@@ -7,7 +7,6 @@ which every server shares, are tested in test_common.py.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import sqlite3
@@ -17,13 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import mysql, pgsql
+from tests.servers import mysql, oracle, pgsql
 from tests.servers.common import ServerError, tcp_accepts
 from tests.servers.tls import make_ca
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples" / "sql"
-DATA = REPO / "tests" / "data" / "sql"
 
 ACTIVE_POSTFIXADMIN_MAILBOXES = [
     "alice@example.com",
@@ -264,65 +259,32 @@ def test_sqlite_file_opens_read_only(sqlite_postfixadmin: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def _owner_rows(name: str) -> list[list[str]]:
-    with (DATA / name).open(newline="") as handle:
-        lines = [line for line in handle if not line.startswith("#")]
-    return list(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE))
-
-
-def _owners(answer: str | None) -> list[str]:
-    """A map result as smtpd reads it: logins separated by commas and spaces."""
-    return sorted(filter(None, re.split(r"[,\s]+", answer or "")))
-
-
-def _cases(name: str, backend: str) -> list[pytest.param]:
-    params = []
-    for row in _owner_rows(name):
-        case, key, owners = row[:3]
-        backends = row[3].split(",") if len(row) > 3 else ["all"]
-        if "all" in backends or backend in backends:
-            params.append(pytest.param(key, [] if owners == "-" else _owners(owners), id=case))
-    return params
-
-
-def _connection(server) -> dict[str, str]:
-    """The settings of a Postfix SQL map that connect to ``server`` as its login."""
-    hosts = f"{server.host}:{server.port}"
-    return {"hosts": hosts, "user": server.user, "password": server.password}
-
-
 def _postfixadmin_table(backend: str, request, postfix_maps) -> str:
-    example = EXAMPLES / "postfixadmin" / f"sender_login_maps.{backend}.cf"
+    example = oracle.example("postfixadmin", backend)
     if backend == "sqlite":
         database = request.getfixturevalue("sqlite_postfixadmin")
         return f"sqlite:{postfix_maps.render('map.cf', example, dbpath=str(database))}"
     server = request.getfixturevalue(f"{backend}_server")
-    cf = postfix_maps.render(
-        "map.cf",
-        example,
-        **_connection(server),
-    )
+    cf = postfix_maps.render("map.cf", example, **oracle.connection(server))
     return f"{backend}:{cf}"
 
 
 @pytest.mark.parametrize("backend", ["pgsql", "mysql", "sqlite"])
 def test_postfixadmin_example_through_postfix(backend, postfix_maps, request) -> None:
     table = _postfixadmin_table(backend, request, postfix_maps)
-    for param in _cases("postfixadmin-owners.tsv", backend):
-        key, expected = param.values
-        assert _owners(postfix_maps.query(key, table).value) == expected, f"{param.id}: {key!r}"
+    for case, key, expected in oracle.cases("postfixadmin", backend):
+        assert oracle.owners_of(postfix_maps.query(key, table).value) == expected, (
+            f"{case}: {key!r}"
+        )
 
 
 def test_mailcow_example_through_postfix(mysql_server, postfix_maps) -> None:
     cf = postfix_maps.render(
-        "map.cf",
-        EXAMPLES / "mailcow" / "sender_login_maps.mysql.cf",
-        **_connection(mysql_server),
+        "map.cf", oracle.example("mailcow", "mysql"), **oracle.connection(mysql_server)
     )
-    for param in _cases("mailcow-owners.tsv", "mysql"):
-        key, expected = param.values
+    for case, key, expected in oracle.cases("mailcow", "mysql"):
         answer = postfix_maps.query(key, f"mysql:{cf}")
-        assert _owners(answer.value) == expected, f"{param.id}: {key!r}"
+        assert oracle.owners_of(answer.value) == expected, f"{case}: {key!r}"
 
 
 def _answers_only_through_its_ca(
@@ -343,7 +305,7 @@ def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, 
     passfile = tmp_path / "pgpass"
     passfile.write_text(f"*:*:*:{pgsql_server.user}:{pgsql_server.password}\n")
     passfile.chmod(0o600)
-    example = EXAMPLES / "postfixadmin" / "sender_login_maps.pgsql.cf"
+    example = oracle.example("postfixadmin", "pgsql")
 
     def table(ca: Path, name: str) -> str:
         uri = (
@@ -358,13 +320,13 @@ def test_pgsql_example_tls_line_verifies_the_server(pgsql_server, postfix_maps, 
 
 
 def test_mysql_example_tls_lines_verify_the_server(mysql_server, postfix_maps, tmp_path) -> None:
-    example = EXAMPLES / "postfixadmin" / "sender_login_maps.mysql.cf"
+    example = oracle.example("postfixadmin", "mysql")
 
     def table(ca: Path, name: str) -> str:
         cf = postfix_maps.render(
             name,
             example,
-            **_connection(mysql_server),
+            **oracle.connection(mysql_server),
             tls_CAfile=str(ca),
             tls_verify_cert="yes",
         )
@@ -377,8 +339,8 @@ def test_postfix_map_fails_while_the_server_is_down(pgsql_factory, postfix_maps)
     server = pgsql_factory()
     cf = postfix_maps.render(
         "map.cf",
-        EXAMPLES / "postfixadmin" / "sender_login_maps.pgsql.cf",
-        **_connection(server),
+        oracle.example("postfixadmin", "pgsql"),
+        **oracle.connection(server),
     )
     assert postfix_maps.query("alice@example.com", f"pgsql:{cf}").value == "alice@example.com"
     server.stop()
