@@ -17,7 +17,7 @@ import pickle
 import zlib
 from array import array
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate, count, islice
 from typing import Any
 
@@ -79,6 +79,35 @@ class PackedTable:
     def __len__(self) -> int:
         return len(self._owners)
 
+    def nbytes(self) -> int:
+        """The table's buffers, in bytes."""
+        buffers = (self._keys, self._offsets, self._slots, self._owners, self._lines)
+        extra = (self._groups, self._group_offsets)
+        return sum(memoryview(buffer).nbytes for buffer in (*buffers, *extra))
+
+    def key_at(self, entry: int) -> str:
+        """The key of entry number ``entry`` (0 to len - 1, in file order)."""
+        start, end = self._offsets[entry], self._offsets[entry + 1]
+        return self._keys[start:end].decode("utf-8", "surrogateescape")
+
+    def at(self, entry: int) -> tuple[str, tuple[str, ...], int]:
+        """(key, owners, line) of entry number ``entry``."""
+        return self.key_at(entry), self.group(self._owners[entry]), self._lines[entry]
+
+    def group(self, number: int) -> tuple[str, ...]:
+        """The owners of owner group ``number``."""
+        text = self._groups[self._group_offsets[number] : self._group_offsets[number + 1]]
+        return tuple(text.decode("utf-8", "surrogateescape").split(",")) if text else ()
+
+    @property
+    def groups(self) -> int:
+        """How many different owner lists the entries have."""
+        return len(self._group_offsets) - 1
+
+    def reverse(self) -> ReverseIndex:
+        """The index from owner to the entries that list it (built once, at load)."""
+        return ReverseIndex.build(self._owners, self.groups, self.group)
+
     def get(self, key: str) -> tuple[tuple[str, ...], int] | None:
         """(owners, line) for ``key``, or None."""
         try:
@@ -91,10 +120,7 @@ class PackedTable:
         while (entry := slots[index]) != _EMPTY:
             start = offsets[entry]
             if offsets[entry + 1] - start == size and keys.startswith(data, start):
-                group = self._owners[entry]
-                text = self._groups[self._group_offsets[group] : self._group_offsets[group + 1]]
-                owners = tuple(text.decode("utf-8", "surrogateescape").split(",")) if text else ()
-                return owners, self._lines[entry]
+                return self.group(self._owners[entry]), self._lines[entry]
             index = (index + 1) & mask
         return None
 
@@ -243,3 +269,103 @@ def _slots_for(entries: int) -> int:
     while 2 * size < 3 * entries:
         size *= 2
     return size
+
+
+class ReverseIndex:
+    """Owner -> the entries of a PackedTable that list it: what `policyd senders` asks.
+
+    Two levels, both flat: an owner's number (a PackedTable from owner to its number, kept in
+    the line field) leads to the owner groups that contain it, and a group to its entries.
+    Groups are shared by every alias with the same targets, so the second level is one entry
+    number per entry, and the first a few per distinct owner: about 12 bytes an alias.
+    """
+
+    __slots__ = ("_entries", "_entry_starts", "_group_starts", "_groups", "_names")
+
+    def __init__(
+        self,
+        *,
+        names: PackedTable,
+        group_starts: Sequence[int],
+        groups: Sequence[int],
+        entry_starts: Sequence[int],
+        entries: Sequence[int],
+    ) -> None:
+        self._names = names  # owner -> ((), its number)
+        self._group_starts = group_starts  # owner number -> start in groups
+        self._groups = groups  # group numbers, by owner
+        self._entry_starts = entry_starts  # group number -> start in entries
+        self._entries = entries  # entry numbers, by group
+
+    @classmethod
+    def build(
+        cls, owners: Sequence[int], group_count: int, group: Callable[[int], tuple[str, ...]]
+    ) -> ReverseIndex:
+        """From each entry's owner group number and the groups' owner lists."""
+        # Entries by group: a counting sort, at C speed but for one pass.
+        counts = array("I", bytes(4 * (group_count + 1)))
+        for number in owners:
+            counts[number + 1] += 1
+        entry_starts = array("I", accumulate(counts))
+        fill = array("I", entry_starts)
+        entries = array("I", bytes(4 * len(owners)))
+        for entry, number in enumerate(owners):
+            entries[fill[number]] = entry
+            fill[number] += 1
+        # Groups by owner.
+        by_owner: defaultdict[str, list[int]] = defaultdict(list)
+        for number in range(group_count):
+            for owner in group(number):
+                by_owner[owner].append(number)
+        names = PackedTableBuilder(len(by_owner))
+        keys = [encode(owner) for owner in by_owner]
+        names.add_many(keys, [b""] * len(keys), list(range(len(keys))))
+        group_starts = array("I", [0])
+        groups = array("I")
+        for numbers in by_owner.values():
+            groups.extend(numbers)
+            group_starts.append(len(groups))
+        return cls(
+            names=names.build(),
+            group_starts=group_starts,
+            groups=groups,
+            entry_starts=entry_starts,
+            entries=entries,
+        )
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        wrap = pickle.PickleBuffer if isinstance(protocol, int) and protocol >= 5 else bytes
+        arrays = (self._group_starts, self._groups, self._entry_starts, self._entries)
+        return (_restore_reverse, (self._names, tuple(wrap(buffer) for buffer in arrays)))
+
+    def entries_of(self, owner: str) -> list[int]:
+        """The numbers of the entries that list ``owner`` (folded), in file order."""
+        found = self._names.get(owner)
+        if found is None:
+            return []
+        number = found[1]
+        listed: list[int] = []
+        for index in range(self._group_starts[number], self._group_starts[number + 1]):
+            group = self._groups[index]
+            listed += self._entries[self._entry_starts[group] : self._entry_starts[group + 1]]
+        return sorted(listed)
+
+    def owners(self) -> int:
+        """How many different owners the entries name."""
+        return len(self._names)
+
+    def nbytes(self) -> int:
+        """The index's own buffers, in bytes (bench/senders_index.py reports it)."""
+        arrays = (self._group_starts, self._groups, self._entry_starts, self._entries)
+        return self._names.nbytes() + sum(memoryview(a).nbytes for a in arrays)
+
+
+def _restore_reverse(names: PackedTable, buffers: tuple[bytes | bytearray, ...]) -> ReverseIndex:
+    group_starts, groups, entry_starts, entries = (memoryview(b).cast("I") for b in buffers)
+    return ReverseIndex(
+        names=names,
+        group_starts=group_starts,
+        groups=groups,
+        entry_starts=entry_starts,
+        entries=entries,
+    )

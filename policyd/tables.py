@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,7 +20,7 @@ from policyd import defaults
 from policyd.address import fold
 from policyd.budget import OutOfTime
 from policyd.model import Entry, LoadError, Origin, PatternTimeout, Problem
-from policyd.packed import PackedTable, PackedTableBuilder
+from policyd.packed import PackedTable, PackedTableBuilder, ReverseIndex
 from policyd.posix_regex import REG_ICASE, PosixMatch, PosixRegex, RegexError, postfix_flags
 from policyd.readfile import open_regular
 
@@ -79,9 +79,33 @@ class FixedTable:
         self.source = source
         self._entries = entries if entries is not None else PackedTableBuilder().build()
         self.bare_keys = bare_keys  # keys without @
+        self.reverse: ReverseIndex | None = None  # owner -> entries, once indexed
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def indexed(self) -> FixedTable:
+        """This table with its reverse index (owner -> keys) built: a loader calls it, in the
+        process that parses big files, so the daemon gets it ready-made."""
+        self.reverse = self._entries.reverse()
+        return self
+
+    def listing(self, owners: Iterable[str]) -> list[tuple[str, Entry]]:
+        """Every (key, entry) that names one of ``owners`` (folded), in file order. Needs the
+        reverse index (indexed())."""
+        assert self.reverse is not None, "listing() needs indexed()"
+        numbers = sorted({n for owner in owners for n in self.reverse.entries_of(owner)})
+        found = []
+        for number in numbers:
+            key, listed, line = self._entries.at(number)
+            found.append((key, Entry(listed, Origin(self.source, line))))
+        return found
+
+    def entries(self) -> Iterator[tuple[str, Entry]]:
+        """Every (key, entry), in file order (audit)."""
+        for number in range(len(self._entries)):
+            key, listed, line = self._entries.at(number)
+            yield key, Entry(listed, Origin(self.source, line))
 
     def get(self, key: str) -> Entry | None:
         found = self._entries.get(key)
@@ -371,6 +395,50 @@ class _Rule:
     replacement: str  # "" for if/endif rules
     kind: str  # "match", "if" or "endif"
     endif_index: int = -1
+    text: str = ""  # the rule as written
+
+
+@dataclass(frozen=True, slots=True)
+class PatternRule:
+    """One rule of a pcre or regexp table, as `policyd senders` and `policyd audit` see it:
+    where it is, who it names, and whether an address matches it (with its if-blocks)."""
+
+    text: str
+    origin: Origin
+    owners: tuple[str, ...]  # the owners it names, when they do not depend on the address
+    computed: bool  # the replacement has $n: its owners come from the address
+    guards: tuple[_Rule, ...]  # the if-rules around it
+    rule: _Rule
+
+    @property
+    def pattern(self) -> str:
+        """The rule's pattern(s) as written, without its owners."""
+        return self.text.removesuffix(self.rule.replacement).rstrip()
+
+    @property
+    def syntax(self) -> str:
+        """``pcre`` or ``regexp``."""
+        return "regexp" if isinstance(self.rule.conditions[0].regex, _PosixPattern) else "pcre"
+
+    def matches(self, key: str) -> bool:
+        """True if the rule (and every if around it) matches ``key``, whatever came before."""
+        return all(_all_match(r.conditions, key) for r in (*self.guards, self.rule))
+
+    def could_name(self, owner: str) -> bool:
+        """True if some address this rule matches may be owned by ``owner`` (folded)."""
+        if not self.computed:
+            return owner in self.owners
+        for template in _OWNER_SEPARATORS.split(self.rule.replacement):
+            parts = _SUBSTITUTION.split(template)
+            # split() keeps the groups of each $n (three, all None but one, or all None: $$)
+            pattern = "".join(
+                re.escape(part) if index % 4 == 0 else (".*" if part else "")
+                for index, part in enumerate(parts)
+                if part is not None or index % 4 == 0
+            )
+            if template and re.fullmatch(pattern, owner, re.IGNORECASE | re.DOTALL):
+                return True
+        return False
 
 
 class PatternTable:
@@ -402,6 +470,23 @@ class PatternTable:
 
     def __len__(self) -> int:
         return sum(1 for rule in self._rules if rule.kind == "match")
+
+    def rules(self) -> list[PatternRule]:
+        """The match rules, in file order, each with the if-rules around it."""
+        found: list[PatternRule] = []
+        open_ifs: list[tuple[int, _Rule]] = []  # (index of its endif, the if rule)
+        for index, rule in enumerate(self._rules):
+            while open_ifs and open_ifs[-1][0] <= index:
+                open_ifs.pop()
+            if rule.kind == "if":
+                open_ifs.append((rule.endif_index, rule))
+            elif rule.kind == "match":
+                computed = "$" in rule.replacement and bool(_SUBSTITUTION.search(rule.replacement))
+                owners = () if computed else split_owners(rule.replacement)
+                guards = tuple(guard for _, guard in open_ifs)
+                origin = Origin(self.source, rule.line)
+                found.append(PatternRule(rule.text, origin, owners, computed, guards, rule))
+        return found
 
     def get(self, key: str) -> Entry | None:
         """The entry of the first rule that matches ``key``, or None.
@@ -560,6 +645,7 @@ def _parse_patterns(text: str, source: str, dialect: str) -> PatternTable:
         except ValueError as error:
             problems.append(Problem(source, number, str(error)))
             continue
+        rule = replace(rule, text=line.strip())
         if rule.kind == "if":
             open_ifs.append(len(rules))
         elif rule.kind == "endif":
@@ -567,9 +653,7 @@ def _parse_patterns(text: str, source: str, dialect: str) -> PatternTable:
                 problems.append(Problem(source, number, "ignoring ENDIF without matching IF"))
                 continue
             opening = open_ifs.pop()
-            rules[opening] = _Rule(
-                rules[opening].line, rules[opening].conditions, "", "if", endif_index=len(rules)
-            )
+            rules[opening] = replace(rules[opening], endif_index=len(rules))
         rules.append(rule)
     for opening in open_ifs:
         problems.append(Problem(source, rules[opening].line, "IF has no matching ENDIF"))

@@ -26,7 +26,8 @@ from typing import Any, ClassVar, TypeAlias
 from pydantic import BaseModel, ConfigDict
 
 from policyd import defaults
-from policyd.model import Hit, Problem
+from policyd.model import Entry, Hit, Problem
+from policyd.tables import PatternRule
 
 #: What a store's lookup gives: the answer now, or something to await for it.
 Answer: TypeAlias = Hit | Awaitable[Hit | None] | None
@@ -102,6 +103,28 @@ class StoreStatus:
         self.last_error = error
 
 
+@dataclass(frozen=True)
+class Listed:
+    """What a store can say about the reverse question: which of its entries name one of
+    some owners (`policyd senders`). ``keys`` are its keys that list one of them (a full
+    address, a bare local part, or ``@domain``); ``patterns`` its pattern rules that may;
+    ``identity`` is True if every full address owns itself in this store (docker-mailserver).
+
+    A store that cannot be asked this says so with ``inverted = False`` and ``why``: the
+    listing then says plainly that it may be incomplete, never less than the truth silently.
+    """
+
+    keys: tuple[tuple[str, Entry], ...] = ()
+    patterns: tuple[PatternRule, ...] = ()
+    identity: bool = False
+    inverted: bool = True
+    why: str = ""
+
+    @classmethod
+    def cannot(cls, why: str) -> Listed:
+        return cls(inverted=False, why=why)
+
+
 class Store(ABC):
     """One sender -> owners table."""
 
@@ -149,6 +172,14 @@ class Store(ABC):
     async def reload(self) -> bool:
         """Reload now (SIGHUP). Returns True if the new data is in use."""
         return True
+
+    def senders_of(self, owners: frozenset[str]) -> Listed | Awaitable[Listed]:
+        """The entries that name one of ``owners`` (folded): the reverse of lookup().
+
+        A store that answers from memory returns it at once, a network store an awaitable.
+        One that cannot be inverted says so (the default).
+        """
+        return Listed.cannot(f"{self.name}: this store cannot be listed in reverse")
 
     @abstractmethod
     def lookup(self, keys: Sequence[str]) -> Answer:

@@ -26,7 +26,7 @@ from policyd.model import Hit, LoadError, Problem
 from policyd.readfile import LineTooLong, open_regular, read_regular
 from policyd.rules import Grant, LoginDeny, Rules, SenderDeny, parse_denies, parse_grants
 from policyd.stores import parsing
-from policyd.stores.base import MemoryStore, StoreContext, StoreOptions, StoreStatus
+from policyd.stores.base import Listed, MemoryStore, StoreContext, StoreOptions, StoreStatus
 from policyd.tables import (
     FixedTable,
     PatternTable,
@@ -388,11 +388,14 @@ class FileStore(MemoryStore, Generic[Snapshot]):
         return await self.files.reload()
 
 
-def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
-    """One Postfix table file of type ``kind``: texthash, pcre or regexp."""
+def load_table(kind: str, path: Path, reverse: bool = True) -> Loaded[FixedTable | PatternTable]:
+    """One Postfix table file of type ``kind``: texthash, pcre or regexp; a texthash table
+    with its reverse index (owner -> keys) unless ``reverse`` is False (bench/)."""
     if kind == "texthash":
         parsed = parse_texthash_file(path, str(path)) or parse_texthash(read_text(path), str(path))
         fixed, warnings = parsed
+        if reverse:
+            fixed.indexed()
         return Loaded(fixed, len(fixed), warnings, {str(path): len(fixed)}, fixed.bare_keys)
     text = read_text(path)
     rules = parse_pcre(text, str(path)) if kind == "pcre" else parse_regexp(text, str(path))
@@ -443,6 +446,13 @@ class TableStore(FileStore[FixedTable | PatternTable]):
     def find(self, key: str) -> Hit | None:
         entry = self.files.snapshot.get(key)
         return None if entry is None else Hit(key, (entry,))
+
+    def senders_of(self, owners: frozenset[str]) -> Listed:
+        table = self.files.snapshot
+        if isinstance(table, PatternTable):
+            rules = table.rules()
+            return Listed(patterns=tuple(r for r in rules if any(map(r.could_name, owners))))
+        return Listed(keys=tuple(table.listing(owners)))
 
 
 class TexthashStore(TableStore):
