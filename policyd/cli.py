@@ -1,4 +1,5 @@
-"""The `policyd` command: serve, check and validate. Thin: each calls what the daemon uses.
+"""The `policyd` command: serve, check, validate, senders and audit. Thin: each calls what the
+daemon uses.
 
 Exit codes: 0 success (check: permitted or not checked), 1 check: rejected, 75 check: temporary
 failure, 78 configuration or map error (systemd's RestartPreventExitStatus can use it).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import re
 import sys
@@ -15,13 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policyd import __version__, stores
+from policyd import __version__, senders, stores
 from policyd.codec import PolicyRequest
 from policyd.config import ConfigError, Settings, load_settings
 from policyd.daemon import Daemon
 from policyd.engine import Decision, Verdict
 from policyd.logs import Logging
-from policyd.model import LoadError, Mode
+from policyd.model import LoadError, Mode, StoreUnavailable
 from policyd.service import Service
 from policyd.sockets import ListenError
 
@@ -81,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("--policy-context", default="", metavar="NAME")
     request.add_argument("--client-address", default="", metavar="IP")
     commands.add_parser("validate", parents=[common], help="load the settings and maps, report")
+    senders = commands.add_parser(
+        "senders", parents=[common], help="list every sender LOGIN may use, and why"
+    )
+    senders.add_argument("login", metavar="LOGIN", help="SASL login")
+    senders.add_argument("--json", action="store_true", help="the stable JSON shape (README)")
     return parser
 
 
@@ -93,7 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"policyd: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     logs = Logging(settings.log_level, settings.log_format)
-    command = {"serve": serve, "check": check, "validate": validate}[args.command]
+    command = {
+        "serve": serve,
+        "check": check,
+        "validate": validate,
+        "senders": senders_command,
+    }[args.command]
     try:
         return command(settings, args, logs)
     finally:
@@ -258,3 +270,28 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
         _print_load_error(failure)
         return EXIT_CONFIG
     return 0
+
+
+# senders
+
+
+def senders_command(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
+    """List what the login may send as: exit 0, 75 if a store could not answer."""
+    try:
+        listing = asyncio.run(_list_once(settings, args.login))
+    except LoadError as error:
+        _print_load_error(error)
+        return EXIT_CONFIG
+    except StoreUnavailable as error:
+        print(f"policyd: senders: {error}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    if args.json:
+        print(json.dumps(listing.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(senders.as_text(listing), end="")
+    return 0
+
+
+async def _list_once(settings: Settings, login: str) -> senders.Listing:
+    async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
+        return await senders.list_senders(service, login)

@@ -343,7 +343,19 @@ class ReverseIndex:
         found = self._names.get(owner)
         if found is None:
             return []
-        number = found[1]
+        return self._entries_of_number(found[1])
+
+    def entries_matching(self, test: Callable[[str], bool]) -> list[int]:
+        """The numbers of the entries that list an owner for which ``test`` is true: every
+        owner is tried, so this costs a pass over them (tens of milliseconds for 100,000)."""
+        names = self._names
+        listed: list[int] = []
+        for position in range(len(names)):
+            if test(names.key_at(position)):
+                listed += self._entries_of_number(position)
+        return sorted(listed)
+
+    def _entries_of_number(self, number: int) -> list[int]:
         listed: list[int] = []
         for index in range(self._group_starts[number], self._group_starts[number + 1]):
             group = self._groups[index]

@@ -23,7 +23,7 @@ from policyd.address import split
 from policyd.canonical import strip_extension
 from policyd.codec import PolicyRequest
 from policyd.engine import Decision, Verdict, Who, identify
-from policyd.model import Entry, Mode, StoreUnavailable
+from policyd.model import Entry, Mode, Origin, StoreUnavailable
 from policyd.rules import Grant
 from policyd.service import Service
 from policyd.stores.base import Listed
@@ -169,34 +169,67 @@ def _notes(service: Service) -> tuple[str, ...]:
 
 
 async def _from_stores(view: Service, who: Who, found: _Found) -> None:
-    """The keys and rules naming the login in every map, and with nested_aliases the aliases
-    that lead to them, followed backwards as far as max_alias_depth."""
+    """The keys and rules naming the login in every map; with nested_aliases also the aliases
+    that lead to them, followed backwards as far as max_alias_depth: an alias whose target is
+    one of them, or (for a target with no entry of its own) whose target's domain, address
+    without +extension or matching pattern rule leads to one."""
     policy = view.policy
     owners = who.names
-    seen: set[str] = set()
+    also: Callable[[str], bool] | None = None
+    seen_keys: set[str] = set()
+    seen_rules: set[Origin] = set()
+    partial = True  # Postfix may reach a target's shorter keys (no identity rule answers first)
     for depth in range(policy.max_alias_depth if policy.nested_aliases else 1):
         keys: list[tuple[str, Entry]] = []
+        rules: list[PatternRule] = []
         for store in view.maps.stores:
-            listed: Listed = await _settle(store.senders_of(owners))
+            listed: Listed = await _settle(store.senders_of(owners, also))
             if not listed.inverted:
                 if depth == 0:
                     found.incomplete.append(listed.why)
                 continue
             keys += listed.keys
-            if depth == 0:
-                found.patterns += _pattern_items(listed.patterns, policy.plus_addresses)
-        owners = frozenset()
+            rules += (rule for rule in listed.patterns if rule.origin not in seen_rules)
+            partial = partial and not listed.identity
+        seen_rules.update(rule.origin for rule in rules)
+        found.patterns += _pattern_items(rules, policy.plus_addresses, through=depth > 0)
+        addresses: set[str] = set()
+        domains: set[str] = set()
         for key, _ in keys:
-            if key in seen:
+            if key in seen_keys:
                 continue
-            seen.add(key)
+            seen_keys.add(key)
             for address in _addresses_of(key, view):
                 found.addresses[address] = None
-                owners |= {address}
+                addresses.add(address)
             if key.startswith("@"):
                 found.domains[key[1:]] = None
-        if not owners:
+                domains.add(key[1:])
+        if not (addresses or domains or rules):
             break
+        owners = frozenset(addresses)
+        delimiters = policy.postfix.recipient_delimiter if partial else ""
+        also = _leading_to(owners, domains if partial else set(), delimiters, rules)
+
+
+def _leading_to(
+    owners: frozenset[str], domains: set[str], delimiters: str, rules: list[PatternRule]
+) -> Callable[[str], bool] | None:
+    """A test of alias targets whose lookup may end at one of ``owners`` by another key than
+    the target itself: its @domain, its address without +extension, or a pattern rule."""
+    if not (domains or delimiters or rules):
+        return None
+
+    def leads(target: str) -> bool:
+        local, _, domain = target.rpartition("@")
+        if domain in domains:
+            return True
+        cut = next((i for i, ch in enumerate(local) if ch in delimiters), -1)
+        if cut > 0 and f"{local[:cut]}@{domain}" in owners:
+            return True
+        return any(rule.matches(target) for rule in rules)
+
+    return leads
 
 
 def _addresses_of(key: str, view: Service) -> list[str]:
@@ -227,10 +260,12 @@ def _unquoted(local: str) -> str:
     return local
 
 
-def _pattern_items(rules: Iterable[PatternRule], plus: bool) -> list[Item]:
+def _pattern_items(rules: Iterable[PatternRule], plus: bool, through: bool) -> list[Item]:
     items = []
     for rule in rules:
         why = "the addresses this rule matches"
+        if through:
+            why += ", through an alias chain (nested_aliases)"
         if rule.computed:
             why += ", where its owners, computed from the address, name the login"
         if plus:
@@ -303,7 +338,9 @@ async def _checked(
         elif decision.reason == "deny_sender":
             denied.setdefault("@" + domain, _item("@" + domain, decision))
     delimiters = policy.postfix.recipient_delimiter
-    for address in sorted(exact):
+    # An extension may be permitted where its address is not: a pattern rule (which never
+    # sees the shorter key) answers the address for someone else.
+    for address in found.addresses:
         local, domain = split(address)
         for delimiter in dict.fromkeys(delimiters):
             probe = f"{local}{delimiter}{PROBE}@{domain}"
@@ -374,3 +411,34 @@ def covers(listing: Listing, address: str, base: str | None = None) -> bool:
         if item.matches(address) or (item.extensions and base is not None and item.matches(base)):
             return True
     return False
+
+
+_HEADINGS = {
+    "exact": "exact addresses",
+    "domains": "whole domains",
+    "patterns": "patterns that cannot be listed",
+    "everything": "everything (*)",
+    "denied": "denied (taken away by a deny rule)",
+}
+
+
+def as_text(listing: Listing) -> str:
+    """The listing for people: one class after another, an item per line with its rule."""
+    lines = [f"login: {listing.login}"]
+    others = [name for name in listing.names if name != listing.login.casefold()]
+    if others:
+        lines.append(f"counts as: {', '.join(others)}")
+    lines.append(f"mode: {listing.mode}")
+    for why in listing.incomplete:
+        lines.append(f"INCOMPLETE: {why}")
+    for name in CLASSES:
+        items: tuple[Item, ...] = getattr(listing, name)
+        lines.append(f"{_HEADINGS[name]}: {len(items) if items else 'none'}")
+        width = max((len(item.sender) for item in items), default=0)
+        for item in items:
+            rule = item.rule or "-"
+            lines.append(f"  {item.sender.ljust(width)}  {item.reason}  {rule}")
+            if name != "exact":
+                lines.append(f"  {' ' * width}  {item.explanation}")
+    lines += [f"note: {note}" for note in listing.notes]
+    return "".join(f"{line}\n" for line in lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -90,11 +90,18 @@ class FixedTable:
         self.reverse = self._entries.reverse()
         return self
 
-    def listing(self, owners: Iterable[str]) -> list[tuple[str, Entry]]:
-        """Every (key, entry) that names one of ``owners`` (folded), in file order. Needs the
-        reverse index (indexed())."""
+    def listing(
+        self, owners: Iterable[str], also: Callable[[str], bool] | None = None
+    ) -> list[tuple[str, Entry]]:
+        """Every (key, entry) that names one of ``owners`` (folded), or an owner for which
+        ``also`` is true, in file order. Needs the reverse index (indexed())."""
         assert self.reverse is not None, "listing() needs indexed()"
-        numbers = sorted({n for owner in owners for n in self.reverse.entries_of(owner)})
+        numbers = {n for owner in owners for n in self.reverse.entries_of(owner)}
+        if also is not None:
+            numbers.update(self.reverse.entries_matching(also))
+        return self._at(sorted(numbers))
+
+    def _at(self, numbers: list[int]) -> list[tuple[str, Entry]]:
         found = []
         for number in numbers:
             key, listed, line = self._entries.at(number)
@@ -423,6 +430,15 @@ class PatternRule:
     def matches(self, key: str) -> bool:
         """True if the rule (and every if around it) matches ``key``, whatever came before."""
         return all(_all_match(r.conditions, key) for r in (*self.guards, self.rule))
+
+    def names_any(self, owners: frozenset[str], also: Callable[[str], bool] | None) -> bool:
+        """True if the rule may name one of ``owners``, or an owner ``also`` is true for (a
+        rule whose owners come from the address may name anyone, so it is included)."""
+        if any(map(self.could_name, owners)):
+            return True
+        if also is None:
+            return False
+        return self.computed or any(map(also, self.owners))
 
     def could_name(self, owner: str) -> bool:
         """True if some address this rule matches may be owned by ``owner`` (folded)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
@@ -173,8 +173,13 @@ class Store(ABC):
         """Reload now (SIGHUP). Returns True if the new data is in use."""
         return True
 
-    def senders_of(self, owners: frozenset[str]) -> Listed | Awaitable[Listed]:
-        """The entries that name one of ``owners`` (folded): the reverse of lookup().
+    def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed | Awaitable[Listed]:
+        """The entries that name one of ``owners`` (folded): the reverse of lookup(). With
+        ``also``, the entries naming an owner it is true for as well (alias chains followed
+        backwards through an owner's +extension, its domain or a pattern rule); a store may
+        leave ``also`` out where its own lookups never reach such an owner.
 
         A store that answers from memory returns it at once, a network store an awaitable.
         One that cannot be inverted says so (the default).

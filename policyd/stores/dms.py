@@ -157,14 +157,16 @@ class DmsStore(FileStore[DmsMaps]):
     def loader(self) -> Callable[[], Loaded[DmsMaps]]:
         return functools.partial(load_dms, self.directory, self.allow_empty)
 
-    def senders_of(self, owners: frozenset[str]) -> Listed:
-        """The aliases listing one of ``owners``, the regexp rules that may name one, and the
-        identity rule: every address (an account or not) owns itself."""
+    def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed:
+        """The aliases listing one of ``owners`` (or an owner ``also`` is true for), the
+        regexp rules that may name one, and the identity rule: every address owns itself."""
         snapshot = self.files.snapshot
         rules = snapshot.regexp.rules() if snapshot.regexp is not None else []
         return Listed(
-            keys=tuple(snapshot.virtual.listing(owners)),
-            patterns=tuple(rule for rule in rules if any(map(rule.could_name, owners))),
+            keys=tuple(snapshot.virtual.listing(owners, also)),
+            patterns=tuple(rule for rule in rules if rule.names_any(owners, also)),
             identity=True,
         )
 

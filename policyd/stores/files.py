@@ -447,12 +447,15 @@ class TableStore(FileStore[FixedTable | PatternTable]):
         entry = self.files.snapshot.get(key)
         return None if entry is None else Hit(key, (entry,))
 
-    def senders_of(self, owners: frozenset[str]) -> Listed:
+    def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed:
         table = self.files.snapshot
         if isinstance(table, PatternTable):
             rules = table.rules()
-            return Listed(patterns=tuple(r for r in rules if any(map(r.could_name, owners))))
-        return Listed(keys=tuple(table.listing(owners)))
+            naming = tuple(rule for rule in rules if rule.names_any(owners, also))
+            return Listed(patterns=naming)
+        return Listed(keys=tuple(table.listing(owners, also)))
 
 
 class TexthashStore(TableStore):
