@@ -225,9 +225,9 @@ def _who(
     return who, owner_kinds
 
 
-def identify(login: str, policy: Policy, rules: Rules = NO_RULES) -> Generator[
-    Lookup, Hit | None, Decision | Who
-]:
+def identify(
+    login: str, policy: Policy, rules: Rules = NO_RULES
+) -> Generator[Lookup, Hit | None, Decision | Who]:
     """The names that count as ``login`` when it sends (`policyd senders`): the login and
     what alias_logins and login_addresses make of it; or the decision that it may not send
     at all (a denied login, a refused alias login)."""

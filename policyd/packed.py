@@ -81,9 +81,16 @@ class PackedTable:
 
     def nbytes(self) -> int:
         """The table's buffers, in bytes."""
-        buffers = (self._keys, self._offsets, self._slots, self._owners, self._lines)
-        extra = (self._groups, self._group_offsets)
-        return sum(memoryview(buffer).nbytes for buffer in (*buffers, *extra))
+        buffers: tuple[Any, ...] = (
+            self._keys,
+            self._offsets,
+            self._slots,
+            self._owners,
+            self._lines,
+            self._groups,
+            self._group_offsets,
+        )
+        return sum(memoryview(buffer).nbytes for buffer in buffers)
 
     def key_at(self, entry: int) -> str:
         """The key of entry number ``entry`` (0 to len - 1, in file order)."""
@@ -335,7 +342,12 @@ class ReverseIndex:
 
     def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
         wrap = pickle.PickleBuffer if isinstance(protocol, int) and protocol >= 5 else bytes
-        arrays = (self._group_starts, self._groups, self._entry_starts, self._entries)
+        arrays: tuple[Any, ...] = (
+            self._group_starts,
+            self._groups,
+            self._entry_starts,
+            self._entries,
+        )
         return (_restore_reverse, (self._names, tuple(wrap(buffer) for buffer in arrays)))
 
     def entries_of(self, owner: str) -> list[int]:
@@ -368,8 +380,13 @@ class ReverseIndex:
 
     def nbytes(self) -> int:
         """The index's own buffers, in bytes (bench/senders_index.py reports it)."""
-        arrays = (self._group_starts, self._groups, self._entry_starts, self._entries)
-        return self._names.nbytes() + sum(memoryview(a).nbytes for a in arrays)
+        arrays: tuple[Any, ...] = (
+            self._group_starts,
+            self._groups,
+            self._entry_starts,
+            self._entries,
+        )
+        return self._names.nbytes() + sum(memoryview(buffer).nbytes for buffer in arrays)
 
 
 def _restore_reverse(names: PackedTable, buffers: tuple[bytes | bytearray, ...]) -> ReverseIndex:

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policyd import defaults
+from policyd.canonical import lookup_form, strip_extension
 from policyd.codec import (
     ATTRIBUTES,
     LineTooLong,
@@ -34,7 +35,6 @@ from policyd.codec import (
     encode_reply,
 )
 from policyd.config import Settings
-from policyd.canonical import lookup_form, strip_extension
 from policyd.engine import DEFAULT_POSTFIX, Decision, Policy, Verdict
 from policyd.model import Hit, Mode
 from policyd.senders import covers, list_senders
@@ -699,7 +699,15 @@ SENDER_LOGINS = [*SENDER_ADDRESSES[:5], "uid7"]
 SENDER_OWNERS = st.sampled_from([*SENDER_LOGINS, *SENDER_ADDRESSES, "ann+x@a.example"])
 # Keys of every form Postfix tries: full, with an extension, bare local parts, @domain.
 FIXED_KEYS = st.sampled_from(
-    [*SENDER_ADDRESSES, "ann+x@a.example", "bob-y@b.example", "ann", "bob", "@a.example", "@localhost"]
+    [
+        *SENDER_ADDRESSES,
+        "ann+x@a.example",
+        "bob-y@b.example",
+        "ann",
+        "bob",
+        "@a.example",
+        "@localhost",
+    ]
 )
 ALIAS_KEYS = st.sampled_from([*SENDER_ADDRESSES, "ann+x@a.example", "@a.example", "@b.example"])
 PATTERN_LINES = st.sampled_from(
@@ -730,13 +738,19 @@ SENDER_MAPS = st.fixed_dictionaries(
         "grants": st.lists(
             st.tuples(
                 st.sampled_from(SENDER_LOGINS),
-                st.sampled_from(["cat@b.example", "@b.example", "b*@a.example", "*", "ann+x@a.example"]),
+                st.sampled_from(
+                    ["cat@b.example", "@b.example", "b*@a.example", "*", "ann+x@a.example"]
+                ),
             ),
             max_size=3,
         ).map(lambda lines: "".join(f"{login} {pattern}\n" for login, pattern in lines)),
         "deny": st.lists(
             st.sampled_from(
-                ["sender ann@b.example", "sender *@localhost except bob@a.example", "login cat@a.example"]
+                [
+                    "sender ann@b.example",
+                    "sender *@localhost except bob@a.example",
+                    "login cat@a.example",
+                ]
             ),
             max_size=2,
         ).map(lambda lines: "".join(f"{line}\n" for line in lines)),
