@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policyd import __version__, senders, stores
+from policyd import __version__, audit, senders, stores
+from policyd.audit import Severity
 from policyd.codec import PolicyRequest
 from policyd.config import ConfigError, Settings, load_settings
 from policyd.daemon import Daemon
@@ -28,6 +29,7 @@ from policyd.service import Service
 from policyd.sockets import ListenError
 
 EXIT_REJECT = 1
+EXIT_FINDINGS = 1  # audit: a finding at or above --fail-on
 EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
 
@@ -88,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     senders.add_argument("login", metavar="LOGIN", help="SASL login")
     senders.add_argument("--json", action="store_true", help="the stable JSON shape (README)")
+    audit = commands.add_parser(
+        "audit", parents=[common], help="review the maps and rules: wide rules, dead rules, ..."
+    )
+    audit.add_argument("--json", action="store_true", help="findings as JSON")
+    audit.add_argument(
+        "--fail-on",
+        choices=[str(severity) for severity in Severity],
+        metavar="SEVERITY",
+        help="exit 1 if a finding is at least this severe: info, warning or error",
+    )
     return parser
 
 
@@ -105,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": check,
         "validate": validate,
         "senders": senders_command,
+        "audit": audit_command,
     }[args.command]
     try:
         return command(settings, args, logs)
@@ -295,3 +308,29 @@ def senders_command(settings: Settings, args: argparse.Namespace, logs: Logging)
 async def _list_once(settings: Settings, login: str) -> senders.Listing:
     async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
         return await senders.list_senders(service, login)
+
+
+# audit
+
+
+def audit_command(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
+    """Report the findings; exit 1 if one is at least --fail-on, 78 if the maps do not load."""
+    try:
+        findings = asyncio.run(_audit_once(settings))
+    except LoadError as error:
+        _print_load_error(error)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps([finding.to_json() for finding in findings], indent=2))
+    else:
+        print(audit.as_text(findings), end="")
+    if args.fail_on is not None:
+        threshold = Severity.parse(args.fail_on)
+        if any(finding.severity >= threshold for finding in findings):
+            return EXIT_FINDINGS
+    return 0
+
+
+async def _audit_once(settings: Settings) -> list[audit.Finding]:
+    async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
+        return audit.audit(service, settings.audit_max_senders)

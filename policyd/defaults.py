@@ -142,3 +142,13 @@ MAX_ALIAS_LOOKUPS = 1000
 
 # A login denied by the deny file, or an alias login refused by alias_logins = "refuse".
 REJECT_LOGIN_DENIED = "553 5.7.1 sending is disabled for user {login}"
+
+# The senders API (GET /v1/senders): requests a second, and how many may come at once, from
+# all clients together. A listing checks every address it names with a full decision, so a
+# webmail filling one identity list at login is a few requests; a script walking every
+# login waits its turn (429 with Retry-After) rather than slowing the policy service.
+SENDERS_API_RATE = 5.0
+SENDERS_API_BURST = 20
+# A login may send as longer lists than this only by its own choice of the admin: a
+# shared mailbox of many aliases, a relay. `policyd audit` names such logins.
+AUDIT_MAX_SENDERS = 100

@@ -17,7 +17,7 @@ import pickle
 import zlib
 from array import array
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate, count, islice
 from typing import Any
 
@@ -373,6 +373,21 @@ class ReverseIndex:
             group = self._groups[index]
             listed += self._entries[self._entry_starts[group] : self._entry_starts[group + 1]]
         return sorted(listed)
+
+    def counts(self) -> Iterator[tuple[str, int, int]]:
+        """(owner, how many entries list it, the first of them) for every owner."""
+        starts, groups, entry_starts = self._group_starts, self._groups, self._entry_starts
+        entries = self._entries
+        for number in range(len(self._names)):
+            listed = 0
+            first = -1
+            for index in range(starts[number], starts[number + 1]):
+                group = groups[index]
+                begin, end = entry_starts[group], entry_starts[group + 1]
+                listed += end - begin
+                if end > begin and (first < 0 or entries[begin] < first):
+                    first = entries[begin]
+            yield self._names.key_at(number), listed, first
 
     def owners(self) -> int:
         """How many different owners the entries name."""

@@ -108,6 +108,10 @@ class FixedTable:
             found.append((key, Entry(listed, Origin(self.source, line))))
         return found
 
+    def origin_of(self, number: int) -> Origin:
+        """Where entry number ``number`` is written."""
+        return Origin(self.source, self._entries.at(number)[2])
+
     def entries(self) -> Iterator[tuple[str, Entry]]:
         """Every (key, entry), in file order (audit)."""
         for number in range(len(self._entries)):
