@@ -152,3 +152,6 @@ SENDERS_API_BURST = 20
 # A login may send as longer lists than this only by its own choice of the admin: a
 # shared mailbox of many aliases, a relay. `policyd audit` names such logins.
 AUDIT_MAX_SENDERS = 100
+# `policyd senders` checks at most this many candidate addresses for one login (each costs a
+# decision); beyond, the listing says how many it left out.
+SENDERS_MAX_CANDIDATES = 20000
