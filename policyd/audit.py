@@ -58,24 +58,8 @@ class Finding:
         return f"{self.severity}: {self.where}: {self.message} [{self.kind}]"
 
 
-# Addresses a rule that "matches every address" must match: odd local parts, odd domains.
-_ANYWHERE = ("zz0@policyd-probe.invalid", "a@b", "postmaster@example.com", "x.y+z@sub.example.org")
-# Local parts a rule that "matches a whole domain" must match at that domain.
-_ANY_LOCAL = ("zz0", "a", "postmaster", "x.y+z", "1-2")
 # Candidate domains for the whole-domain test, from the maps: at most this many.
 _DOMAINS = 1000
-
-
-def reach(rule: PatternRule, domains: Sequence[str]) -> str | None:
-    """``*`` if the rule matches every address, ``@domain`` if every address at a domain,
-    else None."""
-    if all(rule.matches(address) for address in _ANYWHERE):
-        return "*"
-    literal = rule.rule.conditions[0].domain
-    for domain in dict.fromkeys([*([literal] if literal else []), *domains]):
-        if all(rule.matches(f"{local}@{domain}") for local in _ANY_LOCAL):
-            return "@" + domain
-    return None
 
 
 def audit(service: Service, max_senders: int) -> list[Finding]:
@@ -265,7 +249,7 @@ def _patterns(table: PatternTable, domains: list[str]) -> list[Finding]:
     findings = []
     earlier: list[tuple[PatternRule, str | None]] = []
     for rule in table.rules():
-        wide = reach(rule, domains)
+        wide = rule.reach(domains)
         hidden = _shadowing(rule, earlier)
         if hidden is not None:
             findings.append(

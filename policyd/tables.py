@@ -75,10 +75,17 @@ class FixedTable:
 
     pattern = False
 
-    def __init__(self, source: str, entries: PackedTable | None = None, bare_keys: int = 0) -> None:
+    def __init__(
+        self,
+        source: str,
+        entries: PackedTable | None = None,
+        bare_keys: int = 0,
+        domain_keys: int = 0,
+    ) -> None:
         self.source = source
         self._entries = entries if entries is not None else PackedTableBuilder().build()
         self.bare_keys = bare_keys  # keys without @
+        self.domain_keys = domain_keys  # @domain keys: each answers a whole domain
         self.reverse: ReverseIndex | None = None  # owner -> entries, once indexed
 
     def __len__(self) -> int:
@@ -134,7 +141,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
     entries = PackedTableBuilder()
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    bare = 0
+    bare = domains = 0
     for number, line in logical_lines(text):
         key, value, error = _split_key_value(line)
         if error:
@@ -142,6 +149,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
             continue
         key = fold(key)
         bare += "@" not in key
+        domains += key.startswith("@")
         first = entries.add(key, split_owners(value), number)
         if first is not None:
             warnings.append(
@@ -149,7 +157,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
             )
     if problems:
         raise LoadError(problems)
-    return FixedTable(source, entries.build(), bare), warnings
+    return FixedTable(source, entries.build(), bare, domains), warnings
 
 
 _SEPARATORS = re.compile(rb"[,\s]+")
@@ -179,7 +187,7 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
     entries: PackedTableBuilder | None = None
     warnings: list[Problem] = []
     number = 0
-    bare = 0
+    bare = domains = 0
     size = os.fstat(stream.fileno()).st_size
     rest = b""
     for chunk in iter(lambda: stream.read(_BLOCK), b""):
@@ -214,12 +222,14 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
             values.append(value)
             numbers.append(number)
         bare += sum(b"@" not in key for key in keys)
+        domains += sum(key[:1] == b"@" for key in keys)
         for position, first in entries.add_many(keys, values, numbers):
             message = f'duplicate entry "{keys[position].decode()}": line {first} wins'
             warnings.append(Problem(source, numbers[position], message, fatal=False))
     if rest:  # no newline at the end of the file
         return None
-    return FixedTable(source, (entries or PackedTableBuilder()).build(), bare), warnings
+    table = FixedTable(source, (entries or PackedTableBuilder()).build(), bare, domains)
+    return table, warnings
 
 
 _BLOCK = 1 << 20
@@ -444,6 +454,18 @@ class PatternRule:
             return False
         return self.computed or any(map(also, self.owners))
 
+    def reach(self, domains: Iterable[str] = ()) -> str | None:
+        """``*`` if the rule matches every address, ``@domain`` if every address at a domain
+        (its own literal domain, or one of ``domains``), else None: tried on addresses no
+        narrower rule would match."""
+        if all(self.matches(address) for address in _ANYWHERE):
+            return "*"
+        literal = self.rule.conditions[0].domain
+        for domain in dict.fromkeys([*([literal] if literal else []), *domains]):
+            if all(self.matches(f"{local}@{domain}") for local in _ANY_LOCAL):
+                return "@" + domain
+        return None
+
     def could_name(self, owner: str) -> bool:
         """True if some address this rule matches may be owned by ``owner`` (folded)."""
         if not self.computed:
@@ -459,6 +481,26 @@ class PatternRule:
             if template and re.fullmatch(pattern, owner, re.IGNORECASE | re.DOTALL):
                 return True
         return False
+
+
+# Addresses a rule that "matches every address" must match: odd local parts, odd domains.
+_ANYWHERE = ("zz0@policyd-probe.invalid", "a@b", "postmaster@example.com", "x.y+z@sub.example.org")
+# Local parts a rule that "matches a whole domain" must match at that domain.
+_ANY_LOCAL = ("zz0", "a", "postmaster", "x.y+z", "1-2")
+
+
+def reach(rules: Iterable[PatternRule]) -> tuple[int, int]:
+    """How many owners the rules let send as anyone, and how many rules match a whole domain
+    (or everything): the gauges of policyd.metrics."""
+    anyone: set[str] = set()
+    wide = 0
+    for rule in rules:
+        found = rule.reach()
+        if found is not None:
+            wide += 1
+        if found == "*":
+            anyone.update(rule.owners)
+    return len(anyone), wide
 
 
 class PatternTable:

@@ -808,7 +808,9 @@ def _sender_service(directory: Path, maps: dict[str, Any], policy: Policy) -> Se
         store.load_now()  # type: ignore[attr-defined]
     rules = RuleFiles(directory / "grants", directory / "deny", context)
     rules.files.load_now()
-    return Service(policy, chosen, rules=rules, cache=DecisionCache(size=0))
+    # The longest CPU budget: a loaded machine collecting hypothesis's garbage mid-decision
+    # must not turn a listing into a temporary failure.
+    return Service(policy, chosen, rules=rules, cache=DecisionCache(size=0), time_limit=10)
 
 
 @settings(PROPERTIES, max_examples=300)

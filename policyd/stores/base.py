@@ -89,6 +89,8 @@ class StoreStatus:
     warnings: tuple[Problem, ...] = ()
     stale_answers: int = 0  # network stores: answers given from memory through an outage
     bare_keys: int = 0  # keys without @ (bare local parts): they need Postfix's local domains
+    anyone: int = 0  # logins that may send as any address through this store's rules
+    domain_rules: int = 0  # keys or rules that answer a whole domain (or every address)
 
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True

@@ -33,6 +33,7 @@ from policyd.tables import (
     parse_pcre,
     parse_texthash,
     parse_texthash_file,
+    reach,
 )
 
 ACCOUNTS = "postfix-accounts.cf"
@@ -124,7 +125,10 @@ def load_dms(directory: Path, allow_empty: bool, reverse: bool = True) -> Loaded
         if path.exists()
     }
     maps = DmsMaps(accounts, virtual.indexed() if reverse else virtual, regexp)
-    return Loaded(maps, sum(files.values()), warnings, files, virtual.bare_keys)
+    anyone, wide = reach(regexp.rules()) if regexp is not None else (0, 0)
+    entries = sum(files.values())
+    wide += virtual.domain_keys
+    return Loaded(maps, entries, warnings, files, virtual.bare_keys, anyone, wide)
 
 
 class DmsOptions(StoreOptions):
