@@ -125,7 +125,9 @@ async def test_wide_send_rights_are_gauged_per_store(tmp_path: Path) -> None:
     assert sample(service, "policyd_rules_matching_whole_domain", store=rules) == 1
 
     pcre.write_text(
-        "/^role@example\\.org$/ bob@example.org\n/@example\\.com$/ ann@example.org\n/./ relay@example.org, bot@example.org\n"
+        "/^role@example\\.org$/ bob@example.org\n"
+        "/@example\\.com$/ ann@example.org\n"
+        "/./ relay@example.org, bot@example.org\n"
     )
     grants.write_text("relay@example.org @example.net\nrelay@example.org *\napp@example.org *\n")
     for path in (pcre, grants):
