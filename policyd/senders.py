@@ -359,7 +359,7 @@ async def _checked(
     delimiters = policy.postfix.recipient_delimiter
     # An extension may be permitted where its address is not: a pattern rule (which never
     # sees the shorter key) answers the address for someone else.
-    for address in found.addresses:
+    for address in found.addresses if not found.everything else ():
         local, domain = split(address)
         for delimiter in dict.fromkeys(delimiters):
             probe = f"{local}{delimiter}{PROBE}@{domain}"
