@@ -91,6 +91,10 @@ class FixedTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def nbytes(self) -> int:
+        """The table's buffers, in bytes, without its reverse index."""
+        return self._entries.nbytes()
+
     def indexed(self) -> FixedTable:
         """This table with its reverse index (owner -> keys) built: a loader calls it, in the
         process that parses big files, so the daemon gets it ready-made."""

@@ -37,3 +37,18 @@ def test_every_setting_is_in_the_configuration_reference() -> None:
     first_cells = re.findall(r"^\| ([^|]+) \|", reference, re.MULTILINE)
     documented = {name for cell in first_cells for name in re.findall(r"`([a-z0-9_]+)`", cell)}
     assert documented == set(Settings.model_fields)
+
+
+# A "policyd senders ..." command block followed by a block of what it prints.
+SENDERS_EXAMPLE = re.compile(r"```sh\n(policyd senders [^\n]*)\n```\n\n```\n(.*?)```", re.DOTALL)
+
+
+def test_readme_senders_example_prints_what_the_readme_shows(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = SENDERS_EXAMPLE.findall(README)
+    assert found, "the README's senders example went missing"
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    for command, output in found:
+        assert main(shlex.split(command)[1:]) == 0
+        assert capsys.readouterr().out == output
