@@ -53,12 +53,14 @@ def measure(data: Path, reverse: bool) -> dict[str, Any]:
     gc.collect()
     rss = memory_kb("VmRSS")
     virtual = loaded.snapshot.virtual
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     result: dict[str, Any] = {
         "reverse": reverse,
         "load_s": seconds,
         "rss_before_kb": before,
         "rss_kb": rss,
-        "parser_peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+        "parser_peak_kb": children.ru_maxrss,
+        "parser_cpu_s": children.ru_utime + children.ru_stime,
         "virtual_bytes": virtual.nbytes(),
         "accounts_bytes": loaded.snapshot.accounts.nbytes(),
         "index_bytes": virtual.reverse.nbytes() if virtual.reverse is not None else 0,
@@ -135,6 +137,9 @@ def report(runs: dict[str, list[dict[str, Any]]]) -> str:
         f" | {med('with', 'parser_peak_kb') * mib:.0f} | |",
         f"| load, parse to snapshot in use (s) | {load_without:.2f} | {load_with:.2f}"
         f" | {load_with - load_without:+.2f} s |",
+        f"| the parsing process's CPU time (s) | {med('without', 'parser_cpu_s'):.2f}"
+        f" | {med('with', 'parser_cpu_s'):.2f}"
+        f" | {med('with', 'parser_cpu_s') - med('without', 'parser_cpu_s'):+.2f} s |",
         f"| building the index alone (CPU s) | | {med('without', 'index_build_cpu_s'):.2f} | |",
     ]
     for name in ("busiest", "median"):

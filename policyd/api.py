@@ -22,7 +22,7 @@ from typing import Any
 from policyd import defaults
 from policyd.http import Response
 from policyd.model import LoadError, Problem, StoreUnavailable
-from policyd.senders import SCHEMA_VERSION, list_senders
+from policyd.senders import FIELDS, SCHEMA_VERSION, list_senders
 from policyd.service import Service
 from policyd.stores.network import read_secret
 
@@ -235,20 +235,7 @@ def openapi() -> dict[str, Any]:
                 "Listing": {
                     "type": "object",
                     "additionalProperties": False,
-                    "required": [
-                        "version",
-                        "login",
-                        "names",
-                        "mode",
-                        "complete",
-                        "incomplete",
-                        "exact",
-                        "domains",
-                        "patterns",
-                        "everything",
-                        "denied",
-                        "notes",
-                    ],
+                    "required": list(FIELDS),
                     "properties": {
                         "version": {"type": "integer", "enum": [SCHEMA_VERSION]},
                         "login": {"type": "string"},

@@ -13,9 +13,9 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from policyd import __version__, audit, senders, stores
 from policyd.audit import Severity
@@ -34,6 +34,8 @@ EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
 
 log = logging.getLogger("policyd")
+
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,9 +206,14 @@ def check(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     return 0
 
 
-async def _decide_once(settings: Settings, request: PolicyRequest) -> Decision:
+async def _once(settings: Settings, work: Callable[[Service], Awaitable[T]]) -> T:
+    """``work`` done with a started service that watches no files, closed after it."""
     async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
-        return await service.answer(request)
+        return await work(service)
+
+
+async def _decide_once(settings: Settings, request: PolicyRequest) -> Decision:
+    return await _once(settings, lambda service: service.answer(request))
 
 
 _CODED = re.compile(r"([45])(\d\d)(?:\s+(\d\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.DOTALL)
@@ -306,8 +313,7 @@ def senders_command(settings: Settings, args: argparse.Namespace, logs: Logging)
 
 
 async def _list_once(settings: Settings, login: str) -> senders.Listing:
-    async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
-        return await senders.list_senders(service, login)
+    return await _once(settings, lambda service: senders.list_senders(service, login))
 
 
 # audit
@@ -332,5 +338,7 @@ def audit_command(settings: Settings, args: argparse.Namespace, logs: Logging) -
 
 
 async def _audit_once(settings: Settings) -> list[audit.Finding]:
-    async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
+    async def findings(service: Service) -> list[audit.Finding]:
         return audit.audit(service, settings.audit_max_senders)
+
+    return await _once(settings, findings)

@@ -65,7 +65,10 @@ class PackedTable:
         """Pickle as the raw buffers; with protocol 5 they may travel out of band
         (stores.parsing writes them to a file as they are)."""
         wrap = pickle.PickleBuffer if isinstance(protocol, int) and protocol >= 5 else bytes
-        buffers: tuple[Any, ...] = (
+        return (_restore, (tuple(wrap(buffer) for buffer in self._buffers()),))
+
+    def _buffers(self) -> tuple[Any, ...]:
+        return (
             self._keys,
             self._offsets,
             self._slots,
@@ -74,23 +77,13 @@ class PackedTable:
             self._groups,
             self._group_offsets,
         )
-        return (_restore, (tuple(wrap(buffer) for buffer in buffers),))
 
     def __len__(self) -> int:
         return len(self._owners)
 
     def nbytes(self) -> int:
         """The table's buffers, in bytes."""
-        buffers: tuple[Any, ...] = (
-            self._keys,
-            self._offsets,
-            self._slots,
-            self._owners,
-            self._lines,
-            self._groups,
-            self._group_offsets,
-        )
-        return sum(memoryview(buffer).nbytes for buffer in buffers)
+        return sum(memoryview(buffer).nbytes for buffer in self._buffers())
 
     def key_at(self, entry: int) -> str:
         """The key of entry number ``entry`` (0 to len - 1, in file order)."""
@@ -342,13 +335,11 @@ class ReverseIndex:
 
     def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
         wrap = pickle.PickleBuffer if isinstance(protocol, int) and protocol >= 5 else bytes
-        arrays: tuple[Any, ...] = (
-            self._group_starts,
-            self._groups,
-            self._entry_starts,
-            self._entries,
-        )
-        return (_restore_reverse, (self._names, tuple(wrap(buffer) for buffer in arrays)))
+        arrays = tuple(wrap(buffer) for buffer in self._arrays())
+        return (_restore_reverse, (self._names, arrays))
+
+    def _arrays(self) -> tuple[Any, ...]:
+        return (self._group_starts, self._groups, self._entry_starts, self._entries)
 
     def entries_of(self, owner: str) -> list[int]:
         """The numbers of the entries that list ``owner`` (folded), in file order."""
@@ -395,13 +386,8 @@ class ReverseIndex:
 
     def nbytes(self) -> int:
         """The index's own buffers, in bytes (bench/senders_index.py reports it)."""
-        arrays: tuple[Any, ...] = (
-            self._group_starts,
-            self._groups,
-            self._entry_starts,
-            self._entries,
-        )
-        return self._names.nbytes() + sum(memoryview(buffer).nbytes for buffer in arrays)
+        own = sum(memoryview(buffer).nbytes for buffer in self._arrays())
+        return self._names.nbytes() + own
 
 
 def _restore_reverse(names: PackedTable, buffers: tuple[bytes | bytearray, ...]) -> ReverseIndex:

@@ -47,6 +47,8 @@ _CHECKS_PER_TURN = 100
 
 # Classes in the order they are shown, with their JSON names.
 CLASSES = ("exact", "domains", "patterns", "everything", "denied")
+#: Every field of the JSON shape, in order (README "policyd senders", the OpenAPI schema).
+FIELDS = ("version", "login", "names", "mode", "complete", "incomplete", *CLASSES, "notes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,7 @@ class Listing:
         return not self.incomplete
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        shown: dict[str, Any] = {
             "version": SCHEMA_VERSION,
             "login": self.login,
             "names": list(self.names),
@@ -109,6 +111,7 @@ class Listing:
             **{name: [item.to_json() for item in getattr(self, name)] for name in CLASSES},
             "notes": list(self.notes),
         }
+        return {name: shown[name] for name in FIELDS}
 
 
 class SendersUnavailable(StoreUnavailable):

@@ -20,7 +20,7 @@ from policyd.http import HttpServer
 from policyd.metrics import Metrics
 from policyd.model import LoadError
 from policyd.service import Service
-from tests.helpers import ROOT
+from tests.helpers import ROOT, http_get
 
 TOKEN = "s3cret-token-for-tests"
 LOGIN = "user1@localhost.localdomain"
@@ -58,16 +58,8 @@ async def serve(api: SendersApi | None) -> HttpServer:
 async def get(
     server: HttpServer, target: str, token: str | None = TOKEN, method: str = "GET"
 ) -> tuple[str, dict[str, str], bytes]:
-    host, port = server.address.removeprefix("inet:").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    auth = f"Authorization: Bearer {token}\r\n" if token is not None else ""
-    writer.write(f"{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
-    response = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    await writer.wait_closed()
-    head, _, body = response.partition(b"\r\n\r\n")
-    status, *lines = head.decode().split("\r\n")
-    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
+    auth = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    status, headers, body = await http_get(server.address, target, method, auth)
     return status.removeprefix("HTTP/1.1 "), headers, body
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from policyd.api import openapi
 from policyd.cli import main
-from policyd.config import Settings
 from policyd.engine import Policy
 from policyd.model import Hit, StoreUnavailable
 from policyd.senders import CLASSES, Listing, SendersUnavailable, as_text, list_senders
@@ -358,20 +359,16 @@ async def test_a_store_that_cannot_answer_is_an_error_not_a_short_list() -> None
 
 
 def test_the_json_shape_is_the_documented_one() -> None:
-    """The fields README "policyd senders" documents, and no others."""
+    """The fields of `senders --json`, of the OpenAPI schema and of the README's table are
+    the same, in the same order."""
     listing = Listing("a@b", ("a@b",), "authenticated").to_json()
-    assert list(listing) == [
-        "version",
-        "login",
-        "names",
-        "mode",
-        "complete",
-        "incomplete",
-        "exact",
-        "domains",
-        "patterns",
-        "everything",
-        "denied",
-        "notes",
+    schema = openapi()["components"]["schemas"]["Listing"]
+    assert list(listing) == schema["required"] == list(schema["properties"])
+    readme = (ROOT / "README.md").read_text().split("`--json` prints the same listing", 1)[1]
+    table = readme.split("\n\n", 2)[1]
+    documented = [
+        name
+        for cell in re.findall(r"^\| ([^|]+) \|", table, re.MULTILINE)
+        for name in re.findall(r"`([a-z]+)`", cell)
     ]
-    assert Settings.model_fields["senders_api"].default is False
+    assert documented == list(listing)
