@@ -124,6 +124,15 @@ def _store(
             findings += _texthash_file(store.path)
             findings += _catch_alls(table)
             _count(table, counts)
+    else:
+        findings.append(
+            Finding(
+                Severity.INFO,
+                "not_audited",
+                store.name,
+                "audit reads only file maps (dms, texthash, pcre, regexp): review this one by hand",
+            )
+        )
     return findings
 
 

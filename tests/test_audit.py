@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from policyd.audit import Finding, Severity, audit
 from policyd.cli import main
+from policyd.engine import Policy
+from policyd.service import Service
+from policyd.stores.base import Answer, Store, StoreContext
 from tests.conftest import DATA
 from tests.helpers import ROOT
 
@@ -94,3 +100,26 @@ def test_a_map_that_does_not_load_is_a_configuration_error(
     (tmp_path / "bad").write_text("key-without-value\n")
     assert main(["audit", f"--map=texthash:{tmp_path / 'bad'}"]) == 78
     assert f"{tmp_path / 'bad'}:1: expected format: key whitespace value" in capsys.readouterr().err
+
+
+class Elsewhere(Store):
+    """A store whose entries live on a server: audit cannot read them."""
+
+    @classmethod
+    def from_options(cls, options: Any, context: StoreContext) -> Store:
+        raise NotImplementedError
+
+    def lookup(self, keys: Sequence[str]) -> Answer:
+        return None
+
+
+def test_a_store_audit_cannot_read_is_named_not_skipped() -> None:
+    service = Service(Policy(), [Elsewhere("ldap:/etc/postfix/ldap-senders.cf", StoreContext())])
+    assert audit(service, max_senders=100) == [
+        Finding(
+            Severity.INFO,
+            "not_audited",
+            "ldap:/etc/postfix/ldap-senders.cf",
+            "audit reads only file maps (dms, texthash, pcre, regexp): review this one by hand",
+        )
+    ]

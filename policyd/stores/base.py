@@ -21,13 +21,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
 from policyd import defaults
 from policyd.model import Entry, Hit, Problem
-from policyd.tables import PatternRule
+
+if TYPE_CHECKING:
+    from policyd.tables import PatternRule
 
 #: What a store's lookup gives: the answer now, or something to await for it.
 Answer: TypeAlias = Hit | Awaitable[Hit | None] | None
