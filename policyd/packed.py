@@ -106,7 +106,12 @@ class PackedTable:
 
     def reverse(self) -> ReverseIndex:
         """The index from owner to the entries that list it (built once, at load)."""
-        return ReverseIndex.build(self._owners, self.groups, self.group)
+        offsets, data = self._group_offsets, self._groups
+        return ReverseIndex.build(
+            self._owners,
+            self.groups,
+            lambda number: bytes(data[offsets[number] : offsets[number + 1]]),
+        )
 
     def get(self, key: str) -> tuple[tuple[str, ...], int] | None:
         """(owners, line) for ``key``, or None."""
@@ -299,32 +304,36 @@ class ReverseIndex:
 
     @classmethod
     def build(
-        cls, owners: Sequence[int], group_count: int, group: Callable[[int], tuple[str, ...]]
+        cls, owners: Sequence[int], group_count: int, group: Callable[[int], bytes]
     ) -> ReverseIndex:
-        """From each entry's owner group number and the groups' owner lists."""
-        # Entries by group: a counting sort, at C speed but for one pass.
-        counts = array("I", bytes(4 * (group_count + 1)))
-        for number in owners:
-            counts[number + 1] += 1
-        entry_starts = array("I", accumulate(counts))
-        fill = array("I", entry_starts)
-        entries = array("I", bytes(4 * len(owners)))
-        for entry, number in enumerate(owners):
-            entries[fill[number]] = entry
-            fill[number] += 1
-        # Groups by owner.
-        by_owner: defaultdict[str, list[int]] = defaultdict(list)
+        """From each entry's owner group number and each group's comma-joined owners.
+
+        Built in the process that parses big files, beside the table: it keeps few Python
+        objects alive at once (one per distinct owner), so that process's peak grows by
+        little more than the index itself.
+        """
+        entry_starts, entries = _by_key(owners, group_count)
+        numbers: dict[bytes, int] = {}  # owner -> its number, in order of first appearance
+        pair_owners = array("I")
+        pair_groups = array("I")
         for number in range(group_count):
-            for owner in group(number):
-                by_owner[owner].append(number)
-        names = PackedTableBuilder(len(by_owner))
-        keys = [encode(owner) for owner in by_owner]
-        names.add_many(keys, [b""] * len(keys), list(range(len(keys))))
-        group_starts = array("I", [0])
-        groups = array("I")
-        for numbers in by_owner.values():
-            groups.extend(numbers)
-            group_starts.append(len(groups))
+            text = group(number)
+            if not text:
+                continue
+            for owner in text.split(b","):
+                pair_owners.append(numbers.setdefault(owner, len(numbers)))
+                pair_groups.append(number)
+        keys = list(numbers)
+        del numbers
+        owner_count = len(keys)
+        names = PackedTableBuilder(owner_count)
+        names.add_many(keys, [b""] * owner_count, list(range(owner_count)))
+        del keys
+        group_starts, order = _by_key(pair_owners, owner_count)
+        del pair_owners
+        groups = array("I", bytes(4 * len(order)))
+        for position, pair in enumerate(order):
+            groups[position] = pair_groups[pair]
         return cls(
             names=names.build(),
             group_starts=group_starts,
@@ -388,6 +397,21 @@ class ReverseIndex:
         """The index's own buffers, in bytes (bench/senders_index.py reports it)."""
         own = sum(memoryview(buffer).nbytes for buffer in self._arrays())
         return self._names.nbytes() + own
+
+
+def _by_key(keys: Sequence[int], count: int) -> tuple[array[int], array[int]]:
+    """A counting sort: for keys in 0..count-1, the start of each key's run (count + 1
+    numbers) and the positions of ``keys`` ordered by key (in order within a key)."""
+    counts = array("I", bytes(4 * (count + 1)))
+    for key in keys:
+        counts[key + 1] += 1
+    starts = array("I", accumulate(counts))
+    fill = array("I", starts)
+    order = array("I", bytes(4 * len(keys)))
+    for position, key in enumerate(keys):
+        order[fill[key]] = position
+        fill[key] += 1
+    return starts, order
 
 
 def _restore_reverse(names: PackedTable, buffers: tuple[bytes | bytearray, ...]) -> ReverseIndex:
