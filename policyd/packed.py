@@ -320,7 +320,7 @@ class ReverseIndex:
             text = group(number)
             if not text:
                 continue
-            for owner in text.split(b","):
+            for owner in dict.fromkeys(text.split(b",")):  # "a,a" lists a once
                 pair_owners.append(numbers.setdefault(owner, len(numbers)))
                 pair_groups.append(number)
         keys = list(numbers)
@@ -365,7 +365,7 @@ class ReverseIndex:
         for position in range(len(names)):
             if test(names.key_at(position)):
                 listed += self._entries_of_number(position)
-        return sorted(listed)
+        return sorted(set(listed))  # an entry may list several of them
 
     def _entries_of_number(self, number: int) -> list[int]:
         listed: list[int] = []
