@@ -23,7 +23,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && "$VIRTUAL_ENV/bin/pip" install -r requirements.txt
 
 # Then the project itself, as a wheel, without touching the dependencies again.
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY policyd/ policyd/
 RUN --mount=type=cache,target=/root/.cache/pip \
     "$VIRTUAL_ENV/bin/pip" wheel --no-deps --wheel-dir dist . \

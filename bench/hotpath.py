@@ -49,6 +49,9 @@ class DiscardingTransport(asyncio.Transport):
     def is_reading(self) -> bool:
         return True  # nothing is ever left unanswered, so the connection never pauses
 
+    def is_closing(self) -> bool:
+        return False  # the client never goes away
+
     def get_write_buffer_size(self) -> int:
         return 0
 

@@ -51,12 +51,6 @@ TRICKS = (
         "    for name in ATTRIBUTES:\n        request.get(name)\n    return request\n",
     ),
     Trick(
-        "decision log text kept per (decision, login, sender)",
-        "logs.py",
-        "        known = self._middles.get(key)\n",
-        "        known = None\n",
-    ),
-    Trick(
         "pattern rules indexed by the domain they end in",
         "tables.py",
         '        if all(rule.kind == "match" for rule in rules):',

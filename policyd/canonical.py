@@ -28,7 +28,7 @@ class PostfixParams:
     mail_params.c do, and with them ``append_dot_mydomain`` and ``smtputf8_enable``, which depend
     on ``compatibility_level``. The fields hold effective, expanded values: ``mydestination`` is a
     list of domain names (no ``$name``, no tables), ``inet_interfaces`` and ``proxy_interfaces``
-    are IP addresses.
+    are IP addresses, ``inet_protocols`` the families ``ipv4`` and ``ipv6`` (``all`` is both).
     """
 
     myhostname: str
@@ -39,6 +39,7 @@ class PostfixParams:
     # host's interfaces, so the addresses must be listed.
     inet_interfaces: tuple[str, ...] = ()
     proxy_interfaces: tuple[str, ...] = ()
+    inet_protocols: tuple[str, ...] = ("ipv4", "ipv6")  # Postfix's default: all
     append_at_myorigin: bool = True
     append_dot_mydomain: bool = True  # "yes" below compatibility_level 1, "no" from 1 on
     swap_bangpath: bool = True
@@ -54,6 +55,9 @@ class PostfixParams:
     def __post_init__(self) -> None:
         for address in (*self.inet_interfaces, *self.proxy_interfaces):
             ipaddress.ip_address(address)  # ValueError now, not at the first address literal
+        unknown = set(self.inet_protocols) - {"ipv4", "ipv6"}
+        if unknown:
+            raise ValueError(f"inet_protocols: not ipv4 or ipv6: {', '.join(sorted(unknown))}")
 
     @classmethod
     def for_host(
@@ -401,7 +405,10 @@ def _ipv4(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(".".join(map(str, values)))
 
 
-def _literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _literal_address(domain: str) -> _Address | None:
     """The address of ``[ADDRESS]`` or ``[IPv6:ADDRESS]`` (global/valid_mailhost_addr.c L79-86)."""
     if len(domain) < 2 or domain[0] != "[" or domain[-1] != "]":
         return None
@@ -417,14 +424,36 @@ def _literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
         return None
 
 
+def _in_family(address: _Address, protocols: tuple[str, ...]) -> _Address | None:
+    """The address getaddrinfo() gives for a numeric host in the family of $inet_protocols.
+
+    hostaddr_to_sockaddr() asks with ai_family from inet_protocols (util/myaddrinfo.c L555,
+    L580): PF_INET for ipv4 alone, PF_INET6 for ipv6 alone, PF_UNSPEC for both or none
+    (util/inet_proto.c L229-256). The C library answers PF_INET with the IPv4 address of an
+    IPv4-mapped IPv6 address (``::ffff:127.0.0.1`` is 127.0.0.1) and fails other IPv6 ones;
+    PF_INET6 fails IPv4 addresses; PF_UNSPEC keeps each family. Own addresses are read the same
+    way (inet_addr_host(), own_inet_addr.c L147, L243), and compared within a family
+    (sock_addr_cmp_addr()), so an IPv6 address is never equal to an IPv4 one.
+    """
+    families = set(protocols)
+    if families == {"ipv4"}:
+        if isinstance(address, ipaddress.IPv6Address):
+            return address.ipv4_mapped
+        return address
+    if families == {"ipv6"} and isinstance(address, ipaddress.IPv4Address):
+        return None
+    return address
+
+
 def is_local_domain(domain: str, params: PostfixParams) -> bool:
     """resolve_local(): is ``domain`` this Postfix's own? (global/resolve_local.c L78-169).
 
     One trailing dot is dropped, not two (L107-113). Then the domain is compared, folded,
     with each $mydestination entry, exactly: no parent-domain matching (string_list, L119).
-    Last, an address literal ``[ADDRESS]`` is local when ADDRESS is one of
-    $inet_interfaces or $proxy_interfaces (L155-163). $myhostname and localhost are local only
-    through $mydestination.
+    Last, an address literal ``[ADDRESS]`` is local when ADDRESS, read in the family of
+    $inet_protocols (:func:`_in_family`), is one of $inet_interfaces or $proxy_interfaces
+    (L155-163). Without any protocol Postfix has no own address (own_inet_addr.c L100).
+    $myhostname and localhost are local only through $mydestination.
     """
     if domain.endswith("."):
         domain = domain[:-1]
@@ -435,10 +464,15 @@ def is_local_domain(domain: str, params: PostfixParams) -> bool:
     if any(folded == fold(entry, utf8) for entry in params.mydestination):
         return True
     literal = _literal_address(domain)
-    if literal is None:
+    if literal is None or not params.inet_protocols:
+        return False
+    address = _in_family(literal, params.inet_protocols)
+    if address is None:
         return False
     own = (*params.inet_interfaces, *params.proxy_interfaces)
-    return any(literal == ipaddress.ip_address(address) for address in own)
+    return any(
+        address == _in_family(ipaddress.ip_address(item), params.inet_protocols) for item in own
+    )
 
 
 def _crack_open(tokens: list[_Token], params: PostfixParams) -> str | None:

@@ -1,8 +1,10 @@
 """The `policyd` command: serve, check, validate, senders and audit. Thin: each calls what the
 daemon uses.
 
-Exit codes: 0 success (check: permitted or not checked), 1 check: rejected, 75 check: temporary
-failure, 78 configuration or map error (systemd's RestartPreventExitStatus can use it).
+Exit codes (README "Exit codes"): 0 success (check: permitted or not checked), 1 check:
+rejected, 64 usage error (an unknown flag, a missing argument), 70 internal error (a bug: a
+traceback is printed), 75 check: temporary failure, 78 configuration or map error. They are
+sysexits.h's, so systemd's RestartPreventExitStatus can name the ones a restart cannot fix.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import json
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from policyd import __version__, audit, senders, stores
 from policyd.audit import Severity
@@ -28,31 +31,67 @@ from policyd.model import LoadError, Mode, StoreUnavailable
 from policyd.service import Service
 from policyd.sockets import ListenError
 
+EXIT_OK = 0
 EXIT_REJECT = 1
-EXIT_FINDINGS = 1  # audit: a finding at or above --fail-on
-EXIT_TEMPFAIL = 75
-EXIT_CONFIG = 78
+EXIT_USAGE = 64  # EX_USAGE
+EXIT_SOFTWARE = 70  # EX_SOFTWARE
+EXIT_FINDINGS = EXIT_REJECT  # audit: a finding at or above --fail-on
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL
+EXIT_CONFIG = 78  # EX_CONFIG
+
+# What each exit code means, as the README's "Exit codes" table says it.
+EXIT_CODES = {
+    EXIT_OK: "success; check: the sender is permitted, or not checked",
+    EXIT_REJECT: (
+        "check: the sender is rejected; audit: a finding at or above --fail-on;"
+        " serve: a second SIGTERM cut the shutdown short"
+    ),
+    EXIT_USAGE: "usage error: an unknown command or flag, a missing or extra argument",
+    EXIT_SOFTWARE: "internal error (a bug): the traceback is printed",
+    EXIT_TEMPFAIL: "check, senders: temporary failure (a map could not answer)",
+    EXIT_CONFIG: "configuration error: settings, maps, rules files or listen addresses",
+}
 
 log = logging.getLogger("policyd")
 
 T = TypeVar("T")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error exits with EXIT_USAGE (argparse's own is 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="policyd",
         description="Postfix policy daemon: may this SASL login use this envelope sender?",
+        epilog="exit codes:\n"
+        + "".join(f"  {code:<3} {what}\n" for code, what in EXIT_CODES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"policyd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser
+    )
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="TOML settings file (or POLICYD_CONFIG)")
     common.add_argument(
         "--listen",
         action="append",
         metavar="ENDPOINT",
-        help="inet:HOST:PORT or unix:PATH; repeat for several (default inet:127.0.0.1:10040)",
+        help="inet:HOST:PORT, HOST:PORT or unix:PATH; repeat for several"
+        " (default inet:127.0.0.1:10040)",
+    )
+    common.add_argument(
+        "--metrics-listen",
+        metavar="ENDPOINT",
+        help="where /metrics, /healthz and /readyz are served, or none"
+        " (default inet:127.0.0.1:10041)",
     )
     common.add_argument(
         "--map",
@@ -61,18 +100,65 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TYPE:LOCATION",
         help=f"{stores.map_types_help()}; repeat, searched in order",
     )
-    common.add_argument("--mode", choices=[mode.value for mode in Mode])
+    common.add_argument(
+        "--mode",
+        choices=[mode.value for mode in Mode],
+        help="the Postfix restriction to reproduce (default authenticated;"
+        " permit: a dry run that only logs)",
+    )
     rules = common.add_argument_group("ownership rules (README: Ownership rules)")
-    rules.add_argument("--plus-addresses", action="store_const", const=True)
-    rules.add_argument("--catch-all", action="store_const", const=True)
-    rules.add_argument("--nested-aliases", action="store_const", const=True)
-    rules.add_argument("--ignore-external-targets", action="store_const", const=True)
+    rules.add_argument(
+        "--plus-addresses",
+        action="store_const",
+        const=True,
+        help="user+tag@ is owned by whoever may use user@",
+    )
+    rules.add_argument(
+        "--catch-all",
+        action="store_const",
+        const=True,
+        help="the owner of @domain may use its addresses that have no entry of their own",
+    )
+    rules.add_argument(
+        "--nested-aliases",
+        action="store_const",
+        const=True,
+        help="follow alias chains (alias -> alias -> account)",
+    )
+    rules.add_argument(
+        "--ignore-external-targets",
+        action="store_const",
+        const=True,
+        help="only accounts own aliases (needs a dms map)",
+    )
     rules.add_argument("--grants", type=Path, metavar="FILE", help="send-only grants file")
-    rules.add_argument("--deny", type=Path, metavar="FILE", help="deny file")
-    rules.add_argument("--alias-logins", choices=["allow", "account", "refuse"])
-    rules.add_argument("--scope-port", dest="scope_ports", action="append", metavar="PORT")
-    rules.add_argument("--scope-context", dest="scope_contexts", action="append", metavar="NAME")
-    rules.add_argument("--exempt-network", dest="exempt_networks", action="append", metavar="CIDR")
+    rules.add_argument("--deny", type=Path, metavar="FILE", help="denied senders and logins")
+    rules.add_argument(
+        "--alias-logins",
+        choices=["allow", "account", "refuse"],
+        help="what a login that is an alias may do (needs a dms map; default allow)",
+    )
+    rules.add_argument(
+        "--scope-port",
+        dest="scope_ports",
+        action="append",
+        metavar="PORT",
+        help="only check requests to this server_port; repeat for several",
+    )
+    rules.add_argument(
+        "--scope-context",
+        dest="scope_contexts",
+        action="append",
+        metavar="NAME",
+        help="only check requests with this policy_context; repeat for several",
+    )
+    rules.add_argument(
+        "--exempt-network",
+        dest="exempt_networks",
+        action="append",
+        metavar="CIDR",
+        help="never check clients in this network; repeat for several",
+    )
 
     commands.add_parser("serve", parents=[common], help="run the policy daemon")
     check = commands.add_parser(
@@ -83,9 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("sender", metavar="SENDER", help='envelope sender; "" for the null sender')
     request = check.add_argument_group("request attributes, as Postfix would send them")
-    request.add_argument("--server-port", default="", metavar="PORT")
-    request.add_argument("--policy-context", default="", metavar="NAME")
-    request.add_argument("--client-address", default="", metavar="IP")
+    request.add_argument(
+        "--server-port", default="", metavar="PORT", help="the port the client connected to"
+    )
+    request.add_argument(
+        "--policy-context", default="", metavar="NAME", help="check_policy_service's policy_context"
+    )
+    request.add_argument(
+        "--client-address", default="", metavar="IP", help="the SMTP client's address"
+    )
     commands.add_parser("validate", parents=[common], help="load the settings and maps, report")
     senders = commands.add_parser(
         "senders", parents=[common], help="list every sender LOGIN may use, and why"
@@ -106,9 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return guarded(lambda: _run(args, flag_names(parser)))
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run ``command``; an exception nobody expected is a bug: its traceback, and exit 70."""
     try:
-        settings = _settings(args)
+        return command()
+    except Exception:
+        traceback.print_exc()
+        print("policyd: internal error (a bug): please report the traceback above", file=sys.stderr)
+        return EXIT_SOFTWARE
+
+
+def _run(args: argparse.Namespace, names: dict[str, str]) -> int:
+    try:
+        settings = _settings(args, names)
     except ConfigError as error:
         for problem in error.problems:
             print(f"policyd: {problem}", file=sys.stderr)
@@ -130,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Command-line flags that are settings (the rest are commands and request attributes).
 FLAG_SETTINGS = (
     "listen",
+    "metrics_listen",
     "maps",
     "mode",
     "plus_addresses",
@@ -145,9 +253,29 @@ FLAG_SETTINGS = (
 )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each setting's flag as the user types it: maps is --map, exempt_networks
+    --exempt-network."""
+    found: dict[str, str] = {}
+    for action in _actions(parser):
+        if action.dest in FLAG_SETTINGS and action.option_strings:
+            found.setdefault(action.dest, action.option_strings[0])
+    return found
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every action of the parser and of its subcommands' parsers."""
+    found = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += _actions(sub)
+    return found
+
+
+def _settings(args: argparse.Namespace, names: dict[str, str] | None = None) -> Settings:
     flags: dict[str, Any] = {name: getattr(args, name) for name in FLAG_SETTINGS}
-    return load_settings(args.config, flags=flags)
+    return load_settings(args.config, flags=flags, flag_names=names)
 
 
 def _print_load_error(error: LoadError) -> None:
@@ -274,7 +402,7 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
                 f" senders, {len(rules.login_denies)} denied logins"
             )
         else:
-            print(f"map {status.name}: {status.entries} entries")
+            print(f"map {status.name}: {status.counted}")
         for warning in status.warnings:
             print(f"policyd: warning: {warning}", file=sys.stderr)
     bare = [status for status in service.statuses() if status.bare_keys]

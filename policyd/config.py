@@ -7,20 +7,24 @@ a traceback.
 
 from __future__ import annotations
 
+import difflib
 import grp
 import json
 import os
 import pwd
 import re
+import shlex
 import socket
 import tomllib
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     IPvAnyAddress,
@@ -33,6 +37,7 @@ from pydantic import (
 from policyd import defaults, stores
 from policyd.canonical import PostfixParams, compat_level, expand
 from policyd.model import Mode
+from policyd.readfile import LineTooLong, read_regular
 from policyd.stores.base import StoreOptions
 
 ENV_PREFIX = "POLICYD_"
@@ -66,17 +71,25 @@ class Endpoint(Strict):
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
+        """``inet:HOST:PORT``, ``unix:PATH`` (or Postfix's ``local:PATH``), and ``HOST:PORT``
+        as the docs and Postfix's master.cf write an inet address."""
         kind, _, rest = text.partition(":")
         if kind in ("unix", "local") and rest:
             return cls(kind="unix", path=rest)
-        if kind == "inet":
-            match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", rest)
-            if match:
-                host = match.group(1) or match.group(3) or ""
-                port = int(match.group(2) or match.group(4))
-                if port <= 65535:
-                    return cls(kind="inet", host=host, port=port)
-        raise ValueError(f"{text!r} is not inet:HOST:PORT or unix:PATH")
+        address = rest if kind == "inet" else text
+        match = _INET.fullmatch(address)
+        if match is None:
+            raise ValueError(f"{text!r} is not inet:HOST:PORT, HOST:PORT or unix:PATH")
+        host = match.group(1) or match.group(3) or ""
+        port = int(match.group(2) or match.group(4))
+        if port > MAX_PORT:
+            raise ValueError(f"{text!r}: port {port} is out of range (0 to {MAX_PORT})")
+        return cls(kind="inet", host=host, port=port)
+
+
+MAX_PORT = 65535
+# [IPV6]:PORT, or HOST:PORT with a host that has no colon (a name or an IPv4 address).
+_INET = re.compile(r"\[([^\]]+)\]:(\d+)|([^:\[\]/]*):(\d+)")
 
 
 # The options of one map: the registered backends' Options models, told apart by ``type``.
@@ -84,6 +97,16 @@ if TYPE_CHECKING:
     MapOptions = StoreOptions
 else:
     MapOptions = Annotated[Union[stores.options_models()], Field(discriminator="type")]  # noqa: UP007
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= MAX_PORT:
+        raise ValueError(f"port {value} is out of range (0 to {MAX_PORT})")
+    return value
+
+
+def _endpoint(value: Any) -> Any:
+    return Endpoint.parse(value) if isinstance(value, str) else value
 
 
 def parse_map(value: Any) -> Any:
@@ -96,8 +119,19 @@ def parse_map(value: Any) -> Any:
         if kind not in backends:
             raise ValueError(f"unknown map type {kind!r} (known: {', '.join(backends)})")
         return {"type": kind, backends[kind][1].location: location}
+    if isinstance(value, dict) and "type" not in value:
+        raise ValueError(f"a map table needs type (one of: {', '.join(stores.backends())})")
+    if not isinstance(value, dict):
+        raise ValueError("not TYPE:LOCATION nor a table with type, e.g. dms:/tmp/docker-mailserver")
     return value
 
+
+# One list item each, so that an error names the item: maps[1], --map VALUE.
+ListenEndpoint = Annotated[Endpoint, BeforeValidator(_endpoint)]
+MapSpec = Annotated[MapOptions, BeforeValidator(parse_map)]
+
+InetProtocol = Literal["all", "ipv4", "ipv6"]
+_ALL_PROTOCOLS: InetProtocol = "all"  # Postfix's default inet_protocols
 
 _DEFER = re.compile(r"(4\d\d|DEFER|DEFER_IF_PERMIT|DEFER_IF_REJECT)(\s.*)?", re.IGNORECASE)
 
@@ -105,11 +139,11 @@ _DEFER = re.compile(r"(4\d\d|DEFER|DEFER_IF_PERMIT|DEFER_IF_REJECT)(\s.*)?", re.
 class Settings(Strict):
     """Every setting. The README's configuration reference documents each one."""
 
-    listen: list[Endpoint] = Field(
+    listen: list[ListenEndpoint] = Field(
         default_factory=lambda: [Endpoint.parse(e) for e in defaults.LISTEN], min_length=1
     )
-    maps: list[MapOptions] = Field(default_factory=list, validate_default=True)
-    login_addresses: list[MapOptions] = Field(default_factory=list)
+    maps: list[MapSpec] = Field(default_factory=list, validate_default=True)
+    login_addresses: list[MapSpec] = Field(default_factory=list)
     mode: Mode = Mode.AUTHENTICATED
     owned_action: Literal["OK", "DUNNO"] = defaults.OWNED_ACTION
     tempfail_action: str = defaults.TEMPFAIL_ACTION
@@ -123,6 +157,7 @@ class Settings(Strict):
     local_domains: list[str] | None = None
     inet_interfaces: list[IPvAnyAddress] = Field(default_factory=list)
     proxy_interfaces: list[IPvAnyAddress] = Field(default_factory=list)
+    inet_protocols: list[InetProtocol] = Field(default_factory=lambda: [_ALL_PROTOCOLS])
     compatibility_level: str = defaults.COMPATIBILITY_LEVEL
     append_at_myorigin: bool = True
     append_dot_mydomain: bool | None = None  # None: as compatibility_level says
@@ -163,7 +198,7 @@ class Settings(Strict):
     grants: Path | None = None
     deny: Path | None = None
     alias_logins: Literal["allow", "account", "refuse"] = "allow"
-    scope_ports: list[Annotated[int, Field(ge=0, le=65535)]] = Field(default_factory=list)
+    scope_ports: list[Annotated[int, AfterValidator(_port)]] = Field(default_factory=list)
     scope_contexts: list[str] = Field(default_factory=list)
     exempt_networks: list[IPvAnyNetwork] = Field(default_factory=list)
 
@@ -174,26 +209,12 @@ class Settings(Strict):
     senders_api_burst: int = Field(default=defaults.SENDERS_API_BURST, ge=1)
     audit_max_senders: int = Field(default=defaults.AUDIT_MAX_SENDERS, ge=1)
 
-    @field_validator("listen", mode="before")
-    @classmethod
-    def _endpoints(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [Endpoint.parse(item) if isinstance(item, str) else item for item in value]
-        return value
-
     @field_validator("metrics_listen", mode="before")
     @classmethod
     def _metrics_endpoint(cls, value: Any) -> Any:
         if value in ("", "none", None):
             return None  # metrics and health endpoints switched off
         return Endpoint.parse(value) if isinstance(value, str) else value
-
-    @field_validator("maps", "login_addresses", mode="before")
-    @classmethod
-    def _maps(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [parse_map(item) for item in value]
-        return value
 
     @field_validator("maps")
     @classmethod
@@ -287,6 +308,11 @@ class Settings(Strict):
             mydestination=mydestination,
             inet_interfaces=tuple(str(address) for address in self.inet_interfaces),
             proxy_interfaces=tuple(str(address) for address in self.proxy_interfaces),
+            inet_protocols=tuple(
+                family
+                for family in ("ipv4", "ipv6")
+                if family in self.inet_protocols or "all" in self.inet_protocols
+            ),
             append_at_myorigin=self.append_at_myorigin,
             append_dot_mydomain=(
                 base.append_dot_mydomain
@@ -347,6 +373,7 @@ _LIST_SETTINGS = {
     "mydestination",
     "inet_interfaces",
     "proxy_interfaces",
+    "inet_protocols",
     "scope_ports",
     "scope_contexts",
     "exempt_networks",
@@ -372,7 +399,8 @@ def settings_from_environment(environ: Mapping[str, str]) -> dict[str, tuple[Any
         value: Any = raw
         if name in _LIST_SETTINGS:
             text = raw.strip()
-            if text.startswith("["):
+            # A JSON array; not "[::1]:10040,...", an IPv6 endpoint at the start of a list.
+            if text.startswith("[") and text.endswith("]"):
                 try:
                     value = json.loads(text)
                 except json.JSONDecodeError as error:
@@ -383,15 +411,121 @@ def settings_from_environment(environ: Mapping[str, str]) -> dict[str, tuple[Any
     return found
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TomlFile:
+    """A settings file: its path, its text (to find the line of a key) and its settings."""
+
+    path: Path
+    text: str
+    settings: dict[str, Any]
+
+    def line_of(self, location: Sequence[str | int]) -> int | None:
+        """The line where the setting at ``location`` (a name, then list indexes and option
+        names) is written, or None if it cannot be told. tomllib keeps no positions, so the
+        text is searched: the setting's own line, then the last option name after it."""
+        roots = _root_keys(self.text)
+        name, rest = location[0], location[1:]
+        own = [(number, header) for number, key, header in roots if key == name]
+        if not own:
+            return None
+        start, header = own[0]
+        lines = self.text.splitlines()
+        end = next((number for number, _, _ in roots if number > start), len(lines) + 1)
+        if rest and isinstance(rest[0], int):
+            if header and rest[0] < len(own):  # [[maps]]: the index-th table of the array
+                start = own[rest[0]][0]
+                end = next((number for number, _, _ in roots if number > start), len(lines) + 1)
+            elif not header:  # maps = [..., {...}]: the line where the index-th item starts
+                items = _item_lines(lines, start)
+                if rest[0] < len(items):
+                    start = items[rest[0]]
+                    end = items[rest[0] + 1] + 1 if rest[0] + 1 < len(items) else end
+        options = [part for part in rest if isinstance(part, str)]
+        if options:
+            option = re.compile(rf"(?<![\w.\"'-])[\"']?{re.escape(options[-1])}[\"']?\s*=")
+            for number in range(start, min(end, len(lines) + 1)):
+                if option.search(lines[number - 1]):
+                    return number
+        return start
+
+
+def _item_lines(lines: list[str], start: int) -> list[int]:
+    """The line each item of the array assigned on line ``start`` begins on, following
+    brackets, braces, strings and comments."""
+    items: list[int] = []
+    depth = 0
+    for number in range(start, len(lines) + 1):
+        line = lines[number - 1]
+        position = line.index("=") + 1 if number == start and "=" in line else 0
+        while position < len(line):
+            char = line[position]
+            if char == "#":
+                break
+            if char in "\"'":
+                # A string on one line; its end is the next unescaped quote of its kind.
+                close = position + 1
+                while close < len(line) and line[close] != char:
+                    close += 2 if char == '"' and line[close] == "\\" else 1
+                if depth == 1:
+                    items.append(number)
+                position = close + 1
+                continue
+            if depth == 1 and char not in " \t,]":
+                items.append(number)
+            if char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    return items
+            elif depth == 1 and char not in " \t,":
+                # A bare value (a number, true): skip to the next separator.
+                while position + 1 < len(line) and line[position + 1] not in " \t,]#":
+                    position += 1
+            position += 1
+    return items
+
+
+# A key at the top of a TOML file (`name = ...`, `"name" = ...`, `name.x = ...`) or a table
+# header (`[name]`, `[[name]]`).
+_ROOT_KEY = re.compile(r"""\s*["']?([A-Za-z0-9_-]+)["']?\s*(?:=|\.)""")
+_HEADER = re.compile(r"""\s*\[\[?\s*["']?([A-Za-z0-9_-]+)""")
+
+
+def _root_keys(text: str) -> list[tuple[int, str, bool]]:
+    """(line, name, is a table header) of each top-level setting, in order."""
+    found: list[tuple[int, str, bool]] = []
+    in_table = False
+    depth = 0  # brackets and braces still open: lines inside a value are not keys
+    for number, line in enumerate(text.splitlines(), start=1):
+        if depth == 0 and (header := _HEADER.match(line)):
+            in_table = True
+            found.append((number, header.group(1), True))
+        elif depth == 0 and not in_table and (key := _ROOT_KEY.match(line)):
+            found.append((number, key.group(1), False))
+        if not (depth == 0 and header):
+            code = _STRING_OR_COMMENT.sub("", line)
+            depth = max(0, depth + code.count("[") + code.count("{"))
+            depth = max(0, depth - code.count("]") - code.count("}"))
+    return found
+
+
+_STRING_OR_COMMENT = re.compile(r""""(?:[^"\\]|\\.)*"|'[^']*'|#.*""")
+
+
+def read_toml(path: Path) -> TomlFile:
+    """Read and parse a settings file; only a regular file (a FIFO or /dev/urandom named by
+    mistake would otherwise block or fill the memory)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")
     except OSError as error:
-        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
+    except LineTooLong as error:
+        raise ConfigError([f"{path}:{error.line}: {error}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
     try:
-        return tomllib.loads(text)
+        return TomlFile(path, text, tomllib.loads(text))
     except tomllib.TOMLDecodeError as error:
         message = str(error)
         at = re.search(r"\(at line (\d+), column \d+\)", message)
@@ -401,45 +535,112 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: {message}"]) from None
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where a setting's value came from: the file, the variable or the flag to name."""
+
+    file: TomlFile | None = None
+    variable: str = ""
+    flag: str = ""
+    value: Any = None
+
+    def name(self, setting: str, location: Sequence[str | int], message: str) -> str:
+        """``policyd.toml:4: maps[0].path``, ``POLICYD_MAPS[0].path``, ``--map dms:/x``
+        (the value only when ``message`` does not quote it already)."""
+        path = _path(location[1:])
+        if self.file is not None:
+            line = self.file.line_of(location)
+            where = f"{self.file.path}:{line}" if line else f"{self.file.path}"
+            return f"{where}: {setting}{path}"
+        if self.variable:
+            return f"{self.variable}{path}"
+        index = location[1] if len(location) > 1 else None
+        if isinstance(index, int) and isinstance(self.value, list) and index < len(self.value):
+            # The flag as typed, with the value of the one that is wrong among its repeats.
+            item = self.value[index]
+            if repr(item) in message:
+                return f"{self.flag}{_path(location[2:])}"
+            return f"{self.flag} {shlex.quote(str(item))}{_path(location[2:])}"
+        return f"{self.flag}{path}"
+
+
+def _path(parts: Sequence[str | int]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts)
+
+
 def load_settings(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge the sources and validate; raise ConfigError with ``where: what`` lines."""
+    """Merge the sources and validate; raise ConfigError with ``where: what`` lines.
+
+    ``flags`` are the command line's values by setting name (None: not given), and
+    ``flag_names`` how the command line spells each one (``maps``: ``--map``); a setting
+    missing there is named ``--name-with-dashes``.
+    """
     environ = os.environ if environ is None else environ
     if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
         config_file = Path(environ[ENV_PREFIX + "CONFIG"])
     values: dict[str, Any] = {}
-    where: dict[str, str] = {}
+    sources: dict[str, _Source] = {}
     if config_file is not None:
-        for name, value in read_toml(config_file).items():
-            values[name], where[name] = value, f"{config_file}: {name}"
+        document = read_toml(config_file)
+        for name, value in document.settings.items():
+            values[name], sources[name] = value, _Source(file=document)
     for name, (value, variable) in settings_from_environment(environ).items():
-        values[name], where[name] = value, variable
+        values[name], sources[name] = value, _Source(variable=variable)
     for name, value in (flags or {}).items():
         if value is not None:
-            values[name], where[name] = value, "--" + name.replace("_", "-")
+            flag = (flag_names or {}).get(name, "--" + name.replace("_", "-"))
+            values[name], sources[name] = value, _Source(flag=flag, value=value)
     try:
         return Settings.model_validate(values)
     except ValidationError as error:
-        raise ConfigError([_describe(item, where) for item in error.errors()]) from None
+        raise ConfigError([_describe(item, sources) for item in error.errors()]) from None
 
 
-def _describe(error: Any, where: dict[str, str]) -> str:
-    location = [str(part) for part in error["loc"]]
+def _describe(error: Any, sources: dict[str, _Source]) -> str:
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        origin = where.get(location[0], location[0])
-        return f"{origin}: unknown setting"
-    if not location:
+    if not error["loc"]:
         # A rule across settings; its message starts with the setting it is about.
         name, sep, rest = message.partition(": ")
         if sep and name in Settings.model_fields:
-            return f"{where.get(name, name)}: {rest}"
+            return f"{_where(name, [name], sources, rest)}: {rest}"
         return f"settings: {message}"
-    origin = where.get(location[0], location[0])
-    # Drop pydantic's union-member tags (e.g. "dms") from the path; keep list indexes.
-    detail = [part for part in location[1:] if part not in stores.backends()]
-    suffix = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in detail)
-    return f"{origin}{suffix}: {message}"
+    # pydantic's union-member tags (the "dms" of maps[0]) are not part of what the user wrote,
+    # but they say which options the map has.
+    location: list[str | int] = []
+    options: type[BaseModel] = Settings
+    for part in error["loc"]:
+        if isinstance(part, str) and location and part in stores.backends():
+            options = stores.store_class(part).Options
+        else:
+            location.append(part)
+    if error["type"] == "missing" and len(location) > 1:
+        where = _where(str(location[0]), location[:-1], sources, message)
+        return f"{where}: {location[-1]} is required"
+    where = _where(str(location[0]), location, sources, message)
+    if error["type"] == "extra_forbidden":
+        known = [name for name in options.model_fields if name != "type"]
+        source = sources.get(str(location[0]))
+        if len(location) == 1 and source is not None and source.variable:
+            known = [ENV_PREFIX + name.upper() for name in known]
+            return f"{where}: unknown setting{_did_you_mean(source.variable, known)}"
+        return f"{where}: unknown setting{_did_you_mean(str(location[-1]), known)}"
+    return f"{where}: {message}"
+
+
+def _where(
+    name: str, location: Sequence[str | int], sources: dict[str, _Source], message: str
+) -> str:
+    source = sources.get(name)
+    if source is None:
+        return f"{name}{_path(location[1:])}"
+    return source.name(name, location, message)
+
+
+def _did_you_mean(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -47,8 +47,11 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.service = service or Service.from_settings(settings, decision_log=decision_log)
+        listeners = len(settings.listen) + (settings.metrics_listen is not None)
         self.server = PolicyServer(
-            self.service, settings, max_connections=plan_descriptors(settings.max_connections)
+            self.service,
+            settings,
+            max_connections=plan_descriptors(settings.max_connections, listeners),
         )
         registry = self.service.metrics.exposition(
             self.service.statuses, self.server.connection_count

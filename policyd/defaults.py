@@ -56,6 +56,11 @@ MAX_HTTP_CONNECTIONS = 64
 # Descriptors never given to connections: listeners, map files being read, the parsing
 # process's pipes, the log, and a margin, so reloads and health checks always have some.
 RESERVED_FILES = 64
+# Each listener's queue of connections not yet accepted (listen(2)'s backlog, asyncio's
+# default). asyncio accepts the whole queue at once, and only then can policyd close those
+# over a cap, so for a moment each listener holds up to this many descriptors beyond its cap:
+# the plan keeps room for that, or a flood being refused would take the reserve above.
+LISTEN_BACKLOG = 100
 
 # Connections from one client address at once (unix-socket clients are not counted): enough
 # for Postfix's smtpd processes on a host (100 per master.cf service by default, several

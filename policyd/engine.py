@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 from policyd import defaults
 from policyd.address import fold, split
@@ -69,6 +69,36 @@ class Decision(NamedTuple):
     rule: Origin | None = None
     key: str | None = None  # the key the maps were searched with, if not the sender as sent
 
+
+# Why a decision could not be made (store_failure): each answers tempfail_action.
+TempfailReason = Literal[
+    "store_error", "pattern_timeout", "time_limit", "internal_error", "resolve_error"
+]
+
+# Every reason word a decision can have, by verdict: the label pairs of policyd_requests_total,
+# exported at 0 from the start so that rate() and alerts see them before the first request.
+# Mode permit keeps the verdict (only the action becomes DUNNO), so it adds no pair.
+# tests/test_engine.py checks the decision tables against this list.
+REASONS: dict[Verdict, tuple[str, ...]] = {
+    Verdict.PERMIT: ("owner", "nested_alias", "grant", "catch_all", "plus_address"),
+    Verdict.REJECT: (
+        "not_owner",
+        "unlisted",
+        "not_logged_in",
+        "deny_login",
+        "deny_sender",
+        "alias_login",
+    ),
+    Verdict.DUNNO: (
+        "null_sender",
+        "unauthenticated",
+        "authenticated",
+        "unlisted",
+        "out_of_scope",
+        "exempt_network",
+    ),
+    Verdict.TEMPFAIL: get_args(TempfailReason),
+}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -540,7 +570,7 @@ def _login_denied(login: str) -> str:
     return defaults.REJECT_LOGIN_DENIED.format(login=_CONTROL.sub(" ", login))
 
 
-def store_failure(policy: Policy, error: str, reason: str = "store_error") -> Decision:
+def store_failure(policy: Policy, error: str, reason: TempfailReason = "store_error") -> Decision:
     """A store (or policyd itself) could not answer: a temporary reply, so Postfix retries
     and no mail is lost. Never a 5xx, never an OK."""
     return _finish(

@@ -60,7 +60,7 @@ def readiness(statuses: list[StoreStatus]) -> Response:
         elif status.last_error:
             lines.append(f"{status.name}: stale, last reload failed: {status.last_error}")
         else:
-            lines.append(f"{status.name}: ok, {status.entries} entries")
+            lines.append(f"{status.name}: ok, {status.counted}")
     body = ("ready\n" if ready else "not ready\n") + "".join(f"{line}\n" for line in lines)
     return Response(
         "200 OK" if ready else "503 Service Unavailable", "text/plain; charset=utf-8", body.encode()
@@ -84,8 +84,16 @@ class HttpServer:
         self.server: asyncio.Server | None = None
         self.unix: UnixListener | None = None
         self.address = ""
-        self.open = 0  # connections being answered
-        self.refused = 0
+        self.refused = 0  # connections closed without an answer
+        # Every open connection's handler, and those still waiting for their request; both
+        # oldest first.
+        self._open: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
+
+    @property
+    def open(self) -> int:
+        """Connections open now."""
+        return len(self._open)
 
     async def start(
         self, endpoint: Endpoint, socket_mode: str = defaults.SOCKET_MODE, group: str | None = None
@@ -98,7 +106,11 @@ class HttpServer:
                 raise ListenError(f"metrics_listen: {error}") from None
             set_socket_access(endpoint.path, socket_mode, group)
             self.server = await asyncio.start_unix_server(
-                self._handle, sock=self.unix.socket, limit=HEAD_LIMIT, start_serving=False
+                self._handle,
+                sock=self.unix.socket,
+                limit=HEAD_LIMIT,
+                backlog=defaults.LISTEN_BACKLOG,
+                start_serving=False,
             )
             self.address = str(endpoint)
             return
@@ -109,6 +121,7 @@ class HttpServer:
                 endpoint.port,
                 reuse_address=True,
                 limit=HEAD_LIMIT,
+                backlog=defaults.LISTEN_BACKLOG,
                 start_serving=False,
             )
         except OSError as error:
@@ -127,6 +140,14 @@ class HttpServer:
         if self.unix is not None:
             self.unix.release()
             self.unix = None
+        # Close the connections still open (a scrape in progress, a client that says nothing)
+        # and let their handlers end, rather than leave them to be cancelled when the event
+        # loop ends: Python 3.11's streams log each such cancellation as an error.
+        handlers = list(self._open.values())
+        for writer in list(self._open):
+            writer.transport.abort()
+        if handlers:
+            await asyncio.wait(handlers, timeout=1.0)
 
     def respond(self, method: str, path: str, accept: str) -> Response:
         if method not in ("GET", "HEAD"):
@@ -147,23 +168,45 @@ class HttpServer:
         )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.open >= self.max_connections:
+        if len(self._open) >= self.max_connections and not self._make_room():
             # Probes and scrapes come one at a time; hundreds at once are a flood, and must
             # not take the descriptors the policy service and reloads need.
             self.refused += 1
             writer.transport.abort()
             return
-        self.open += 1
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._open[writer] = handler
+        self._waiting[writer] = None
         try:
             await self._answer(reader, writer)
         finally:
-            self.open -= 1
+            del self._open[writer]
+            self._waiting.pop(writer, None)
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest without sending its request; False
+        if every connection is being answered.
+
+        A probe or a scrape sends its request as soon as it connects, so the oldest silent
+        connection is a stuck client or part of a flood: closing it means that clients that
+        connect and say nothing cannot keep /healthz out (a liveness probe kill) for
+        HEAD_TIMEOUT after HEAD_TIMEOUT.
+        """
+        oldest = next(iter(self._waiting), None)
+        if oldest is None:
+            return False
+        del self._waiting[oldest]
+        self.refused += 1
+        oldest.transport.abort()
+        return True
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = ""
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
+            self._waiting.pop(writer, None)
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
             method, path, _version = request_line.split(" ", 2)
             headers = {}

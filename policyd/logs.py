@@ -22,7 +22,6 @@ from policyd.engine import Decision
 
 LOG_QUEUE_SIZE = 10_000  # records waiting to be written before new ones are dropped
 LOG_BATCH = 256  # lines written together
-MIDDLES_KEPT = 65536  # decisions whose log text is remembered (see Formatter.decision)
 LOG_FLUSH_SECONDS = 0.05  # decision lines wait at most this long to be handed to the writer
 LOG_FLUSH_TIMEOUT = 2.0  # at exit, the writer gets this long to write what is still queued
 
@@ -39,8 +38,6 @@ class Formatter(logging.Formatter):
     def __init__(self, style: str) -> None:
         super().__init__()
         self.json = style == "json"
-        # Decision log text per (remembered decision, login, sender); see decision().
-        self._middles: dict[tuple[int, str, str], tuple[Decision, str]] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {"msg": record.getMessage()}
@@ -63,37 +60,18 @@ class Formatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{milliseconds:03d}Z"
 
     def decision(self, created: float, request: PolicyRequest, decision: Decision) -> str:
-        """render() of a decision line, spelt out: it is written for every refusal.
-
-        The service reuses a remembered Decision for the same question, so the part of the
-        line that depends only on the decision, the login and the sender is formatted once
-        for each such triple: 8 % of what a remembered refusal costs (BENCHMARKS.md). The
-        login and sender are part of the key because one Decision may answer several
-        spellings of them.
-        """
+        """render() of a decision line, spelt out: it is written for every refusal."""
         if self.json:
             fields = {"msg": "decision", **decision_fields(request, decision)}
             return self.render(created, "info", DECISION_LOGGER, fields)
-        login, sender = request.sasl_username, request.sender
-        key = (id(decision), login, sender)
-        known = self._middles.get(key)
-        if known is not None and known[0] is decision:
-            middle = known[1]
-        else:
-            rule = str(decision.rule) if decision.rule else "-"
-            middle = (
-                f"verdict={decision.verdict.value} reason={decision.reason}"
-                f" login={logfmt_value(_clip(login))}"
-                f" sender={logfmt_value(_clip(sender))}"
-                f" action={logfmt_value(_clip(decision.action))} rule={logfmt_value(rule)}"
-            )
-            if len(self._middles) >= MIDDLES_KEPT:
-                self._middles.clear()
-            # Keeping the Decision itself keeps its id from being reused while remembered.
-            self._middles[key] = (decision, middle)
+        rule = str(decision.rule) if decision.rule else "-"
         return (
-            f"time={self.stamp(created)} level=info logger={DECISION_LOGGER} msg=decision "
-            f"{middle} instance={logfmt_value(_clip(request.instance) or '-')}"
+            f"time={self.stamp(created)} level=info logger={DECISION_LOGGER} msg=decision"
+            f" verdict={decision.verdict.value} reason={decision.reason}"
+            f" login={logfmt_value(_clip(request.sasl_username))}"
+            f" sender={logfmt_value(_clip(request.sender))}"
+            f" action={logfmt_value(_clip(decision.action))} rule={logfmt_value(rule)}"
+            f" instance={logfmt_value(_clip(request.instance) or '-')}"
             f" queue_id={logfmt_value(_clip(request.queue_id) or '-')}"
         )
 

@@ -15,8 +15,9 @@ import platform
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal, get_args
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,6 +28,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from policyd import __version__
+from policyd.codec import ProtocolError
+from policyd.engine import REASONS
 from policyd.stores.base import StoreStatus
 
 Statuses = Callable[[], Iterable[StoreStatus]]
@@ -35,6 +38,17 @@ Statuses = Callable[[], Iterable[StoreStatus]]
 # take tens of microseconds; a network store may take milliseconds.
 REQUEST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 LOOKUP_BUCKETS = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.25, 1.0)
+
+# Every value the labelled counters can take, exported at 0 from the start: rate() and an
+# alert on increase() need a series before the first event. The kinds of the codec's errors,
+# and the server's own ("request_timeout"); the reasons server.refusal() gives.
+_protocol_errors: list[type[ProtocolError]] = [ProtocolError, *ProtocolError.__subclasses__()]
+PROTOCOL_ERROR_KINDS = (
+    *dict.fromkeys(error.kind for error in _protocol_errors),
+    "request_timeout",
+)
+RefusalReason = Literal["too_many", "too_many_from_client", "not_allowed"]
+REFUSAL_REASONS: tuple[RefusalReason, ...] = get_args(RefusalReason)
 
 
 class Histogram:
@@ -75,20 +89,28 @@ class Metrics:
 
     def __init__(self) -> None:
         self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.requests.update(
+            dict.fromkeys(((v, r) for v, reasons in REASONS.items() for r in reasons), 0)
+        )
         self.latency = Histogram(REQUEST_BUCKETS)
         self.connections_total = 0
         self.connections_refused: defaultdict[str, int] = defaultdict(int)
+        self.connections_refused.update(dict.fromkeys(REFUSAL_REASONS, 0))
         self.protocol_errors: defaultdict[str, int] = defaultdict(int)
+        self.protocol_errors.update(dict.fromkeys(PROTOCOL_ERROR_KINDS, 0))
         self.stores: dict[str, StoreStats] = {}
         self.started = time.time()
 
     def exposition(
         self, statuses: Statuses = list, connections: Callable[[], int] = lambda: 0
     ) -> CollectorRegistry:
-        """A registry for /metrics: these counts, and what ``statuses`` (the stores') and
-        ``connections`` (the open policy connections) say at scrape time."""
+        """A registry for /metrics: these counts, what ``statuses`` (the stores') and
+        ``connections`` (the open policy connections) say at scrape time, and the process's
+        memory, descriptors, CPU time and start time (prometheus-client's process_* metrics,
+        read from /proc at scrape time)."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self, statuses, connections))
+        ProcessCollector(registry=registry)
         return registry
 
     def store(self, name: str) -> StoreStats:

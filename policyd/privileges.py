@@ -39,16 +39,21 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     log.info("running as user %s (uid %d, gid %d)", account.pw_name, account.pw_uid, gid)
 
 
-def plan_descriptors(connections: int) -> int:
+def plan_descriptors(connections: int, listeners: int = 2) -> int:
     """Raise the open-files limit for ``connections`` policy connections plus the HTTP
-    connections and the descriptors held back for reloads, logs and health checks; return
-    how many policy connections fit (fewer than asked when the hard limit is too low).
+    connections, the descriptors held back for reloads, logs and health checks, and a full
+    accept queue on each of the ``listeners`` (policy and HTTP); return how many policy
+    connections fit (fewer than asked when the hard limit is too low).
 
     With every descriptor in use, /healthz times out (a liveness probe kills the pod) and a
     reload fails with "Too many open files"; keeping the policy connections within what is
-    left makes both impossible.
+    left makes both impossible, also while a flood over the caps is being refused.
     """
-    reserved = defaults.MAX_HTTP_CONNECTIONS + defaults.RESERVED_FILES
+    reserved = (
+        defaults.MAX_HTTP_CONNECTIONS
+        + defaults.RESERVED_FILES
+        + defaults.LISTEN_BACKLOG * listeners
+    )
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = connections + reserved
     if soft < wanted:

@@ -23,6 +23,7 @@ from policyd.codec import PolicyRequest, ProtocolError, RequestParser, encode_re
 from policyd.config import Endpoint, Settings
 from policyd.engine import Decision, store_failure
 from policyd.http import set_socket_access
+from policyd.metrics import RefusalReason
 from policyd.service import Service
 from policyd.sockets import ListenError, UnixListener
 
@@ -58,6 +59,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.write_paused = False
         self.backlog_scheduled = False
+        self.reading_paused = False  # paused by _flow(), not by the transport itself
         self.lost = False  # connection_lost() has run
 
     # asyncio.Protocol callbacks
@@ -104,13 +106,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._answer_queued()
 
     def _track_request_time(self, now: float) -> None:
-        if self.parser.pending:
+        if self.parser.pending and not self.parser.backlog:
             if self.request_started is None:
                 # A request has begun; it must finish within request_timeout. Checked by the
                 # timer rather than re-armed per read, so a trickling client cannot extend it.
                 self.request_started = now
                 self._schedule(now + self.server.settings.request_timeout)
         else:
+            # Nothing unfinished, or whole requests waiting their turn (a batch per turn of
+            # the loop, or until the client reads its replies): that wait is policyd's, and
+            # the clock starts for the unfinished one behind them when they are answered.
             self.request_started = None
 
     def eof_received(self) -> bool | None:
@@ -129,7 +134,7 @@ class PolicyConnection(asyncio.BufferedProtocol):
         # The client sends but does not read. Stop reading until it catches up, so replies
         # cannot pile up in memory.
         self.write_paused = True
-        self._flow()
+        self._flow(self.parser.backlog)
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -138,18 +143,20 @@ class PolicyConnection(asyncio.BufferedProtocol):
     # Answering
 
     def _answer_queued(self) -> None:
-        while self.queue and self.task is None and not self.closing:
-            self._answer(self.queue.popleft())
-        if self.parser.backlog and not self.backlog_scheduled:
+        queue = self.queue
+        while queue and self.task is None and self._open():
+            self._answer(queue.popleft())
+        backlog = self.parser.backlog
+        if backlog and not self.backlog_scheduled:
             # More requests already arrived: answer them on a later turn of the loop, after
             # everyone else's, and read nothing new from this client meanwhile.
             self.backlog_scheduled = True
             self.loop.call_soon(self._take_backlog)
-        self._flow()
+        self._flow(backlog)
 
     def _take_backlog(self) -> None:
         self.backlog_scheduled = False
-        if self.closing or self.task is not None or self.write_paused:
+        if not self._open() or self.task is not None or self.write_paused:
             return  # what ends the wait (a decision, the client reading) calls again
         try:
             self.queue.extend(self.parser.feed(b""))
@@ -159,14 +166,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._track_request_time(self.loop.time())
         self._answer_queued()
 
-    def _flow(self) -> None:
+    def _flow(self, backlog: bool) -> None:
         """Read from the client only while nothing of its is waiting to be answered or read:
         no backlog of requests, no decision in progress, no unread replies."""
-        if self.transport is None or self.closing:
+        busy = backlog or self.write_paused or self.task is not None or bool(self.queue)
+        if busy is self.reading_paused or self.transport is None or self.closing:
             return
-        if self.write_paused or self.task is not None or self.parser.backlog or self.queue:
+        self.reading_paused = busy
+        if busy:
             self.transport.pause_reading()
-        elif not self.transport.is_reading():
+        else:
             self.transport.resume_reading()
 
     def _answer(self, request: PolicyRequest) -> None:
@@ -199,9 +208,16 @@ class PolicyConnection(asyncio.BufferedProtocol):
         self._reply(decision, started)
         self._answer_queued()
 
+    def _open(self) -> bool:
+        """Whether replies can still go out. A write that fails (the client reset the
+        connection) closes the transport at once but reaches connection_lost only on a
+        later turn of the loop; until then, each further write would log a warning."""
+        return not self.closing and self.transport is not None and not self.transport.is_closing()
+
     def _reply(self, decision: Decision, started: float) -> None:
-        if self.closing or self.transport is None:
+        if not self._open():
             return
+        assert self.transport is not None
         self.transport.write(encode_reply(decision.action))
         self.service.metrics.latency.observe(perf_counter() - started)
 
@@ -287,7 +303,7 @@ class PolicyServer:
         """Open policy connections, for the metrics."""
         return len(self.connections)
 
-    def refusal(self, peer: object) -> str | None:
+    def refusal(self, peer: object) -> RefusalReason | None:
         """Why a new connection must be closed at once, or None to serve it."""
         if len(self.connections) >= self.max_connections:
             return "too_many"
@@ -322,7 +338,7 @@ class PolicyServer:
         now = time.monotonic()
         if now - self._refusal_logged >= 1.0:
             self._refusal_logged = now
-            counts = dict(self.service.metrics.connections_refused)
+            counts = {why: n for why, n in self.service.metrics.connections_refused.items() if n}
             log.warning("refused connection from %s (%s); refused so far: %s", peer, why, counts)
 
     def internal_error(self, request: PolicyRequest, error: Exception) -> Decision:
@@ -337,6 +353,9 @@ class PolicyServer:
         """Bind every listener, not yet accepting; ListenError names the one that failed."""
         try:
             await self._listen()
+        except ListenError as error:
+            self._close_listeners()
+            raise ListenError(f"listen: {error}") from None
         except BaseException:
             self._close_listeners()
             raise
@@ -351,7 +370,10 @@ class PolicyServer:
                     endpoint.path, self.settings.socket_mode, self.settings.socket_group
                 )
                 listener = await loop.create_unix_server(
-                    lambda: PolicyConnection(self), sock=unix.socket, start_serving=False
+                    lambda: PolicyConnection(self),
+                    sock=unix.socket,
+                    backlog=defaults.LISTEN_BACKLOG,
+                    start_serving=False,
                 )
                 self.addresses.append(str(endpoint))
             else:
@@ -361,6 +383,7 @@ class PolicyServer:
                         endpoint.host or None,
                         endpoint.port,
                         reuse_address=True,
+                        backlog=defaults.LISTEN_BACKLOG,
                         start_serving=False,
                     )
                 except OSError as error:

@@ -43,17 +43,26 @@ def _bind(path: str) -> socket.socket:
             sock.bind(path)
         except OSError as error:
             if error.errno != errno.EADDRINUSE:
-                raise ListenError(f"unix:{path}: {error.strerror}") from None
+                raise ListenError(f"unix:{path}: {_why(path, error)}") from None
             _replace_stale(path)
             sock.bind(path)
     except OSError as error:
         sock.close()
-        raise ListenError(f"unix:{path}: {error.strerror}") from None
+        raise ListenError(f"unix:{path}: {_why(path, error)}") from None
     except BaseException:
         sock.close()
         raise
     sock.setblocking(False)
     return sock
+
+
+def _why(path: str, error: OSError) -> str:
+    """bind()'s error, naming the directory when that is what is missing (a socket in a
+    directory nobody created: systemd's RuntimeDirectory, a volume not mounted)."""
+    directory = os.path.dirname(path) or "."
+    if error.errno == errno.ENOENT and not os.path.isdir(directory):
+        return f"the directory {directory} does not exist; create it, or listen elsewhere"
+    return error.strerror or str(error)
 
 
 def _replace_stale(path: str) -> None:

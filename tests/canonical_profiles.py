@@ -28,6 +28,8 @@ def _params(compatibility_level: str, **changes: object) -> PostfixParams:
     base = PostfixParams.for_host(
         MYHOSTNAME, mydomain=MYDOMAIN, compatibility_level=compatibility_level
     )
+    # The stack's main.cf has inet_protocols = ipv4 (this machine may have no IPv6).
+    base = dataclasses.replace(base, inet_protocols=("ipv4",))
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 

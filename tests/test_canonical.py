@@ -298,8 +298,49 @@ def test_is_local_domain(domain: str, local: bool) -> None:
     assert is_local_domain(domain, MODERN) is local
 
 
+@pytest.mark.parametrize(
+    ("protocols", "domain", "local"),
+    [
+        # resolve_local.c L159 asks getaddrinfo() with the family of inet_protocols
+        # (myaddrinfo.c L555; inet_proto.c L229-256). PF_INET gives an IPv4-mapped IPv6 address
+        # as its IPv4 address, which is then an own address ...
+        (("ipv4",), "[IPv6:::ffff:127.0.0.1]", True),
+        (("ipv4",), "[IPv6:::FFFF:7f00:1]", True),
+        (("ipv4",), "[IPv6:::127.0.0.1]", False),  # IPv4-compatible is not mapped
+        (("ipv4",), "[IPv6:::ffff:0177.0.0.1]", False),  # no octal inside IPv6
+        (("ipv4",), "[127.0.0.1]", True),
+        # ... PF_UNSPEC keeps it IPv6, never equal to an IPv4 address (sock_addr.c) ...
+        (("ipv4", "ipv6"), "[IPv6:::ffff:127.0.0.1]", False),
+        (("ipv4", "ipv6"), "[127.0.0.1]", True),
+        # ... and PF_INET6 takes no IPv4 address at all.
+        (("ipv6",), "[127.0.0.1]", False),
+        (("ipv6",), "[IPv6:::ffff:127.0.0.1]", False),
+        # No protocol: Postfix knows no own address (own_inet_addr.c L100).
+        ((), "[127.0.0.1]", False),
+    ],
+)
+def test_address_literals_in_the_family_of_inet_protocols(
+    protocols: tuple[str, ...], domain: str, local: bool
+) -> None:
+    params = dataclasses.replace(MODERN, inet_protocols=protocols)
+    assert is_local_domain(domain, params) is local
+
+
+def test_own_addresses_are_read_in_the_family_of_inet_protocols() -> None:
+    # inet_addr_host() reads $inet_interfaces and $proxy_interfaces the same way.
+    params = dataclasses.replace(
+        MODERN, inet_protocols=("ipv4",), inet_interfaces=("::ffff:10.1.2.3",)
+    )
+    assert is_local_domain("[10.1.2.3]", params)
+
+
+def test_inet_protocols_are_postfix_names() -> None:
+    with pytest.raises(ValueError, match="inet_protocols"):
+        dataclasses.replace(MODERN, inet_protocols=("ipv5",))
+
+
 def test_ipv6_literals_need_the_prefix() -> None:
-    params = dataclasses.replace(MODERN, inet_interfaces=("::1",))
+    params = dataclasses.replace(MODERN, inet_protocols=("ipv4", "ipv6"), inet_interfaces=("::1",))
     assert is_local_domain("[IPv6:::1]", params)
     assert is_local_domain("[ipv6:0:0::1]", params)  # prefix case-insensitive, same address
     assert not is_local_domain("[::1]", params)  # valid_mailhost_addr() L79-86

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import pwd
+import re
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -14,7 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from policyd.cli import EXIT_CONFIG, EXIT_REJECT, main, postfix_reply
+from policyd.cli import (
+    EXIT_CONFIG,
+    EXIT_REJECT,
+    EXIT_SOFTWARE,
+    EXIT_USAGE,
+    FLAG_SETTINGS,
+    build_parser,
+    flag_names,
+    guarded,
+    main,
+    postfix_reply,
+)
 from tests.conftest import DATA, require
 
 DMS = f"dms:{DATA / 'dms'}"
@@ -118,7 +133,113 @@ def test_config_error_is_one_line_and_exit_78(
     code, _, err = run(capsys, "validate", "--config", str(config))
     assert code == EXIT_CONFIG
     modes = "'authenticated', 'sender', 'known', 'unauthenticated' or 'permit'"
-    assert err == f"policyd: {config}: mode: Input should be {modes}\n"
+    assert err == f"policyd: {config}:2: mode: Input should be {modes}\n"
+
+
+def test_errors_name_the_flags_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        capsys,
+        "validate",
+        "--map",
+        DMS,
+        "--map",
+        "dsm:/srv/mail",
+        "--exempt-network",
+        "10.0.0.0/8",
+        "--exempt-network",
+        "192.0.2.0/33",
+        "--scope-port",
+        "70000",
+    )
+    assert code == EXIT_CONFIG
+    assert err.splitlines() == [
+        "policyd: --map dsm:/srv/mail: unknown map type 'dsm' (known: dms, texthash, pcre, regexp)",
+        "policyd: --scope-port 70000: port 70000 is out of range (0 to 65535)",
+        "policyd: --exempt-network 192.0.2.0/33: value is not a valid IPv4 or IPv6 network",
+    ]
+
+
+def test_every_setting_flag_is_named_by_its_own_spelling() -> None:
+    names = flag_names(build_parser())
+    assert set(names) == set(FLAG_SETTINGS)
+    assert names["maps"] == "--map"
+    assert names["exempt_networks"] == "--exempt-network"
+    assert names["metrics_listen"] == "--metrics-listen"
+
+
+def test_every_flag_has_a_help_line() -> None:
+    parser = build_parser()
+    parsers = {"policyd": parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers |= {f"policyd {name}": sub for name, sub in action.choices.items()}
+    assert set(parsers) == {
+        "policyd",
+        "policyd serve",
+        "policyd check",
+        "policyd validate",
+        "policyd senders",
+        "policyd audit",
+    }
+    for name, sub in parsers.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest}: no help"
+
+
+def test_a_usage_error_exits_64(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["check", "--maps", DMS, "a@x", "b@x"], ["nosuch"], ["check", "--map", DMS]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == EXIT_USAGE
+        assert re.search(r"^policyd( check)?: error: ", capsys.readouterr().err, re.M)
+
+
+def test_an_unexpected_error_is_a_bug_with_its_traceback_and_exit_70(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def broken() -> int:
+        raise KeyError("a bug")
+
+    assert guarded(broken) == EXIT_SOFTWARE
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError: 'a bug'" in err
+    assert err.endswith("policyd: internal error (a bug): please report the traceback above\n")
+
+
+def serve_failing(*args: str) -> subprocess.CompletedProcess[str]:
+    """``policyd serve`` that must fail to start: its exit status and its whole log."""
+    return subprocess.run(
+        [sys.executable, "-m", "policyd", "serve", "--map", DMS, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")},
+    )
+
+
+def test_a_socket_in_a_missing_directory_names_the_directory(tmp_path: Path) -> None:
+    socket_path = tmp_path / "not-created" / "policyd.sock"
+    result = serve_failing("--listen", f"unix:{socket_path}", "--metrics-listen", "none")
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr == (
+        f"policyd: listen: unix:{socket_path}: the directory {socket_path.parent} does not"
+        " exist; create it, or listen elsewhere\n"
+    )
+
+
+def test_a_metrics_port_in_use_names_metrics_listen_and_nothing_says_listening() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve_failing("--listen", "127.0.0.1:0", "--metrics-listen", f"127.0.0.1:{port}")
+    assert result.returncode == EXIT_CONFIG
+    assert f"policyd: metrics_listen: inet:127.0.0.1:{port}: " in result.stderr
+    assert "in use" in result.stderr
+    assert "listening" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_refuses_a_broken_map(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

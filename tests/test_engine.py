@@ -9,7 +9,16 @@ import pytest
 
 from policyd.canonical import PostfixParams
 from policyd.codec import PolicyRequest
-from policyd.engine import DEFAULT_POSTFIX, Decision, Policy, Verdict, decide, run, store_failure
+from policyd.engine import (
+    DEFAULT_POSTFIX,
+    REASONS,
+    Decision,
+    Policy,
+    Verdict,
+    decide,
+    run,
+    store_failure,
+)
 from policyd.model import Entry, Hit, Lookup, Mode, Origin
 from policyd.service import DecisionCache, Service
 from policyd.stores.base import Store, StoreContext
@@ -209,6 +218,16 @@ def test_rule_table(row: RuleRow) -> None:
         assert decision.rule is None, decision.rule
     else:
         assert str(decision.rule).endswith(row.rule), decision.rule
+
+
+def test_the_tables_decide_only_the_known_reasons_and_reach_each_one() -> None:
+    """REASONS gives policyd_requests_total its zero series: a decision whose reason it does
+    not list would have none before it first happens, and one it lists but no decision has
+    would be a series that never moves."""
+    known = {(verdict, reason) for verdict, reasons in REASONS.items() for reason in reasons}
+    decided = {(Verdict(row.verdict), row.reason) for row in [*read_table(), *read_rule_table()]}
+    assert decided <= known
+    assert known - decided == {(Verdict.TEMPFAIL, reason) for reason in REASONS[Verdict.TEMPFAIL]}
 
 
 def test_rule_table_covers_every_reason() -> None:

@@ -11,7 +11,7 @@ from policyd.config import Endpoint
 from policyd.http import HttpServer, readiness
 from policyd.metrics import Metrics
 from policyd.stores.base import Changes, StoreStatus
-from tests.helpers import http_get
+from tests.helpers import http_get, wait_until
 
 
 @pytest.fixture
@@ -94,3 +94,51 @@ async def test_garbage_gets_400(http: tuple[HttpServer, list[StoreStatus]]) -> N
     assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400 Bad Request")
     writer.close()
     await writer.wait_closed()
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What arrives before the server closes the connection (b"" if nothing)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 1)
+    except ConnectionResetError:
+        return b""
+
+
+async def test_clients_that_say_nothing_cannot_keep_healthz_out() -> None:
+    """HTTP connections are capped, so that a flood of them cannot take the descriptors the
+    policy service needs; but a cap full of clients that connect and send nothing gives way
+    to a probe: the one that has waited longest for its request is closed."""
+    statuses: list[StoreStatus] = []
+    server = HttpServer(Metrics().exposition(lambda: statuses), lambda: statuses, max_connections=3)
+    await server.start(Endpoint(kind="inet", host="127.0.0.1", port=0))
+    await server.serve()
+    host, port = server.address.removeprefix("inet:").rsplit(":", 1)
+    idle = []
+    try:
+        for _ in range(3):
+            idle.append(await asyncio.open_connection(host, int(port)))
+            await wait_until(lambda: server.open == len(idle))
+        status, _, body = await get(server, "/healthz")
+        assert (status, body) == ("HTTP/1.1 200 OK", b"ok\n")
+        assert await read_until_closed(idle[0][0]) == b""  # closed, without an answer
+        assert server.open == 2  # the two others still wait for their request
+    finally:
+        for _, writer in idle:
+            writer.close()
+        await server.stop()
+
+
+async def test_stop_closes_the_connections_still_open(
+    http: tuple[HttpServer, list[StoreStatus]],
+) -> None:
+    """A client still connected at shutdown (a scrape in progress, one that says nothing) is
+    closed by stop(), not left for the end of the event loop, which would cancel its handler
+    (and Python 3.11 logs each such cancellation as an error)."""
+    server, _ = http
+    host, port = server.address.removeprefix("inet:").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await wait_until(lambda: server.open == 1)
+    await server.stop()
+    assert server.open == 0  # its handler has finished
+    assert await read_until_closed(reader) == b""
+    writer.close()

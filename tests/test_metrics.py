@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from prometheus_client.exposition import generate_latest
 from policyd import __version__
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
+from policyd.engine import REASONS
 from policyd.metrics import Histogram
 from policyd.service import Service
 from tests.conftest import DATA, require_program
@@ -56,6 +59,30 @@ async def test_store_lookups_and_state(service: Service) -> None:
     assert sample(m, "policyd_store_reload_failures_total", store=store) == 0
     last = sample(m, "policyd_store_last_reload_timestamp_seconds", store=store)
     assert last is not None and last > 1_700_000_000
+
+
+async def test_every_known_label_value_has_a_series_before_the_first_event(
+    service: Service,
+) -> None:
+    """rate() and increase() alerts need a series to exist before anything happened."""
+    for verdict, reasons in REASONS.items():
+        for reason in reasons:
+            labels = {"verdict": verdict, "reason": reason}
+            assert sample(service, "policyd_requests_total", **labels) == 0, labels
+    for kind in ("line_too_long", "request_too_long", "too_many_attributes", "malformed"):
+        assert sample(service, "policyd_protocol_errors_total", kind=kind) == 0, kind
+    assert sample(service, "policyd_protocol_errors_total", kind="request_timeout") == 0
+    for reason in ("too_many", "too_many_from_client", "not_allowed"):
+        assert sample(service, "policyd_connections_refused_total", reason=reason) == 0, reason
+
+
+async def test_process_metrics(service: Service) -> None:
+    assert (sample(service, "process_resident_memory_bytes") or 0) > 1_000_000
+    assert (sample(service, "process_open_fds") or 0) >= 3
+    assert sample(service, "process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    start = sample(service, "process_start_time_seconds") or 0
+    assert time.time() - 24 * 3600 < start <= time.time()  # this process's start, a Unix time
+    assert sample(service, "process_cpu_seconds_total") is not None
 
 
 def test_histogram_buckets_are_cumulative() -> None:

@@ -115,7 +115,7 @@ def test_a_new_backend_is_one_module_and_one_line(tmp_path: Path) -> None:
     assert "memory:ADDRESS=OWNER;..." in " ".join(helped.stdout.split())
 
     validated = policyd(copy, "validate", "--map", "memory:a@x=b@x", "--map", "dms:/nowhere")
-    assert "map memory:a@x=b@x: 1 entries" in validated.stdout
+    assert "map memory:a@x=b@x: 1 entry" in validated.stdout
     assert "map dms:/nowhere: FAILED" in validated.stdout
     assert validated.returncode == 78
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from policyd.model import LoadError, Problem
 from policyd.stores.base import StoreContext
 from policyd.stores.dms import DmsStore
 from policyd.stores.files import FileStore, Loaded, TexthashStore
-from tests.conftest import DATA
+from tests.conftest import DATA, require_program
 from tests.helpers import settle, wait_until
 
 SERVE = (sys.executable, "-m", "policyd", "serve", "--listen", "inet:127.0.0.1:0")
@@ -258,3 +261,74 @@ def test_a_burst_of_sighups_costs_at_most_two_reloads(tmp_path: Path) -> None:
 
 def test_problems_are_shown_with_their_location() -> None:
     assert str(Problem("/srv/map", 7, "bad")) == "/srv/map:7: bad"
+
+
+# 6. Descriptors: what is reserved holds even while floods are being refused.
+
+
+def get_status(port: int, path: str) -> int | None:
+    """GET ``path`` on loopback ``port``; the status, or None if closed without an answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        try:
+            response = client.recv(100)
+        except ConnectionResetError:
+            return None
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else None
+
+
+def connect_at_once(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to loopback ``port``, started without waiting for any."""
+    clients = []
+    for _ in range(count):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        clients.append(client)
+    return clients
+
+
+def test_bursts_of_connections_beyond_every_cap_never_run_out_of_descriptors(
+    tmp_path: Path,
+) -> None:
+    """asyncio accepts a listener's whole queue (up to its backlog, 100) before policyd can
+    close the connections over a cap. With every policy connection that fits open, 64
+    silent HTTP clients, and then a full queue on both listeners at once, no accept fails
+    with "Too many open files" (which stops that listener for a second: /healthz with it),
+    and /healthz answers."""
+    prlimit = require_program("prlimit")
+    log = tmp_path / "policyd.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [prlimit, "--nofile=500:500", "--", *SERVE, "--map", f"dms:{DATA / 'dms'}"],
+            env={**os.environ, "POLICYD_METRICS_LISTEN": "inet:127.0.0.1:0"},
+            stderr=stderr,
+        )
+    clients: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while "msg=ready" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        text = log.read_text()
+        port = int(re.findall(r"listening on inet:127\.0\.0\.1:(\d+)", text)[0])
+        http = int(re.findall(r"metrics and health on http://127\.0\.0\.1:(\d+)", text)[0])
+        fits = int(re.findall(r"serving at most (\d+) connections", text)[0])
+        clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(fits)]
+        clients += [socket.create_connection(("127.0.0.1", http)) for _ in range(64)]
+        assert get_status(http, "/healthz") == 200  # all of them accepted by now
+        process.send_signal(signal.SIGSTOP)  # the queues fill while it cannot accept
+        try:
+            clients += connect_at_once(port, 100) + connect_at_once(http, 100)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert get_status(http, "/healthz") == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        for client in clients:
+            client.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Too many open files" not in log.read_text()

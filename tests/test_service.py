@@ -4,7 +4,9 @@ key-major with one question per store."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
+import tracemalloc
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
@@ -332,3 +334,42 @@ def test_a_login_the_login_addresses_do_not_list_is_just_itself() -> None:
     assert at_once(service, PolicyRequest(sender="a@x", sasl_username="a@x")).verdict is (
         Verdict.PERMIT
     )
+
+
+class Nothing(MemoryStore):
+    """A map that lists nothing, and remembers nothing of what it is asked."""
+
+    @classmethod
+    def from_options(cls, options: Any, context: StoreContext) -> Store:
+        raise NotImplementedError
+
+    def find(self, key: str) -> Hit | None:
+        return None
+
+
+def remembered_bytes(sender_length: int, login_length: int, count: int = 10_000) -> float:
+    """Memory each remembered decision takes (tracemalloc), for questions of this size."""
+    service = built(Nothing("nothing", StoreContext()), cache=DecisionCache(size=count))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(count):
+            sender = f"{n:08d}".ljust(sender_length - 2, "s") + "@x"
+            login = f"{n:08d}".ljust(login_length - 2, "l") + "@x"
+            at_once(service, PolicyRequest(sender=sender, sasl_username=login))
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(service.cache) == (count if sender_length + login_length <= 600 else 0)
+    return used / count
+
+
+def test_remembered_decisions_are_bounded_in_bytes_not_only_in_count() -> None:
+    """README "Guarantees": about 0.5 kB a remembered decision for real addresses, at most
+    1.4 kB; a question longer than 600 characters (no real address is) is never remembered,
+    so 2 kB senders cannot fill the memory through the cache."""
+    assert remembered_bytes(22, 22) < 600
+    assert remembered_bytes(300, 300) < 1400
+    assert remembered_bytes(2000, 2000) < 50

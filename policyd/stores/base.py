@@ -94,6 +94,11 @@ class StoreStatus:
     anyone: int = 0  # logins that may send as any address through this store's rules
     domain_rules: int = 0  # keys or rules that answer a whole domain (or every address)
 
+    @property
+    def counted(self) -> str:
+        """``1 entry``, ``12 entries``: as validate and /readyz show the count."""
+        return f"{self.entries} {'entry' if self.entries == 1 else 'entries'}"
+
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True
         self.entries = entries

@@ -41,8 +41,9 @@ VIRTUAL = "postfix-virtual.cf"
 REGEXP = "postfix-regexp.cf"
 FILES = (ACCOUNTS, VIRTUAL, REGEXP)
 
-#: docker-mailserver's /etc/postfix/maps/sender_login_maps.pcre: every address owns itself.
-IDENTITY = Origin("identity (docker-mailserver sender_login_maps.pcre)")
+#: docker-mailserver's identity rule (its sender_login_maps.pcre, inside the container, not in
+#: the config directory): every address owns itself. Shown inside parentheses, so it has none.
+IDENTITY = Origin("docker-mailserver: every address owns itself")
 
 
 @dataclass(frozen=True, slots=True)

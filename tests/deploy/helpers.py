@@ -72,10 +72,14 @@ class Daemon:
     the HOST:PORT of its metrics and health endpoints, both read from its log.
     """
 
-    def __init__(self, command: list[Any], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, command: list[Any], env: dict[str, str], log: Path, cwd: Path | None = None
+    ) -> None:
         self.log = log
         with log.open("w") as stderr:
-            self.process = subprocess.Popen([str(word) for word in command], env=env, stderr=stderr)
+            self.process = subprocess.Popen(
+                [str(word) for word in command], env=env, stderr=stderr, cwd=cwd
+            )
         try:
             text = wait_until(self._started, "policyd to listen")
         except BaseException:

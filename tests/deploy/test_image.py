@@ -18,8 +18,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import urllib.error
 import urllib.request
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,16 +139,22 @@ def copy_from_context(source: str, destination: Path) -> int:
     return copied
 
 
-class BuildReplay:
-    """The build stage's steps run under ``root`` instead of in a container."""
+# A RUN step that runs pip without --no-index downloads packages, as `docker build` would.
+FROM_INDEX = re.compile(r"\bpip\b(?!.*--no-index)")
 
-    def __init__(self, root: Path) -> None:
+
+class BuildReplay:
+    """The build stage's steps run under ``root`` instead of in a container, in ``environ``
+    (this process's environment by default)."""
+
+    def __init__(self, root: Path, environ: Mapping[str, str] | None = None) -> None:
         self.root = root
+        environ = os.environ if environ is None else environ
         shim = root / "base-image-bin"
         shim.mkdir(parents=True)
         # The base image's `python`: this interpreter (3.11 or newer, as the image's).
         (shim / "python").symlink_to(sys.executable)
-        self.env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+        self.env = {**environ, "PATH": f"{shim}{os.pathsep}{environ['PATH']}"}
         self.env.pop("VIRTUAL_ENV", None)
         self.cwd = root
         self.declared: dict[str, str] = {}  # ENV values as the Dockerfile writes them
@@ -186,12 +195,19 @@ class BuildReplay:
         absolute = [word for word in shlex.split(command) if word.startswith("/")]
         assert not absolute, f"line {instruction.line}: name paths through ENV, not {absolute}"
         result = run(["sh", "-c", command], timeout=300, cwd=self.cwd, env=self.env)
-        assert result.returncode == 0, f"line {instruction.line} failed:\n{result.stderr}"
+        needs = ""
+        if FROM_INDEX.search(command):
+            needs = (
+                " (this step downloads from the package index, PyPI, as `docker build` does:"
+                " is it reachable from here, or set PIP_INDEX_URL to a mirror)"
+            )
+        assert result.returncode == 0, f"line {instruction.line} failed{needs}:\n{result.stderr}"
 
 
 @dataclass
 class Image:
     venv: Path
+    wheel: Path  # the wheel the build stage built and installed
     env: dict[str, str]  # the final stage's POLICYD_* variables, maps under the scratch root
     dms: Path  # the example docker-mailserver directory, "mounted" where the image expects it
     healthcheck: list[str]
@@ -228,7 +244,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     dms = root / DMS_MOUNT.lstrip("/")
     shutil.copytree(REPO / "examples" / "dms", dms)
     env["POLICYD_MAPS"] = f"dms:{dms}"
-    return Image(Path(replay.env["VIRTUAL_ENV"]), env, dms, healthcheck)
+    (wheel,) = (replay.cwd / "dist").glob("policyd-*.whl")  # WORKDIR/dist
+    return Image(Path(replay.env["VIRTUAL_ENV"]), wheel, env, dms, healthcheck)
 
 
 def policyd(image: Image, *args: str) -> subprocess.CompletedProcess[str]:
@@ -248,9 +265,34 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies() -> None:
     rules = dockerignore_rules()
     assert not ignored("policyd/cli.py", rules)
     assert not ignored("pyproject.toml", rules)
+    assert not ignored("LICENSE", rules)  # the wheel ships it
     assert ignored("policyd/__pycache__/cli.cpython-311.pyc", rules)
     assert ignored("tests/test_cli.py", rules)
     assert ignored(".git/HEAD", rules)
+
+
+def test_the_wheel_ships_the_licence_pyproject_names(image: Image) -> None:
+    licence = (REPO / "LICENSE").read_text()
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]
+    assert licence.startswith(f"{declared} License\n"), "LICENSE is not the licence pyproject names"
+    with zipfile.ZipFile(image.wheel) as wheel:
+        names = wheel.namelist()
+        (shipped,) = [name for name in names if name.endswith(".dist-info/licenses/LICENSE")]
+        assert wheel.read(shipped).decode() == licence
+        (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+        assert f"License-Expression: {declared}\n" in wheel.read(metadata).decode()
+
+
+def test_a_step_that_needs_the_package_index_says_so(tmp_path: Path) -> None:
+    """Without the index (here: pip told not to use one), the failure names it."""
+    offline = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}
+    replay = BuildReplay(tmp_path / "root", offline)
+    step = Instruction("RUN", 'python -m pip download --dest . "policyd-no-such-package"', 1)
+    with pytest.raises(AssertionError, match=r"line 1 failed \(this step downloads from the pack"):
+        replay.do_run(step)
+    local = Instruction("RUN", "python -c 'raise SystemExit(3)'", 2)
+    with pytest.raises(AssertionError, match=r"line 2 failed:\n"):
+        replay.do_run(local)
 
 
 def test_validate_accepts_the_image_environment(image: Image) -> None:

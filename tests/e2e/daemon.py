@@ -7,15 +7,18 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from mailstack import wait_until
+from mailstack import READY_TIMEOUT, wait_until
 
 
 class Policyd:
     """A policyd process; its log goes to a file, so a busy log can never block it.
 
     ``listen`` defaults to a TCP port the kernel picks; ``endpoint`` is what it really bound.
+    With ``wait=False`` the constructor only starts the process, so that several daemons can
+    start at once; call :meth:`wait_ready` (or :func:`wait_all`) before using it.
     """
 
     def __init__(
@@ -24,6 +27,7 @@ class Policyd:
         *args: str,
         listen: str = "inet:127.0.0.1:0",
         env: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> None:
         self.log = log
         with log.open("w") as stderr:
@@ -37,9 +41,16 @@ class Policyd:
                     **(env or {}),
                 },
             )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the daemon logs that it is ready; learn its endpoints."""
+        log = self.log
         wait_until(
             lambda: "msg=ready" in log.read_text() or self.process.poll() is not None,
             "policyd to be ready",
+            timeout,
         )
         if self.process.poll() is not None:
             raise AssertionError(f"policyd exited: {log.read_text()}")
@@ -54,5 +65,28 @@ class Policyd:
 
     def stop(self) -> None:
         """SIGTERM, and the daemon must exit cleanly."""
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(10) == 0, self.log.read_text()
+        stop_all([self])
+
+
+def wait_all(daemons: list[Policyd]) -> None:
+    """Wait for daemons made with ``wait=False``, which start meanwhile at the same time; if one
+    fails, kill them all. They share the CPU while they start, so the deadline grows with their
+    number."""
+    deadline = time.monotonic() + READY_TIMEOUT * max(1, len(daemons) / 2)
+    try:
+        for daemon in daemons:
+            daemon.wait_ready(max(0.0, deadline - time.monotonic()))
+    except BaseException:
+        for daemon in daemons:
+            if daemon.process.poll() is None:
+                daemon.process.kill()
+                daemon.process.wait()
+        raise
+
+
+def stop_all(daemons: list[Policyd]) -> None:
+    """SIGTERM every daemon first, then wait: each must exit cleanly."""
+    for daemon in daemons:
+        daemon.process.send_signal(signal.SIGTERM)
+    for daemon in daemons:
+        assert daemon.process.wait(10) == 0, daemon.log.read_text()

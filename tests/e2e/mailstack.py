@@ -136,6 +136,10 @@ postlog    unix-dgram n - n - 1 postlogd
 """
 
 
+#: The service names _MASTER_CF_SERVICES takes.
+_MASTER_CF_NAMES = frozenset(line.split()[0] for line in _MASTER_CF_SERVICES.splitlines())
+
+
 class MailStackError(RuntimeError):
     """The stack could not be configured, started or reloaded."""
 
@@ -173,6 +177,20 @@ class Listener:
         }
         values.update(self.extra)
         return values
+
+
+@dataclass
+class Service:
+    """One more private master.cf ``unix`` service, e.g. a second trivial-rewrite.
+
+    ``extra`` holds its parameter overrides (``-o``). A listener uses a rewrite
+    service of its own with ``extra={"rewrite_service_name": NAME}``: smtpd asks
+    that service for both rewriting and resolving (rewrite_clnt.c, resolve_clnt.c).
+    """
+
+    name: str
+    command: str
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------
@@ -338,6 +356,7 @@ class MailStack:
         self.main_settings = dict(main_settings or {})
         self.policy_timeout = policy_timeout
         self.listeners: dict[str, Listener] = {}
+        self.services: dict[str, Service] = {}
         self._owns_root = root is None
         self.root = (
             Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="policyd-e2e-"))
@@ -402,12 +421,39 @@ class MailStack:
         """
         if not _NAME_RE.match(name):
             raise ValueError(f"listener name must match {_NAME_RE.pattern}: {name!r}")
-        if name in self.listeners:
-            raise ValueError(f"listener {name!r} already exists")
+        if name in self.listeners or name in self.services:
+            raise ValueError(f"listener or service {name!r} already exists")
         listener = Listener(name, sender_restrictions, sasl, dict(extra or {}))
-        self._check_overrides(listener)
+        self._check_overrides(listener.name, listener.overrides())
         self.listeners[name] = listener
         return listener
+
+    def add_service(
+        self, name: str, command: str, *, extra: Mapping[str, str] | None = None
+    ) -> Service:
+        """Declare one more private ``unix`` service running ``command``.
+
+        ``extra`` are its ``-o`` overrides, kept in main.cf like a listener's.
+        Takes effect on :meth:`start`, or on :meth:`reload` when running.
+        """
+        if not _NAME_RE.match(name):
+            raise ValueError(f"service name must match {_NAME_RE.pattern}: {name!r}")
+        if name in self.listeners or name in self.services or name in _MASTER_CF_NAMES:
+            raise ValueError(f"listener or service {name!r} already exists")
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", command):
+            raise ValueError(f"not a Postfix daemon name: {command!r}")
+        service = Service(name, command, dict(extra or {}))
+        self._check_overrides(name, service.extra)
+        self.services[name] = service
+        return service
+
+    def remove_listener(self, name: str) -> None:
+        """Drop a listener's declaration; :meth:`reload` applies it."""
+        del self.listeners[name]
+
+    def remove_service(self, name: str) -> None:
+        """Drop a service's declaration; :meth:`reload` applies it."""
+        del self.services[name]
 
     def add_policy_listener(
         self,
@@ -478,7 +524,7 @@ class MailStack:
             listener.sasl = sasl
         if extra:
             listener.extra.update(extra)
-        self._check_overrides(listener)
+        self._check_overrides(listener.name, listener.overrides())
         return listener
 
     def set_policy_endpoint(self, name: str, endpoint: str) -> int:
@@ -614,6 +660,41 @@ class MailStack:
         )
         return result.stdout + result.stderr
 
+    def parameters(self, names: Iterable[str], service: str | None = None) -> dict[str, str]:
+        """The values this Postfix gives ``names``, ``$name`` expanded (``postconf -x``).
+
+        With ``service``, that service's ``-o`` overrides win (``postconf -P -x``), as they do
+        for the daemon itself. Any postconf warning (an unknown name) is an error.
+        """
+        names = list(names)
+        values = self._postconf_values("-x", *names)
+        if service is not None:
+            prefix = f"{service}/unix/"
+            for key, value in self._postconf_values("-P", "-x", prefix.rstrip("/")).items():
+                if key.removeprefix(prefix) in values:
+                    values[key.removeprefix(prefix)] = value
+        missing = set(names) - set(values)
+        if missing:
+            raise MailStackError(f"postconf did not show {sorted(missing)}")
+        return values
+
+    def _postconf_values(self, *args: str) -> dict[str, str]:
+        """``postconf -c CONF ARGS`` as {name: value}; stderr output is an error."""
+        result = subprocess.run(
+            ["postconf", "-c", str(self.conf_dir), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=_clean_env(),
+        )
+        if result.returncode != 0 or result.stderr:
+            raise MailStackError(f"postconf {' '.join(args)}:\n{result.stderr}")
+        values = {}
+        for line in result.stdout.splitlines():
+            name, _, value = line.partition(" =")
+            values[name] = value.strip()
+        return values
+
     # -- validation --------------------------------------------------------
 
     def _check_users(self) -> None:
@@ -632,12 +713,12 @@ class MailStack:
             if ":" in login or any(c in password for c in ":\r\n"):
                 raise ValueError(f"passwd-file cannot hold {login!r} / its password")
 
-    def _check_overrides(self, listener: Listener) -> None:
+    def _check_overrides(self, name: str, overrides: Mapping[str, str]) -> None:
         """Parameter names must be plain words and values single lines."""
-        for key, value in listener.overrides().items():
+        for key, value in overrides.items():
             if not _PARAM_RE.match(key):
-                raise ValueError(f"bad parameter name {key!r} on {listener.name!r}")
-            _single_line(f"{listener.name}.{key}", value)
+                raise ValueError(f"bad parameter name {key!r} on {name!r}")
+            _single_line(f"{name}.{key}", value)
 
     # -- config writing ----------------------------------------------------
 
@@ -709,24 +790,29 @@ class MailStack:
         return values
 
     @staticmethod
-    def _holder(listener: Listener, key: str) -> str:
-        """Name of the main.cf parameter that holds a listener's override.
+    def _holder(name: str, key: str) -> str:
+        """Name of the main.cf parameter that holds a listener's or service's override.
 
         Values live in main.cf (``e2e_NAME_PARAM``) and master.cf only says
         ``-o PARAM=$e2e_NAME_PARAM``: master.cf ``-o`` values cannot easily
         hold spaces or the braces of ``unionmap:{}``. docker-mailserver
         does the same with ``$mua_sender_restrictions``.
         """
-        return f"e2e_{listener.name}_{key}"
+        return f"e2e_{name}_{key}"
 
     def _master_cf(self) -> str:
-        """master.cf: the internal services plus one smtpd per listener."""
+        """master.cf: the internal services, one smtpd per listener, then the extra services."""
         lines = [_MASTER_CF_SERVICES]
         for listener in self.listeners.values():
             lines.append(f"127.0.0.1:{listener.port} inet n - n - - smtpd")
             lines.append(f"  -o syslog_name=postfix/{listener.name}")
             for key in self._listener_values(listener):
-                lines.append(f"  -o {key}=${self._holder(listener, key)}")
+                lines.append(f"  -o {key}=${self._holder(listener.name, key)}")
+        for service in self.services.values():
+            lines.append(f"{service.name} unix - - n - - {service.command}")
+            lines.append(f"  -o syslog_name=postfix/{service.name}")
+            for key in service.extra:
+                lines.append(f"  -o {key}=${self._holder(service.name, key)}")
         return "\n".join(lines) + "\n"
 
     def _write_postfix_config(self) -> None:
@@ -734,7 +820,10 @@ class MailStack:
         settings = self._main_cf()
         for listener in self.listeners.values():
             for key, value in self._listener_values(listener).items():
-                settings[self._holder(listener, key)] = value
+                settings[self._holder(listener.name, key)] = value
+        for service in self.services.values():
+            for key, value in service.extra.items():
+                settings[self._holder(service.name, key)] = value
         main_cf = "".join(
             f"{key} = {_single_line(key, value)}\n" for key, value in settings.items()
         )
@@ -1160,6 +1249,89 @@ def _hang_up(client: smtplib.SMTP) -> None:
         except (smtplib.SMTPException, OSError):
             break
     client.close()
+
+
+class Exchange(NamedTuple):
+    """What one transaction of :class:`SmtpSession` got: the command whose reply decided
+    (``MAIL`` or ``RCPT``) and that reply exactly as sent, every line with its CRLF."""
+
+    command: str
+    reply: bytes
+
+
+class SmtpSession:
+    """One SMTP connection for many transactions, every reply kept byte for byte.
+
+    It connects, says EHLO and, with ``login``, logs in with ``AUTH PLAIN``; then each
+    :meth:`transaction` is ``MAIL FROM``, ``RCPT TO`` and ``RSET``. One connection for many
+    senders saves the connection, EHLO and AUTH of each (the sender restrictions run for
+    every RCPT anyway). smtpd counts each rejected command towards
+    ``smtpd_soft_error_limit`` (1000 here), so keep a session under a few hundred.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        login: str | None = None,
+        password: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        helo: str = "client.policyd.test",
+        timeout: float = 30.0,
+    ) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._replies = self._sock.makefile("rb")
+        try:
+            self._expect(b"220", self._read())
+            self._expect(b"250", self.command(f"EHLO {helo}"))
+            if login is not None:
+                token = base64.b64encode(f"\0{login}\0{password or ''}".encode()).decode()
+                self._expect(b"235", self.command(f"AUTH PLAIN {token}"))
+        except BaseException:
+            self.close()
+            raise
+
+    def transaction(self, mail_from: str, rcpt_to: str) -> Exchange:
+        """``MAIL FROM:<mail_from>`` (verbatim, with SMTPUTF8 if it is not ASCII), then, if
+        that was accepted, ``RCPT TO:<rcpt_to>``; RSET after, so the next one starts afresh."""
+        params = "" if (mail_from + rcpt_to).isascii() else " SMTPUTF8"
+        reply = self.command(f"MAIL FROM:<{mail_from}>{params}")
+        if not reply.startswith(b"2"):
+            return Exchange("MAIL", reply)
+        exchange = Exchange("RCPT", self.command(f"RCPT TO:<{rcpt_to}>"))
+        self._expect(b"250", self.command("RSET"))
+        return exchange
+
+    def command(self, line: str) -> bytes:
+        """Send one command line; return the whole reply as sent."""
+        self._sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        return self._read()
+
+    def _read(self) -> bytes:
+        lines = [self._replies.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self._replies.readline())
+        if not lines[-1].endswith(b"\r\n"):
+            raise MailStackError(f"the server hung up: {b''.join(lines)!r}")
+        return b"".join(lines)
+
+    @staticmethod
+    def _expect(code: bytes, reply: bytes) -> None:
+        if not reply.startswith(code):
+            raise MailStackError(f"expected {code.decode()}, got {reply!r}")
+
+    def close(self) -> None:
+        """QUIT politely, ignoring a server that already hung up."""
+        with contextlib.suppress(OSError):
+            self._sock.sendall(b"QUIT\r\n")
+        self._replies.close()
+        self._sock.close()
+
+    def __enter__(self) -> SmtpSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 if __name__ == "__main__":
