@@ -13,7 +13,6 @@ a pattern, and a store that cannot be asked in reverse makes the listing say it 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
@@ -382,7 +381,7 @@ async def _checked(
                     str(decision.rule) if decision.rule is not None else None,
                     why,
                     "extension",
-                    functools.partial(fnmatch.fnmatchcase, pat=extension),
+                    functools.partial(_is_extension, f"{local}{delimiter}", "@" + domain),
                 )
             )
     if domains or patterns or found.everything:
@@ -407,6 +406,11 @@ async def _checked(
         incomplete=tuple(found.incomplete),
         notes=notes,
     )
+
+
+def _is_extension(prefix: str, at_domain: str, address: str) -> bool:
+    """True if ``address`` is ``PREFIX...@DOMAIN``: an extension of the listed address."""
+    return address.startswith(prefix) and address.endswith(at_domain)
 
 
 def _item(sender: str, decision: Decision) -> Item:

@@ -16,11 +16,13 @@ from policyd.api import SendersApi, read_token
 from policyd.cli import main
 from policyd.config import ConfigError, Endpoint, Settings, load_settings
 from policyd.daemon import Daemon
+from policyd.engine import Policy
 from policyd.http import HttpServer
 from policyd.metrics import Metrics
 from policyd.model import LoadError
 from policyd.service import Service
 from tests.helpers import ROOT, http_get
+from tests.test_senders import Down, dms
 
 TOKEN = "s3cret-token-for-tests"
 LOGIN = "user1@localhost.localdomain"
@@ -242,3 +244,17 @@ async def test_openapi_description_holds_for_the_live_endpoint(
     assert "Tested: 1" in text, text
     cases = re.search(r"(\d+) generated, (\d+) passed", text)
     assert cases is not None and int(cases[1]) > 20 and cases[1] == cases[2], text
+
+
+async def test_a_map_that_cannot_answer_is_a_503_not_a_short_list(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service = Service(Policy(), [Down(dms())])
+    server = await serve(SendersApi(service, TOKEN))
+    try:
+        status, headers, body = await get(server, f"/v1/senders?login={LOGIN}")
+    finally:
+        await server.stop()
+    assert (status, headers["retry-after"]) == ("503 Service Unavailable", "5")
+    assert json.loads(body) == {"error": "a map could not answer"}
+    assert "connection refused" in caplog.text and TOKEN not in caplog.text
