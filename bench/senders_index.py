@@ -8,6 +8,13 @@ takes for a login of the map.
 
     python bench/gen_data.py --preset 1m --out /tmp/policyd-bench/dms-1m
     python bench/senders_index.py --data /tmp/policyd-bench/dms-1m --runs 3
+
+With ``--daemon CHECKOUT ...`` it runs `policyd serve` from each checkout instead (this one and,
+say, one from before the index), reloads it with SIGHUP ``--runs`` times without load, and
+reports its RSS at rest, its peak while reading the new map, the peak of the daemon and its
+parsing process together, and how long each reload took:
+
+    python bench/senders_index.py --daemon /path/to/main . --runs 3
 """
 
 from __future__ import annotations
@@ -17,10 +24,14 @@ import asyncio
 import functools
 import gc
 import json
+import os
+import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +50,92 @@ def memory_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise LookupError(field)
+
+
+def status_kb(pid: int, field: str = "VmRSS") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def daemon_reloads(checkout: Path, data: Path, runs: int) -> list[dict[str, float]]:
+    """`policyd serve` from ``checkout`` on the map, reloaded ``runs`` times by SIGHUP."""
+    socket = Path(f"/tmp/policyd-senders-index-{os.getpid()}.sock")
+    environment = dict(os.environ, POLICYD_METRICS_LISTEN="none")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "policyd", "serve", f"--listen=unix:{socket}", f"--map=dms:{data}"],
+        cwd=checkout,  # python -m runs the checkout's policyd, and so does its parser
+        env=environment,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert daemon.stderr is not None
+    stderr = daemon.stderr
+
+    def wait_for(pattern: str) -> None:
+        for line in stderr:
+            if re.search(pattern, line):
+                return
+        raise RuntimeError("the daemon ended")
+
+    results = []
+    try:
+        wait_for(r"msg=ready")
+        for _ in range(runs):
+            rest = status_kb(daemon.pid)
+            reloaded = threading.Thread(target=wait_for, args=(r"msg=\"?reloaded",))
+            reloaded.start()
+            started = time.monotonic()
+            daemon.send_signal(signal.SIGHUP)
+            main_peak = together = 0
+            while reloaded.is_alive():
+                main = status_kb(daemon.pid)
+                main_peak = max(main_peak, main)
+                together = max(together, main + sum(map(status_kb, children_of(daemon.pid))))
+                time.sleep(0.01)  # a sampling interval, not a synchronisation
+            results.append(
+                {
+                    "rest_mib": rest / 1024,
+                    "main_peak_mib": main_peak / 1024,
+                    "together_peak_mib": together / 1024,
+                    "reload_s": time.monotonic() - started,
+                }
+            )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    return results
+
+
+def daemon_report(checkouts: list[Path], data: Path, runs: int) -> str:
+    rows = [
+        "| checkout | RSS at rest (MiB) | peak reading a new map (MiB) | daemon + parser peak (MiB)"
+        " | reload (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for checkout in checkouts:
+        found = daemon_reloads(checkout, data, runs)
+
+        def med(key: str, found: list[dict[str, float]] = found) -> float:
+            return statistics.median(run[key] for run in found)
+
+        reloads = ", ".join(f"{run['reload_s']:.1f}" for run in found)
+        rows.append(
+            f"| {checkout} | {med('rest_mib'):.0f} | {med('main_peak_mib'):.0f}"
+            f" | {med('together_peak_mib'):.0f} | {reloads} |"
+        )
+    return "\n".join(rows)
 
 
 def measure(data: Path, reverse: bool) -> dict[str, Any]:
@@ -97,7 +194,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--child", choices=["with", "without"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    parser.add_argument("--daemon", type=Path, nargs="+", metavar="CHECKOUT", help="see above")
     options = parser.parse_args()
+    if options.daemon:
+        print(daemon_report(options.daemon, options.data, options.runs))
+        return 0
     if options.child:
         print(json.dumps(measure(options.data, options.child == "with")))
         return 0
