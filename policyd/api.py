@@ -29,8 +29,7 @@ from policyd.stores.network import read_secret
 log = logging.getLogger("policyd.http")
 
 JSON = "application/json"
-# The longest login accepted: Postfix's SASL logins are addresses or user names, far shorter.
-MAX_LOGIN = 512
+MAX_LOGIN = defaults.SENDERS_API_MAX_LOGIN
 
 
 def _error(status: str, message: str, *headers: tuple[str, str]) -> Response:

@@ -14,6 +14,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from policyd import defaults
 from policyd.address import fold
 from policyd.model import LoadError, Origin
 from policyd.rules import Rules
@@ -58,10 +59,6 @@ class Finding:
         return f"{self.severity}: {self.where}: {self.message} [{self.kind}]"
 
 
-# Candidate domains for the whole-domain test, from the maps: at most this many.
-_DOMAINS = 1000
-
-
 def audit(service: Service, max_senders: int) -> list[Finding]:
     """Every finding for the service's maps and rules, in the order of the files."""
     findings: list[Finding] = []
@@ -91,7 +88,7 @@ def _domains(stores: Sequence[Store]) -> list[str]:
         for table in _fixed_tables(store):
             for key, _ in table.entries():
                 found[key.rpartition("@")[2]] = None
-                if len(found) >= _DOMAINS:
+                if len(found) >= defaults.AUDIT_DOMAINS:
                     return list(found)
     return [domain for domain in found if domain]
 

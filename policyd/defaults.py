@@ -160,3 +160,12 @@ AUDIT_MAX_SENDERS = 100
 # `policyd senders` checks at most this many candidate addresses for one login (each costs a
 # decision); beyond, the listing says how many it left out.
 SENDERS_MAX_CANDIDATES = 20000
+# A listing checks each candidate with a whole decision (tens of microseconds); after this many
+# it lets the event loop serve other work, so a big listing never stalls Postfix's requests.
+SENDERS_CHECKS_PER_TURN = 100
+# The longest login the senders API accepts: Postfix's SASL logins are addresses or user
+# names, far shorter; anything longer is a malformed request (400).
+SENDERS_API_MAX_LOGIN = 512
+# `policyd audit` tries pattern rules against every address of at most this many domains
+# named in the maps, to find rules that match a whole domain.
+AUDIT_DOMAINS = 1000

@@ -40,10 +40,6 @@ SCHEMA_VERSION = 1
 # class is checked: letters and digits only, so no recipient_delimiter can split it.
 PROBE = "zzpolicydprobe0"
 
-# A listing checks each candidate with a whole decision (tens of microseconds); after this
-# many it lets the event loop serve other work, so a big listing never stalls Postfix.
-_CHECKS_PER_TURN = 100
-
 # Classes in the order they are shown, with their JSON names.
 CLASSES = ("exact", "domains", "patterns", "everything", "denied")
 #: Every field of the JSON shape, in order (README "policyd senders", the OpenAPI schema).
@@ -325,7 +321,7 @@ async def _checked(
     async def decide(sender: str) -> Decision:
         nonlocal checked
         checked += 1
-        if checked % _CHECKS_PER_TURN == 0:
+        if checked % defaults.SENDERS_CHECKS_PER_TURN == 0:
             await asyncio.sleep(0)  # the policy service's requests go first
         request = PolicyRequest(
             sender=sender,
