@@ -744,6 +744,10 @@ SENDER_MAPS = st.fixed_dictionaries(
             ),
             max_size=3,
         ).map(lambda lines: "".join(f"{login} {pattern}\n" for login, pattern in lines)),
+        # login_addresses: what uid7 and ann@a.example stand for, or none
+        "logins": st.sampled_from(
+            ["", "uid7 ann@a.example\n", "uid7 bob@b.example, cat@localhost\n"]
+        ),
         "deny": st.lists(
             st.sampled_from(
                 [
@@ -808,9 +812,22 @@ def _sender_service(directory: Path, maps: dict[str, Any], policy: Policy) -> Se
         store.load_now()  # type: ignore[attr-defined]
     rules = RuleFiles(directory / "grants", directory / "deny", context)
     rules.files.load_now()
+    logins: list[Store] = []
+    if maps["logins"]:
+        (directory / "logins").write_text(maps["logins"])
+        logins.append(TexthashStore(directory / "logins", context))
+        logins[0].load_now()  # type: ignore[attr-defined]
+        policy = dataclasses.replace(policy, maps_logins=True)
     # The longest CPU budget: a loaded machine collecting hypothesis's garbage mid-decision
     # must not turn a listing into a temporary failure.
-    return Service(policy, chosen, rules=rules, cache=DecisionCache(size=0), time_limit=10)
+    return Service(
+        policy,
+        chosen,
+        login_addresses=logins,
+        rules=rules,
+        cache=DecisionCache(size=0),
+        time_limit=10,
+    )
 
 
 @settings(PROPERTIES, max_examples=300)
