@@ -8,21 +8,22 @@ that lead nowhere, logins with very many addresses, and keys Postfix itself woul
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from policyd import defaults
 from policyd.address import fold
-from policyd.model import LoadError, Origin
+from policyd.model import Entry, Origin
+from policyd.readfile import open_regular
 from policyd.rules import Rules
 from policyd.service import Service
 from policyd.stores.base import Store
 from policyd.stores.dms import ACCOUNTS, VIRTUAL, DmsStore
-from policyd.stores.files import TableStore, read_text
-from policyd.tables import FixedTable, PatternRule, PatternTable, logical_lines
+from policyd.stores.files import TableStore
+from policyd.tables import FixedTable, PatternRule, PatternTable
 
 
 class Severity(IntEnum):
@@ -86,7 +87,7 @@ def _domains(stores: Sequence[Store]) -> list[str]:
     found: dict[str, None] = {}
     for store in stores:
         for table in _fixed_tables(store):
-            for key, _ in table.entries():
+            for key in table.keys_in_order():
                 found[key.rpartition("@")[2]] = None
                 if len(found) >= defaults.AUDIT_DOMAINS:
                     return list(found)
@@ -107,8 +108,8 @@ def _store(
     findings: list[Finding] = []
     if isinstance(store, DmsStore):
         maps = store.snapshot
-        findings += _texthash_file(store.directory / ACCOUNTS, accounts=True)
-        findings += _texthash_file(store.directory / VIRTUAL)
+        findings += _texthash_file(store.directory / ACCOUNTS, maps.accounts.line_of, True)
+        findings += _texthash_file(store.directory / VIRTUAL, maps.virtual.line_of)
         findings += _aliases(maps.virtual, maps.accounts, catch_all)
         _count(maps.virtual, counts)
         if maps.regexp is not None:
@@ -118,7 +119,7 @@ def _store(
         if isinstance(table, PatternTable):
             findings += _patterns(table, domains)
         else:
-            findings += _texthash_file(store.path)
+            findings += _texthash_file(store.path, table.line_of)
             findings += _catch_alls(table)
             _count(table, counts)
     else:
@@ -133,22 +134,27 @@ def _store(
     return findings
 
 
-def _texthash_file(path: Path, accounts: bool = False) -> list[Finding]:
+def _texthash_file(
+    path: Path, kept: Callable[[str], int | None], accounts: bool = False
+) -> list[Finding]:
     """Keys written twice, or twice in different case: Postfix folds keys, so both are the
-    same key, and its smtpd refuses a texthash-style table with a duplicate key."""
-    try:
-        text = read_text(path)
-    except LoadError:
-        return []  # absent (each docker-mailserver file is optional); the load said the rest
-    first: dict[str, tuple[str, int]] = {}
+    same key, and its smtpd refuses a texthash-style table with a duplicate key.
+
+    ``kept`` gives the line of the entry the loaded table kept for a folded key: a line whose
+    key was kept from another line is a duplicate. The file is read twice, line by line, so a
+    million-line file costs no memory beyond the table already loaded.
+    """
+    duplicates: list[tuple[int, str, int]] = []  # (line, key as written, line kept)
+    for number, key in _keys_as_written(path, accounts):
+        first = kept(fold(key))
+        if first is not None and first != number:
+            duplicates.append((number, key, first))
+    if not duplicates:
+        return []
+    wanted = {first for _, _, first in duplicates}
+    spelled = {n: key for n, key in _keys_as_written(path, accounts) if n in wanted}
     findings = []
-    for number, line in logical_lines(text):
-        key = line.split("|", 1)[0].strip() if accounts else line.split(None, 1)[0]
-        folded = fold(key)
-        if folded not in first:
-            first[folded] = (key, number)
-            continue
-        spelled, line_number = first[folded]
+    for number, key, first in duplicates:
         where = str(Origin(str(path), number))
         if accounts:
             findings.append(
@@ -156,18 +162,18 @@ def _texthash_file(path: Path, accounts: bool = False) -> list[Finding]:
                     Severity.WARNING,
                     "duplicate_account",
                     where,
-                    f"account {key} is listed again (line {line_number}); docker-mailserver"
-                    " keeps one of them",
+                    f"account {key} is listed again (line {first}); docker-mailserver keeps"
+                    " one of them",
                 )
             )
-        elif spelled == key:
+        elif spelled.get(first) == key:
             findings.append(
                 Finding(
                     Severity.ERROR,
                     "duplicate_key",
                     where,
-                    f"{key} is a key already (line {line_number}): Postfix's smtpd refuses"
-                    " the whole table and defers every sender with 451 (postmap -q only warns)",
+                    f"{key} is a key already (line {first}): Postfix's smtpd refuses the"
+                    " whole table and defers every sender with 451 (postmap -q only warns)",
                 )
             )
         else:
@@ -176,11 +182,32 @@ def _texthash_file(path: Path, accounts: bool = False) -> list[Finding]:
                     Severity.ERROR,
                     "case_only_keys",
                     where,
-                    f"{key} differs from {spelled} (line {line_number}) only in case: Postfix"
-                    " folds both to one key, a duplicate, and smtpd refuses the whole table",
+                    f"{key} differs from {spelled.get(first, '?')} (line {first}) only in"
+                    " case: Postfix folds both to one key, a duplicate, and smtpd refuses the"
+                    " whole table",
                 )
             )
     return findings
+
+
+def _keys_as_written(path: Path, accounts: bool) -> Iterator[tuple[int, str]]:
+    """(line, key) of every entry, spelled as in the file: the first word of a texthash
+    line (a line starting with whitespace continues the one before), or the address of a
+    postfix-accounts.cf line."""
+    try:
+        with open_regular(path) as stream:
+            yield from _keys_of(stream, accounts)
+    except OSError:
+        return  # absent (each docker-mailserver file is optional); the load said the rest
+
+
+def _keys_of(stream: BinaryIO, accounts: bool) -> Iterator[tuple[int, str]]:
+    for number, raw in enumerate(stream, start=1):
+        line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or (line[0].isspace() and not accounts):
+            continue
+        yield number, stripped.split("|", 1)[0].strip() if accounts else line.split(None, 1)[0]
 
 
 def _catch_alls(table: FixedTable) -> Iterator[Finding]:
@@ -210,44 +237,50 @@ def _catch_all(key: str, owners: tuple[str, ...], origin: Origin, sends: bool) -
 
 
 def _aliases(virtual: FixedTable, accounts: Any, catch_all: bool) -> list[Finding]:
-    """Catch-alls, and aliases none of whose targets is an account here."""
+    """Catch-alls, and aliases none of whose targets is an account here, in file order."""
     account_domains = {
         accounts.key_at(number).rpartition("@")[2] for number in range(len(accounts))
     }
-    findings = []
-    for key, entry in virtual.entries():
-        if key.startswith("@"):
-            findings.append(_catch_all(key, entry.owners, entry.origin, sends=catch_all))
-            continue
-        if not entry.owners or any(
-            accounts.get(owner) is not None or virtual.get(owner) is not None
-            for owner in entry.owners
+    found: list[tuple[int, Finding]] = []
+    if virtual.domain_keys:
+        for key in virtual.keys_in_order():
+            if key.startswith("@"):
+                entry = virtual.get(key)
+                assert entry is not None
+                found.append(
+                    (entry.origin.line, _catch_all(key, entry.owners, entry.origin, catch_all))
+                )
+    for owners, entries in virtual.by_owners():
+        if not owners or any(
+            accounts.get(owner) is not None or virtual.line_of(owner) is not None
+            for owner in owners
         ):
-            continue  # an account's alias, or an alias of an alias (nested_aliases)
-        missing = [o for o in entry.owners if o.rpartition("@")[2] in account_domains]
-        targets = ", ".join(entry.owners)
-        if missing:
-            findings.append(
-                Finding(
-                    Severity.WARNING,
-                    "alias_to_missing_account",
-                    str(entry.origin),
-                    f"{key}: its targets ({targets}) are not accounts in {ACCOUNTS}, though"
-                    f" {', '.join(missing)} is at a domain with accounts here: a typo, or a"
-                    " deleted account whose next owner would inherit the right to send as it",
-                )
-            )
-        else:
-            findings.append(
-                Finding(
-                    Severity.INFO,
-                    "alias_outside_accounts",
-                    str(entry.origin),
-                    f"{key}: its only targets ({targets}) are outside the accounts, so no"
-                    " login here may send as it through this alias",
-                )
-            )
-    return findings
+            continue  # an account's aliases, or aliases of an alias (nested_aliases)
+        missing = [owner for owner in owners if owner.rpartition("@")[2] in account_domains]
+        targets = ", ".join(owners)
+        for key, entry in entries:
+            if not key.startswith("@"):
+                found.append((entry.origin.line, _dead_alias(key, targets, missing, entry)))
+    return [finding for _, finding in sorted(found, key=lambda item: item[0])]
+
+
+def _dead_alias(key: str, targets: str, missing: list[str], entry: Entry) -> Finding:
+    if missing:
+        return Finding(
+            Severity.WARNING,
+            "alias_to_missing_account",
+            str(entry.origin),
+            f"{key}: its targets ({targets}) are not accounts in {ACCOUNTS}, though"
+            f" {', '.join(missing)} is at a domain with accounts here: a typo, or a"
+            " deleted account whose next owner would inherit the right to send as it",
+        )
+    return Finding(
+        Severity.INFO,
+        "alias_outside_accounts",
+        str(entry.origin),
+        f"{key}: its only targets ({targets}) are outside the accounts, so no login here may"
+        " send as it through this alias",
+    )
 
 
 def _patterns(table: PatternTable, domains: list[str]) -> list[Finding]:

@@ -113,21 +113,33 @@ class PackedTable:
             lambda number: bytes(data[offsets[number] : offsets[number + 1]]),
         )
 
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key``'s entry, or None (its owners are not decoded)."""
+        entry = self._entry(key)
+        return None if entry == _EMPTY else self._lines[entry]
+
     def get(self, key: str) -> tuple[tuple[str, ...], int] | None:
         """(owners, line) for ``key``, or None."""
+        entry = self._entry(key)
+        if entry == _EMPTY:
+            return None
+        return self.group(self._owners[entry]), self._lines[entry]
+
+    def _entry(self, key: str) -> int:
+        """The number of ``key``'s entry, or _EMPTY."""
         try:
             data = encode(key)
         except UnicodeEncodeError:  # a lone surrogate no file can contain
-            return None
+            return _EMPTY
         size = len(data)
         keys, offsets, slots, mask = self._keys, self._offsets, self._slots, self._mask
         index = zlib.crc32(data) & mask
         while (entry := slots[index]) != _EMPTY:
             start = offsets[entry]
             if offsets[entry + 1] - start == size and keys.startswith(data, start):
-                return self.group(self._owners[entry]), self._lines[entry]
+                return entry
             index = (index + 1) & mask
-        return None
+        return _EMPTY
 
 
 def _restore(buffers: tuple[bytes | bytearray, ...]) -> PackedTable:
@@ -373,6 +385,10 @@ class ReverseIndex:
             group = self._groups[index]
             listed += self._entries[self._entry_starts[group] : self._entry_starts[group + 1]]
         return sorted(listed)
+
+    def entries_of_group(self, group: int) -> Sequence[int]:
+        """The numbers of the entries whose owners are owner group ``group``."""
+        return self._entries[self._entry_starts[group] : self._entry_starts[group + 1]]
 
     def counts(self) -> Iterator[tuple[str, int, int]]:
         """(owner, how many entries list it, the first of them) for every owner."""

@@ -119,6 +119,25 @@ class FixedTable:
             found.append((key, Entry(listed, Origin(self.source, line))))
         return found
 
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key``'s entry (folded), or None."""
+        return self._entries.line_of(key)
+
+    def keys_in_order(self) -> Iterator[str]:
+        """Every key, in file order."""
+        return map(self._entries.key_at, range(len(self._entries)))
+
+    def by_owners(self) -> Iterator[tuple[tuple[str, ...], list[tuple[str, Entry]]]]:
+        """Each owner list once, with the entries that have it (audit). Owner lists are
+        shared by every alias with the same targets: far fewer than the entries."""
+        if self.reverse is None:
+            for key, entry in self.entries():
+                yield entry.owners, [(key, entry)]
+            return
+        for group in range(self._entries.groups):
+            owners = self._entries.group(group)
+            yield owners, self._at(list(self.reverse.entries_of_group(group)))
+
     def origin_of(self, number: int) -> Origin:
         """Where entry number ``number`` is written."""
         return Origin(self.source, self._entries.at(number)[2])
