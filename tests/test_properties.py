@@ -42,7 +42,7 @@ from policyd.server import PolicyConnection, PolicyServer
 from policyd.service import DecisionCache, Service
 from policyd.stores.base import Answer, Store, StoreContext
 from policyd.stores.dms import DmsStore
-from policyd.stores.files import PcreStore, RuleFiles, TexthashStore
+from policyd.stores.files import PcreStore, RegexpStore, RuleFiles, TexthashStore
 from tests.conftest import DATA
 from tests.helpers import at_once
 
@@ -730,7 +730,9 @@ def _table_lines(key: Any, owners: Any) -> Any:
 
 SENDER_MAPS = st.fixed_dictionaries(
     {
-        "layout": st.sampled_from(["dms", "texthash", "texthash+pcre", "dms+texthash"]),
+        "layout": st.sampled_from(
+            ["dms", "texthash", "texthash+pcre", "texthash+regexp", "dms+texthash"]
+        ),
         "accounts": st.lists(st.sampled_from(SENDER_ADDRESSES), max_size=5),
         "virtual": _table_lines(ALIAS_KEYS, SENDER_OWNERS),
         "texthash": _table_lines(FIXED_KEYS, SENDER_OWNERS),
@@ -806,6 +808,7 @@ def _sender_service(directory: Path, maps: dict[str, Any], policy: Policy) -> Se
         "dms": DmsStore(directory / "dms", context),
         "texthash": TexthashStore(directory / "login.texthash", context),
         "pcre": PcreStore(directory / "login.pcre", context),
+        "regexp": RegexpStore(directory / "login.pcre", context),  # the same rules, POSIX
     }
     chosen = [stores[name] for name in maps["layout"].split("+")]
     for store in chosen:

@@ -374,3 +374,18 @@ def test_the_json_shape_is_the_documented_one() -> None:
         for name in re.findall(r"`([a-z]+)`", cell)
     ]
     assert documented == list(listing)
+
+
+def test_a_map_that_cannot_answer_exits_75_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pattern cut off by pattern_time_limit is a temporary failure, as in the daemon."""
+    (tmp_path / "slow.pcre").write_text("/^(a+)+b@/ owner@example.com\n")
+    monkeypatch.setenv("POLICYD_PATTERN_TIME_LIMIT", "0.01")
+    login = "a" * 40 + "@example.com"
+    assert main(["senders", f"--map=pcre:{tmp_path / 'slow.pcre'}", login]) == 75
+    out, err = capsys.readouterr()
+    assert out == ""
+    why = f"policyd: senders: {login}: lookup failed: {tmp_path / 'slow.pcre'}:1: the match was cut"
+    assert any(line.startswith(why) for line in err.splitlines()), err
+    assert "Traceback" not in err
