@@ -479,8 +479,9 @@ class PatternRule:
 
     def reach(self, domains: Iterable[str] = ()) -> str | None:
         """``*`` if the rule matches every address, ``@domain`` if every address at a domain
-        (its own literal domain, or one of ``domains``), else None: tried on addresses no
-        narrower rule would match."""
+        (its own literal domain, or one of ``domains``), else None. Tried on a few addresses
+        of unusual shapes (a one-letter local part, a role name, dots and an extension): a
+        rule that matches them all matches anything a user could type there."""
         if all(self.matches(address) for address in _ANYWHERE):
             return "*"
         literal = self.rule.conditions[0].domain
