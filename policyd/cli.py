@@ -1,4 +1,5 @@
-"""The `policyd` command: serve, check and validate. Thin: each calls what the daemon uses.
+"""The `policyd` command: serve, check, validate, senders and audit. Thin: each calls what the
+daemon uses.
 
 Exit codes (README "Exit codes"): 0 success (check: permitted or not checked), 1 check:
 rejected, 64 usage error (an unknown flag, a missing argument), 70 internal error (a bug: a
@@ -10,21 +11,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from policyd import __version__, stores
+from policyd import __version__, audit, senders, stores
+from policyd.audit import Severity
 from policyd.codec import PolicyRequest
 from policyd.config import ConfigError, Settings, load_settings
 from policyd.daemon import Daemon
 from policyd.engine import Decision, Verdict
 from policyd.logs import Logging
-from policyd.model import LoadError, Mode
+from policyd.model import LoadError, Mode, StoreUnavailable
 from policyd.service import Service
 from policyd.sockets import ListenError
 from policyd.stores.network import NetworkStore
@@ -33,21 +36,27 @@ EXIT_OK = 0
 EXIT_REJECT = 1
 EXIT_USAGE = 64  # EX_USAGE
 EXIT_SOFTWARE = 70  # EX_SOFTWARE
+EXIT_FINDINGS = EXIT_REJECT  # audit: a finding at or above --fail-on
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL
 EXIT_CONFIG = 78  # EX_CONFIG
 
 # What each exit code means, as the README's "Exit codes" table says it.
 EXIT_CODES = {
     EXIT_OK: "success; check: the sender is permitted, or not checked",
-    EXIT_REJECT: "check: the sender is rejected; serve: a second SIGTERM cut the shutdown short",
+    EXIT_REJECT: (
+        "check: the sender is rejected; audit: a finding at or above --fail-on;"
+        " serve: a second SIGTERM cut the shutdown short"
+    ),
     EXIT_USAGE: "usage error: an unknown command or flag, a missing or extra argument",
     EXIT_SOFTWARE: "internal error (a bug): the traceback is printed",
-    EXIT_TEMPFAIL: "check: temporary failure (a map could not answer); validate: a map's"
-    " server could not be reached",
+    EXIT_TEMPFAIL: "check, senders: temporary failure (a map could not answer);"
+    " validate: a map's server could not be reached",
     EXIT_CONFIG: "configuration error: settings, maps, rules files or listen addresses",
 }
 
 log = logging.getLogger("policyd")
+
+T = TypeVar("T")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -172,6 +181,21 @@ def build_parser() -> ArgumentParser:
         "--client-address", default="", metavar="IP", help="the SMTP client's address"
     )
     commands.add_parser("validate", parents=[common], help="load the settings and maps, report")
+    senders = commands.add_parser(
+        "senders", parents=[common], help="list every sender LOGIN may use, and why"
+    )
+    senders.add_argument("login", metavar="LOGIN", help="SASL login")
+    senders.add_argument("--json", action="store_true", help="the stable JSON shape (README)")
+    audit = commands.add_parser(
+        "audit", parents=[common], help="review the maps and rules: wide rules, dead rules, ..."
+    )
+    audit.add_argument("--json", action="store_true", help="findings as JSON")
+    audit.add_argument(
+        "--fail-on",
+        choices=[str(severity) for severity in Severity],
+        metavar="SEVERITY",
+        help="exit 1 if a finding is at least this severe: info, warning or error",
+    )
     return parser
 
 
@@ -199,7 +223,13 @@ def _run(args: argparse.Namespace, names: dict[str, str]) -> int:
             print(f"policyd: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     logs = Logging(settings.log_level, settings.log_format)
-    command = {"serve": serve, "check": check, "validate": validate}[args.command]
+    command = {
+        "serve": serve,
+        "check": check,
+        "validate": validate,
+        "senders": senders_command,
+        "audit": audit_command,
+    }[args.command]
     try:
         return command(settings, args, logs)
     finally:
@@ -306,9 +336,14 @@ def check(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
     return 0
 
 
-async def _decide_once(settings: Settings, request: PolicyRequest) -> Decision:
+async def _once(settings: Settings, work: Callable[[Service], Awaitable[T]]) -> T:
+    """``work`` done with a started service that watches no files, closed after it."""
     async with Service.running(settings.model_copy(update={"reload_interval": 0})) as service:
-        return await service.answer(request)
+        return await work(service)
+
+
+async def _decide_once(settings: Settings, request: PolicyRequest) -> Decision:
+    return await _once(settings, lambda service: service.answer(request))
 
 
 _CODED = re.compile(r"([45])(\d\d)(?:\s+(\d\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?", re.DOTALL)
@@ -399,3 +434,55 @@ async def _start_and_close(service: Service) -> LoadError | None:
         return error  # start() has closed what it opened
     await service.close()
     return None
+
+
+# senders
+
+
+def senders_command(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
+    """List what the login may send as: exit 0, 75 if a store could not answer."""
+    try:
+        listing = asyncio.run(_list_once(settings, args.login))
+    except LoadError as error:
+        _print_load_error(error)
+        return EXIT_CONFIG
+    except StoreUnavailable as error:
+        print(f"policyd: senders: {error}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    if args.json:
+        print(json.dumps(listing.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(senders.as_text(listing), end="")
+    return 0
+
+
+async def _list_once(settings: Settings, login: str) -> senders.Listing:
+    return await _once(settings, lambda service: senders.list_senders(service, login))
+
+
+# audit
+
+
+def audit_command(settings: Settings, args: argparse.Namespace, logs: Logging) -> int:
+    """Report the findings; exit 1 if one is at least --fail-on, 78 if the maps do not load."""
+    try:
+        findings = asyncio.run(_audit_once(settings))
+    except LoadError as error:
+        _print_load_error(error)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps([finding.to_json() for finding in findings], indent=2))
+    else:
+        print(audit.as_text(findings), end="")
+    if args.fail_on is not None:
+        threshold = Severity.parse(args.fail_on)
+        if any(finding.severity >= threshold for finding in findings):
+            return EXIT_FINDINGS
+    return 0
+
+
+async def _audit_once(settings: Settings) -> list[audit.Finding]:
+    async def findings(service: Service) -> list[audit.Finding]:
+        return audit.audit(service, settings.audit_max_senders)
+
+    return await _once(settings, findings)

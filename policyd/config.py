@@ -202,6 +202,13 @@ class Settings(Strict):
     scope_contexts: list[str] = Field(default_factory=list)
     exempt_networks: list[IPvAnyNetwork] = Field(default_factory=list)
 
+    # The reverse direction (README "policyd senders", "The senders API", "policyd audit").
+    senders_api: bool = False
+    senders_api_token_file: Path | None = None
+    senders_api_rate: float = Field(default=defaults.SENDERS_API_RATE, gt=0)
+    senders_api_burst: int = Field(default=defaults.SENDERS_API_BURST, ge=1)
+    audit_max_senders: int = Field(default=defaults.AUDIT_MAX_SENDERS, ge=1)
+
     @field_validator("metrics_listen", mode="before")
     @classmethod
     def _metrics_endpoint(cls, value: Any) -> Any:
@@ -328,6 +335,14 @@ class Settings(Strict):
         metrics = self.metrics_listen
         if metrics is not None and metrics.port != 0 and str(metrics) in seen:
             raise ValueError("metrics_listen: the policy service already listens there")
+        return self
+
+    @model_validator(mode="after")
+    def _senders_api_needs(self) -> Settings:
+        if self.senders_api and self.senders_api_token_file is None:
+            raise ValueError("senders_api: needs senders_api_token_file, the bearer token's file")
+        if self.senders_api and self.metrics_listen is None:
+            raise ValueError("senders_api: is served on metrics_listen, which is none")
         return self
 
     @model_validator(mode="after")

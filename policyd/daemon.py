@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from policyd import defaults
+from policyd.api import SendersApi, read_token
 from policyd.codec import PolicyRequest
 from policyd.config import Settings
 from policyd.engine import Decision
@@ -55,7 +56,15 @@ class Daemon:
         registry = self.service.metrics.exposition(
             self.service.statuses, self.server.connection_count
         )
-        self.http = HttpServer(registry, self.service.statuses)
+        api = None
+        if settings.senders_api and settings.senders_api_token_file is not None:
+            api = SendersApi(
+                self.service,
+                read_token(settings.senders_api_token_file),
+                rate=settings.senders_api_rate,
+                burst=settings.senders_api_burst,
+            )
+        self.http = HttpServer(registry, self.service.statuses, api=api)
         self._stopping = asyncio.Event()
         self._starting: asyncio.Task[None] | None = None
         self._reload_pending = False

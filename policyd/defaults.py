@@ -167,3 +167,25 @@ MAX_ALIAS_LOOKUPS = 1000
 
 # A login denied by the deny file, or an alias login refused by alias_logins = "refuse".
 REJECT_LOGIN_DENIED = "553 5.7.1 sending is disabled for user {login}"
+
+# The senders API (GET /v1/senders): requests a second, and how many may come at once, from
+# all clients together. A listing checks every address it names with a full decision, so a
+# webmail filling one identity list at login is a few requests; a script walking every
+# login waits its turn (429 with Retry-After) rather than slowing the policy service.
+SENDERS_API_RATE = 5.0
+SENDERS_API_BURST = 20
+# A login may send as longer lists than this only by its own choice of the admin: a
+# shared mailbox of many aliases, a relay. `policyd audit` names such logins.
+AUDIT_MAX_SENDERS = 100
+# `policyd senders` checks at most this many candidate addresses for one login (each costs a
+# decision); beyond, the listing says how many it left out.
+SENDERS_MAX_CANDIDATES = 20000
+# A listing checks each candidate with a whole decision (tens of microseconds); after this many
+# it lets the event loop serve other work, so a big listing never stalls Postfix's requests.
+SENDERS_CHECKS_PER_TURN = 100
+# The longest login the senders API accepts: Postfix's SASL logins are addresses or user
+# names, far shorter; anything longer is a malformed request (400).
+SENDERS_API_MAX_LOGIN = 512
+# `policyd audit` tries pattern rules against every address of at most this many domains
+# named in the maps, to find rules that match a whole domain.
+AUDIT_DOMAINS = 1000

@@ -205,14 +205,10 @@ def _decide(request: PolicyRequest, key: str, policy: Policy, rules: Rules) -> L
         denied = _denied(request, fold(login), key, policy, rules)
         if denied is not None:
             return denied
-    who, owner_kinds = Who.plain(fold(login)), _OWNER_KINDS
-    if policy.resolves_logins:
-        resolved = yield from _resolve_login(login, policy, rules)
-        if isinstance(resolved, Decision):
-            return resolved
-        who, owner_kinds = resolved
-    if policy.maps_logins:
-        who = yield from _mapped(who)
+    resolved = yield from _who(login, policy, rules)
+    if isinstance(resolved, Decision):
+        return resolved
+    who, owner_kinds = resolved
 
     hit = yield from find_owners(key, policy)
     # The common answer, tried before any opt-in rule: the maps name the login as an owner.
@@ -241,6 +237,42 @@ def _decide(request: PolicyRequest, key: str, policy: Policy, rules: Rules) -> L
         "not_owner",
         f"{sender}: owned by {hit.describe()}, not by {who.described()}",
     )
+
+
+def _who(
+    login: str, policy: Policy, rules: Rules
+) -> Generator[Lookup, Hit | None, Decision | tuple[Who, frozenset[EntryKind]]]:
+    """Who the login is for the ownership rules (alias_logins, login_addresses), and the entry
+    kinds that may grant it ownership; or the decision that it may not send at all."""
+    who, owner_kinds = Who.plain(fold(login)), _OWNER_KINDS
+    if policy.resolves_logins:
+        resolved = yield from _resolve_login(login, policy, rules)
+        if isinstance(resolved, Decision):
+            return resolved
+        who, owner_kinds = resolved
+    if policy.maps_logins:
+        who = yield from _mapped(who)
+    return who, owner_kinds
+
+
+def identify(
+    login: str, policy: Policy, rules: Rules = NO_RULES
+) -> Generator[Lookup, Hit | None, Decision | Who]:
+    """The names that count as ``login`` when it sends (`policyd senders`): the login and
+    what alias_logins and login_addresses make of it; or the decision that it may not send
+    at all (a denied login, a refused alias login)."""
+    if rules.login_denies:
+        denied = rules.denied_login(fold(login))
+        if denied is not None:
+            return _reject(
+                policy,
+                _login_denied(login),
+                "deny_login",
+                f"login {login} is denied by {denied.pattern.text} ({denied.origin})",
+                denied.origin,
+            )
+    resolved = yield from _who(login, policy, rules)
+    return resolved if isinstance(resolved, Decision) else resolved[0]
 
 
 class Who(NamedTuple):

@@ -1,4 +1,5 @@
-"""The HTTP endpoints: /metrics for Prometheus, /healthz and /readyz for probes.
+"""The HTTP endpoints: /metrics for Prometheus, /healthz and /readyz for probes, and the senders
+API (/v1/, policyd.api) when it is on.
 
 A deliberately tiny HTTP/1.0-style server on the daemon's own event loop (no thread, no web
 framework): read the request head, answer, close. It gets its own listen address, loopback by
@@ -14,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
@@ -34,6 +36,13 @@ class Response:
     status: str
     content_type: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Api(Protocol):
+    """What answers the /v1/ paths (policyd.api.SendersApi), when the API is on."""
+
+    async def respond(self, method: str, target: str, headers: dict[str, str]) -> Response: ...
 
 
 def readiness(statuses: list[StoreStatus]) -> Response:
@@ -67,9 +76,11 @@ class HttpServer:
         registry: CollectorRegistry,
         statuses: Callable[[], list[StoreStatus]],
         max_connections: int = defaults.MAX_HTTP_CONNECTIONS,
+        api: Api | None = None,
     ) -> None:
         self.registry = registry
         self.statuses = statuses
+        self.api = api
         self.max_connections = max_connections
         self.server: asyncio.Server | None = None
         self.unix: UnixListener | None = None
@@ -203,7 +214,10 @@ class HttpServer:
             for line in header_lines:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
-            response = self.respond(method, path, headers.get("accept", ""))
+            if path.startswith("/v1/") and self.api is not None:
+                response = await self.api.respond(method, path, headers)
+            else:
+                response = self.respond(method, path, headers.get("accept", ""))
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             response = Response("400 Bad Request", "text/plain", b"bad request\n")
         except ConnectionError:
@@ -212,9 +226,10 @@ class HttpServer:
         except Exception:  # a bug: answer, and keep serving
             log.exception("internal error answering an HTTP request")
             response = Response("500 Internal Server Error", "text/plain", b"internal error\n")
+        extra = "".join(f"{name}: {value}\r\n" for name, value in response.headers)
         head_line = (
             f"HTTP/1.1 {response.status}\r\nContent-Type: {response.content_type}\r\n"
-            f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
+            f"Content-Length: {len(response.body)}\r\n{extra}Connection: close\r\n\r\n"
         )
         writer.write(head_line.encode() + (b"" if method == "HEAD" else response.body))
         with contextlib.suppress(ConnectionError):

@@ -228,7 +228,20 @@ class _Collector(Collector):
             "Answers a network store gave from memory because its server failed (stale_ttl)",
             labels=["store"],
         )
+        anyone = GaugeMetricFamily(
+            "policyd_logins_sending_as_anyone",
+            "Logins a store lets send as any address: a grant of *, a pattern matching all",
+            labels=["store"],
+        )
+        domains = GaugeMetricFamily(
+            "policyd_rules_matching_whole_domain",
+            "Keys and rules that answer every address at a domain (@domain keys, catch-alls,"
+            " grants of @domain, patterns), or every address",
+            labels=["store"],
+        )
         for status in self.statuses():
+            anyone.add_metric([status.name], status.anyone)
+            domains.add_metric([status.name], status.domain_rules)
             entries.add_metric([status.name], status.entries)
             ready.add_metric([status.name], 1 if status.ready else 0)
             if status.last_load is not None:
@@ -242,6 +255,8 @@ class _Collector(Collector):
         yield failures
         yield stale
         yield warned
+        yield anyone
+        yield domains
 
 
 def _counter(

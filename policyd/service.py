@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from time import monotonic, perf_counter
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from policyd import defaults
 from policyd.budget import CpuBudget, OutOfTime
@@ -33,6 +33,8 @@ from policyd.stores.base import Answer, Changes, Store, StoreContext, StoreStatu
 from policyd.stores.files import RuleFiles
 
 log = logging.getLogger("policyd.service")
+
+T = TypeVar("T")
 
 #: One question to one store: the store, and the keys it is asked.
 Question: TypeAlias = tuple[Store, tuple[str, ...]]
@@ -268,6 +270,39 @@ class Service:
         self.record(request, decision)
         return decision
 
+    def quiet(self) -> Service:
+        """This service's policy, maps and rules, for questions that are not Postfix's (the
+        checks of `policyd senders`): the same answer path, but nothing counted in this
+        service's metrics, nothing logged and nothing remembered."""
+        return Service(
+            self.policy,
+            self.maps.stores,
+            login_addresses=self.login_maps.stores,
+            rules=self.rule_files,
+            metrics=Metrics(),
+            changes=self.changes,
+            cache=DecisionCache(size=0),
+            lookup_timeout=self.lookup_timeout,
+            time_limit=self.budget.seconds,
+            log_decisions="none",
+        )
+
+    async def ask(self, steps: Generator[Lookup, Hit | None, T]) -> T:
+        """Drive a generator of Lookups (engine.identify, ...) with the maps' answers, within
+        lookup_timeout. A store that cannot answer raises StoreUnavailable."""
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                lookup = next(steps)
+                while True:
+                    maps = self.login_maps if lookup.logins else self.maps
+                    lookup = steps.send(await _search(maps.search(lookup)))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        except TimeoutError:
+            why = f"no answer within lookup_timeout ({self.lookup_timeout:g} s)"
+            raise StoreUnavailable(why) from None
+
     async def answer(self, request: PolicyRequest) -> Decision:
         """decide(), waited for if it must be: for callers that can always wait (the CLI)."""
         outcome = self.decide(request)
@@ -370,6 +405,20 @@ class Service:
         self.metrics.requests[decision.verdict, decision.reason] += 1
         if decision.verdict in self.logged:
             self.log_decision(request, decision)
+
+
+async def _search(questions: Generator[Question, Hit | None, Hit | None]) -> Hit | None:
+    """One search of the maps, each store's answer waited for if it must be."""
+    try:
+        store, keys = next(questions)
+        while True:
+            reply = store.lookup(keys)
+            if reply is not None and not isinstance(reply, Hit):
+                reply = await reply
+            store, keys = questions.send(reply)
+    except StopIteration as done:
+        found: Hit | None = done.value
+        return found
 
 
 def _max_age(stores: Sequence[Store]) -> float | None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,7 +20,7 @@ from policyd import defaults
 from policyd.address import fold
 from policyd.budget import OutOfTime
 from policyd.model import Entry, LoadError, Origin, PatternTimeout, Problem
-from policyd.packed import PackedTable, PackedTableBuilder
+from policyd.packed import PackedTable, PackedTableBuilder, ReverseIndex
 from policyd.posix_regex import REG_ICASE, PosixMatch, PosixRegex, RegexError, postfix_flags
 from policyd.readfile import open_regular
 
@@ -75,13 +75,78 @@ class FixedTable:
 
     pattern = False
 
-    def __init__(self, source: str, entries: PackedTable | None = None, bare_keys: int = 0) -> None:
+    def __init__(
+        self,
+        source: str,
+        entries: PackedTable | None = None,
+        bare_keys: int = 0,
+        domain_keys: int = 0,
+    ) -> None:
         self.source = source
         self._entries = entries if entries is not None else PackedTableBuilder().build()
         self.bare_keys = bare_keys  # keys without @
+        self.domain_keys = domain_keys  # @domain keys: each answers a whole domain
+        self.reverse: ReverseIndex | None = None  # owner -> entries, once indexed
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def nbytes(self) -> int:
+        """The table's buffers, in bytes, without its reverse index."""
+        return self._entries.nbytes()
+
+    def indexed(self) -> FixedTable:
+        """This table with its reverse index (owner -> keys) built: a loader calls it, in the
+        process that parses big files, so the daemon gets it ready-made."""
+        self.reverse = self._entries.reverse()
+        return self
+
+    def listing(
+        self, owners: Iterable[str], also: Callable[[str], bool] | None = None
+    ) -> list[tuple[str, Entry]]:
+        """Every (key, entry) that names one of ``owners`` (folded), or an owner for which
+        ``also`` is true, in file order. Needs the reverse index (indexed())."""
+        assert self.reverse is not None, "listing() needs indexed()"
+        numbers = {n for owner in owners for n in self.reverse.entries_of(owner)}
+        if also is not None:
+            numbers.update(self.reverse.entries_matching(also))
+        return self._at(sorted(numbers))
+
+    def _at(self, numbers: list[int]) -> list[tuple[str, Entry]]:
+        found = []
+        for number in numbers:
+            key, listed, line = self._entries.at(number)
+            found.append((key, Entry(listed, Origin(self.source, line))))
+        return found
+
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key``'s entry (folded), or None."""
+        return self._entries.line_of(key)
+
+    def keys_in_order(self) -> Iterator[str]:
+        """Every key, in file order."""
+        return map(self._entries.key_at, range(len(self._entries)))
+
+    def by_owners(self) -> Iterator[tuple[tuple[str, ...], list[tuple[str, Entry]]]]:
+        """Each owner list once, with the entries that have it (audit). Owner lists are
+        shared by every alias with the same targets: far fewer than the entries."""
+        if self.reverse is None:
+            for key, entry in self.entries():
+                yield entry.owners, [(key, entry)]
+            return
+        for group in range(self._entries.groups):
+            owners = self._entries.group(group)
+            yield owners, self._at(list(self.reverse.entries_of_group(group)))
+
+    def origin_of(self, number: int) -> Origin:
+        """Where entry number ``number`` is written."""
+        return Origin(self.source, self._entries.at(number)[2])
+
+    def entries(self) -> Iterator[tuple[str, Entry]]:
+        """Every (key, entry), in file order (audit)."""
+        for number in range(len(self._entries)):
+            key, listed, line = self._entries.at(number)
+            yield key, Entry(listed, Origin(self.source, line))
 
     def get(self, key: str) -> Entry | None:
         found = self._entries.get(key)
@@ -99,7 +164,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
     entries = PackedTableBuilder()
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    bare = 0
+    bare = domains = 0
     for number, line in logical_lines(text):
         key, value, error = _split_key_value(line)
         if error:
@@ -107,6 +172,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
             continue
         key = fold(key)
         bare += "@" not in key
+        domains += key.startswith("@")
         first = entries.add(key, split_owners(value), number)
         if first is not None:
             warnings.append(
@@ -114,7 +180,7 @@ def parse_texthash(text: str, source: str) -> tuple[FixedTable, list[Problem]]:
             )
     if problems:
         raise LoadError(problems)
-    return FixedTable(source, entries.build(), bare), warnings
+    return FixedTable(source, entries.build(), bare, domains), warnings
 
 
 _SEPARATORS = re.compile(rb"[,\s]+")
@@ -144,7 +210,7 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
     entries: PackedTableBuilder | None = None
     warnings: list[Problem] = []
     number = 0
-    bare = 0
+    bare = domains = 0
     size = os.fstat(stream.fileno()).st_size
     rest = b""
     for chunk in iter(lambda: stream.read(_BLOCK), b""):
@@ -179,12 +245,14 @@ def _parse_plain_blocks(stream: BinaryIO, source: str) -> tuple[FixedTable, list
             values.append(value)
             numbers.append(number)
         bare += sum(b"@" not in key for key in keys)
+        domains += sum(key[:1] == b"@" for key in keys)
         for position, first in entries.add_many(keys, values, numbers):
             message = f'duplicate entry "{keys[position].decode()}": line {first} wins'
             warnings.append(Problem(source, numbers[position], message, fatal=False))
     if rest:  # no newline at the end of the file
         return None
-    return FixedTable(source, (entries or PackedTableBuilder()).build(), bare), warnings
+    table = FixedTable(source, (entries or PackedTableBuilder()).build(), bare, domains)
+    return table, warnings
 
 
 _BLOCK = 1 << 20
@@ -371,6 +439,92 @@ class _Rule:
     replacement: str  # "" for if/endif rules
     kind: str  # "match", "if" or "endif"
     endif_index: int = -1
+    text: str = ""  # the rule as written
+
+
+@dataclass(frozen=True, slots=True)
+class PatternRule:
+    """One rule of a pcre or regexp table, as `policyd senders` and `policyd audit` see it:
+    where it is, who it names, and whether an address matches it (with its if-blocks)."""
+
+    text: str
+    origin: Origin
+    owners: tuple[str, ...]  # the owners it names, when they do not depend on the address
+    computed: bool  # the replacement has $n: its owners come from the address
+    guards: tuple[_Rule, ...]  # the if-rules around it
+    rule: _Rule
+
+    @property
+    def pattern(self) -> str:
+        """The rule's pattern(s) as written, without its owners."""
+        return self.text.removesuffix(self.rule.replacement).rstrip()
+
+    @property
+    def syntax(self) -> str:
+        """``pcre`` or ``regexp``."""
+        return "regexp" if isinstance(self.rule.conditions[0].regex, _PosixPattern) else "pcre"
+
+    def matches(self, key: str) -> bool:
+        """True if the rule (and every if around it) matches ``key``, whatever came before."""
+        return all(_all_match(r.conditions, key) for r in (*self.guards, self.rule))
+
+    def names_any(self, owners: frozenset[str], also: Callable[[str], bool] | None) -> bool:
+        """True if the rule may name one of ``owners``, or an owner ``also`` is true for (a
+        rule whose owners come from the address may name anyone, so it is included)."""
+        if any(map(self.could_name, owners)):
+            return True
+        if also is None:
+            return False
+        return self.computed or any(map(also, self.owners))
+
+    def reach(self, domains: Iterable[str] = ()) -> str | None:
+        """``*`` if the rule matches every address, ``@domain`` if every address at a domain
+        (its own literal domain, or one of ``domains``), else None. Tried on a few addresses
+        of unusual shapes (a one-letter local part, a role name, dots and an extension): a
+        rule that matches them all matches anything a user could type there."""
+        if all(self.matches(address) for address in _ANYWHERE):
+            return "*"
+        literal = self.rule.conditions[0].domain
+        for domain in dict.fromkeys([*([literal] if literal else []), *domains]):
+            if all(self.matches(f"{local}@{domain}") for local in _ANY_LOCAL):
+                return "@" + domain
+        return None
+
+    def could_name(self, owner: str) -> bool:
+        """True if some address this rule matches may be owned by ``owner`` (folded)."""
+        if not self.computed:
+            return owner in self.owners
+        for template in _OWNER_SEPARATORS.split(self.rule.replacement):
+            parts = _SUBSTITUTION.split(template)
+            # split() keeps the groups of each $n (three, all None but one, or all None: $$)
+            pattern = "".join(
+                re.escape(part) if index % 4 == 0 else (".*" if part else "")
+                for index, part in enumerate(parts)
+                if part is not None or index % 4 == 0
+            )
+            if template and re.fullmatch(pattern, owner, re.IGNORECASE | re.DOTALL):
+                return True
+        return False
+
+
+# Addresses a rule that "matches every address" must match: odd local parts, odd domains.
+_ANYWHERE = ("zz0@policyd-probe.invalid", "a@b", "postmaster@example.com", "x.y+z@sub.example.org")
+# Local parts a rule that "matches a whole domain" must match at that domain.
+_ANY_LOCAL = ("zz0", "a", "postmaster", "x.y+z", "1-2")
+
+
+def reach(rules: Iterable[PatternRule]) -> tuple[int, int]:
+    """How many owners the rules let send as anyone, and how many rules match a whole domain
+    (or everything): the gauges of policyd.metrics."""
+    anyone: set[str] = set()
+    wide = 0
+    for rule in rules:
+        found = rule.reach()
+        if found is not None:
+            wide += 1
+        if found == "*":
+            anyone.update(rule.owners)
+    return len(anyone), wide
 
 
 class PatternTable:
@@ -402,6 +556,23 @@ class PatternTable:
 
     def __len__(self) -> int:
         return sum(1 for rule in self._rules if rule.kind == "match")
+
+    def rules(self) -> list[PatternRule]:
+        """The match rules, in file order, each with the if-rules around it."""
+        found: list[PatternRule] = []
+        open_ifs: list[tuple[int, _Rule]] = []  # (index of its endif, the if rule)
+        for index, rule in enumerate(self._rules):
+            while open_ifs and open_ifs[-1][0] <= index:
+                open_ifs.pop()
+            if rule.kind == "if":
+                open_ifs.append((rule.endif_index, rule))
+            elif rule.kind == "match":
+                computed = "$" in rule.replacement and bool(_SUBSTITUTION.search(rule.replacement))
+                owners = () if computed else split_owners(rule.replacement)
+                guards = tuple(guard for _, guard in open_ifs)
+                origin = Origin(self.source, rule.line)
+                found.append(PatternRule(rule.text, origin, owners, computed, guards, rule))
+        return found
 
     def get(self, key: str) -> Entry | None:
         """The entry of the first rule that matches ``key``, or None.
@@ -560,6 +731,7 @@ def _parse_patterns(text: str, source: str, dialect: str) -> PatternTable:
         except ValueError as error:
             problems.append(Problem(source, number, str(error)))
             continue
+        rule = replace(rule, text=line.strip())
         if rule.kind == "if":
             open_ifs.append(len(rules))
         elif rule.kind == "endif":
@@ -567,9 +739,7 @@ def _parse_patterns(text: str, source: str, dialect: str) -> PatternTable:
                 problems.append(Problem(source, number, "ignoring ENDIF without matching IF"))
                 continue
             opening = open_ifs.pop()
-            rules[opening] = _Rule(
-                rules[opening].line, rules[opening].conditions, "", "if", endif_index=len(rules)
-            )
+            rules[opening] = replace(rules[opening], endif_index=len(rules))
         rules.append(rule)
     for opening in open_ifs:
         problems.append(Problem(source, rules[opening].line, "IF has no matching ENDIF"))

@@ -74,3 +74,21 @@ async def ask_unix(path: Path, sender: str, login: str) -> bytes:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def http_get(
+    address: str, target: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[str, dict[str, str], bytes]:
+    """One HTTP request to ``address`` (``inet:HOST:PORT``): the status line, the headers
+    (lower-case names) and the body of the reply."""
+    host, port = address.removeprefix("inet:").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    writer.write(f"{method} {target} HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode())
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *rest = head.decode().split("\r\n")
+    fields = {name.lower(): value for name, _, value in (line.partition(": ") for line in rest)}
+    return status, fields, body

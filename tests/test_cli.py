@@ -175,7 +175,14 @@ def test_every_flag_has_a_help_line() -> None:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             parsers |= {f"policyd {name}": sub for name, sub in action.choices.items()}
-    assert set(parsers) == {"policyd", "policyd serve", "policyd check", "policyd validate"}
+    assert set(parsers) == {
+        "policyd",
+        "policyd serve",
+        "policyd check",
+        "policyd validate",
+        "policyd senders",
+        "policyd audit",
+    }
     for name, sub in parsers.items():
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction):

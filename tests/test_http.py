@@ -11,7 +11,7 @@ from policyd.config import Endpoint
 from policyd.http import HttpServer, readiness
 from policyd.metrics import Metrics
 from policyd.stores.base import Changes, StoreStatus
-from tests.helpers import wait_until
+from tests.helpers import http_get, wait_until
 
 
 @pytest.fixture
@@ -27,16 +27,7 @@ async def http() -> AsyncIterator[tuple[HttpServer, list[StoreStatus]]]:
 async def get(
     server: HttpServer, path: str, accept: str = "", method: str = "GET"
 ) -> tuple[str, dict[str, str], bytes]:
-    host, port = server.address.removeprefix("inet:").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n".encode())
-    response = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    await writer.wait_closed()
-    head, _, body = response.partition(b"\r\n\r\n")
-    status, *lines = head.decode().split("\r\n")
-    headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines)}
-    return status, headers, body
+    return await http_get(server.address, path, method, {"Accept": accept})
 
 
 async def test_healthz(http: tuple[HttpServer, list[StoreStatus]]) -> None:

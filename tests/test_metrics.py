@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.exposition import generate_latest
@@ -16,7 +17,7 @@ from policyd.engine import REASONS
 from policyd.metrics import Histogram
 from policyd.service import Service
 from tests.conftest import DATA, require_program
-from tests.helpers import at_once
+from tests.helpers import at_once, settle
 
 
 @pytest.fixture
@@ -127,3 +128,40 @@ async def test_promtool_accepts_the_exposition(service: Service) -> None:
         generate_latest(service.metrics.exposition(service.statuses))
     )
     assert check.returncode == 0, output.decode()
+
+
+async def test_wide_send_rights_are_gauged_per_store(tmp_path: Path) -> None:
+    """An alert can fire when someone adds a rule that gives a login every address, or a
+    whole domain; the gauges follow a reload."""
+    pcre = tmp_path / "login.pcre"
+    pcre.write_text("/^role@example\\.org$/ bob@example.org\n")
+    grants = tmp_path / "grants"
+    grants.write_text("relay@example.org @example.net\n")
+    settings = Settings(
+        maps=[f"dms:{DATA / 'dms'}", f"pcre:{pcre}"], grants=grants, reload_interval=0
+    )
+    service = Service.from_settings(settings)
+    await service.start()
+    rules = f"rules:{grants}"
+    assert sample(service, "policyd_logins_sending_as_anyone", store=f"pcre:{pcre}") == 0
+    assert sample(service, "policyd_rules_matching_whole_domain", store=f"pcre:{pcre}") == 0
+    # tests/data/dms/postfix-virtual.cf has two catch-alls, @localdomain2.com and @otherdomain.tld
+    dms = f"dms:{DATA / 'dms'}"
+    assert sample(service, "policyd_rules_matching_whole_domain", store=dms) == 2
+    assert sample(service, "policyd_logins_sending_as_anyone", store=rules) == 0
+    assert sample(service, "policyd_rules_matching_whole_domain", store=rules) == 1
+
+    pcre.write_text(
+        "/^role@example\\.org$/ bob@example.org\n"
+        "/@example\\.com$/ ann@example.org\n"
+        "/./ relay@example.org, bot@example.org\n"
+    )
+    grants.write_text("relay@example.org @example.net\nrelay@example.org *\napp@example.org *\n")
+    for path in (pcre, grants):
+        settle(path)
+    assert await service.reload()
+    assert sample(service, "policyd_logins_sending_as_anyone", store=f"pcre:{pcre}") == 2
+    assert sample(service, "policyd_rules_matching_whole_domain", store=f"pcre:{pcre}") == 2
+    assert sample(service, "policyd_logins_sending_as_anyone", store=rules) == 2
+    assert sample(service, "policyd_rules_matching_whole_domain", store=rules) == 3
+    await service.close()

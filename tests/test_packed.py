@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.model import LoadError, Problem
-from policyd.packed import PackedTable, PackedTableBuilder
+from policyd.packed import PackedTable, PackedTableBuilder, ReverseIndex
 from policyd.stores import parsing
 from policyd.stores.parsing import read_snapshot, write_snapshot
 from tests.conftest import require
@@ -91,6 +91,44 @@ def test_a_table_survives_pickling_in_and_out_of_band(entries: list[tuple[str, s
     data = pickle.dumps(table, protocol=5, buffer_callback=buffers.append)
     assert buffers  # the big buffers travel out of band, as raw bytes
     assert_holds(pickle.loads(data, buffers=[bytes(b.raw()) for b in buffers]), expected)
+
+
+def reverse_model(expected: Expected) -> dict[str, list[str]]:
+    """Owner -> the keys that list it, in file order: what the reverse index must say."""
+    listing: dict[str, list[tuple[int, str]]] = {}
+    for key, (owners, line) in expected.items():
+        for owner in owners.split(",") if owners else ():
+            listing.setdefault(owner, []).append((line, key))
+    return {owner: [key for _, key in sorted(keys)] for owner, keys in listing.items()}
+
+
+def assert_reverse_holds(table: PackedTable, index: ReverseIndex, expected: Expected) -> None:
+    model_listing = reverse_model(expected)
+    for owner, keys in model_listing.items():
+        assert [table.key_at(entry) for entry in index.entries_of(owner)] == keys
+    assert index.entries_of("nobody@nowhere") == []
+    assert index.owners() == len(model_listing)
+    counts = {owner: count for owner, count, _ in index.counts()}
+    assert counts == {owner: len(keys) for owner, keys in model_listing.items()}
+    others = index.entries_matching(lambda owner: owner != "o1@x")
+    keys = {key for owner, listed in model_listing.items() if owner != "o1@x" for key in listed}
+    assert sorted(table.key_at(entry) for entry in others) == sorted(keys)
+
+
+@settings(max_examples=100, deadline=None)
+@given(entries=ENTRIES)
+def test_the_reverse_index_lists_every_key_of_an_owner_also_after_pickling(
+    entries: list[tuple[str, str]],
+) -> None:
+    """`policyd senders` asks it; the parsing process hands it over out of band."""
+    expected, _ = model(entries)
+    table, _ = build(entries, 7)
+    index = table.reverse()
+    assert_reverse_holds(table, index, expected)
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps((table, index), protocol=5, buffer_callback=buffers.append)
+    table, index = pickle.loads(data, buffers=[bytes(b.raw()) for b in buffers])
+    assert_reverse_holds(table, index, expected)
 
 
 def parsed() -> dict[str, PackedTable]:

@@ -14,8 +14,10 @@ import ipaddress
 import itertools
 import logging
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policyd import defaults
+from policyd.canonical import lookup_form, strip_extension
 from policyd.codec import (
     ATTRIBUTES,
     LineTooLong,
@@ -34,11 +37,12 @@ from policyd.codec import (
 from policyd.config import Settings
 from policyd.engine import DEFAULT_POSTFIX, Decision, Policy, Verdict
 from policyd.model import Hit, Mode
+from policyd.senders import covers, list_senders
 from policyd.server import PolicyConnection, PolicyServer
 from policyd.service import DecisionCache, Service
 from policyd.stores.base import Answer, Store, StoreContext
 from policyd.stores.dms import DmsStore
-from policyd.stores.files import PcreStore, RuleFiles, TexthashStore
+from policyd.stores.files import PcreStore, RegexpStore, RuleFiles, TexthashStore
 from tests.conftest import DATA
 from tests.helpers import at_once
 
@@ -684,3 +688,171 @@ def test_a_too_long_line_is_refused_as_soon_as_it_has_arrived() -> None:
     line = b"sender=" + b"x" * SMALL["max_line"]
     assert isinstance(parse([line], SMALL).error, LineTooLong)  # still unfinished
     assert isinstance(parse([line + b"\n"], SMALL).error, LineTooLong)  # its newline came too
+
+
+# The senders listing (policyd senders): the reverse of the decision.
+
+SENDER_LOCALS = ("ann", "bob", "cat")
+SENDER_DOMAINS = ("a.example", "b.example", "localhost")
+SENDER_ADDRESSES = [f"{local}@{domain}" for local in SENDER_LOCALS for domain in SENDER_DOMAINS]
+SENDER_LOGINS = [*SENDER_ADDRESSES[:5], "uid7"]
+SENDER_OWNERS = st.sampled_from([*SENDER_LOGINS, *SENDER_ADDRESSES, "ann+x@a.example"])
+# Keys of every form Postfix tries: full, with an extension, bare local parts, @domain.
+FIXED_KEYS = st.sampled_from(
+    [
+        *SENDER_ADDRESSES,
+        "ann+x@a.example",
+        "bob-y@b.example",
+        "ann",
+        "bob",
+        "@a.example",
+        "@localhost",
+    ]
+)
+ALIAS_KEYS = st.sampled_from([*SENDER_ADDRESSES, "ann+x@a.example", "@a.example", "@b.example"])
+PATTERN_LINES = st.sampled_from(
+    [
+        "/^ann@/ bob@a.example",
+        "/@b\\.example$/ cat@a.example",
+        "/^(.*)@a\\.example$/ ${1}@b.example",
+        "/^c.*@localhost$/ uid7",
+        "/./ cat@b.example",
+    ]
+)
+
+
+def _table_lines(key: Any, owners: Any) -> Any:
+    line = st.tuples(key, st.lists(owners, min_size=1, max_size=3))
+    return st.lists(line, max_size=7).map(
+        lambda lines: "".join(f"{k} {','.join(o)}\n" for k, o in lines)
+    )
+
+
+SENDER_MAPS = st.fixed_dictionaries(
+    {
+        "layout": st.sampled_from(
+            ["dms", "texthash", "texthash+pcre", "texthash+regexp", "dms+texthash"]
+        ),
+        "accounts": st.lists(st.sampled_from(SENDER_ADDRESSES), max_size=5),
+        "virtual": _table_lines(ALIAS_KEYS, SENDER_OWNERS),
+        "texthash": _table_lines(FIXED_KEYS, SENDER_OWNERS),
+        "patterns": st.lists(PATTERN_LINES, max_size=3).map(lambda lines: "\n".join(lines) + "\n"),
+        "grants": st.lists(
+            st.tuples(
+                st.sampled_from(SENDER_LOGINS),
+                st.sampled_from(
+                    ["cat@b.example", "@b.example", "b*@a.example", "*", "ann+x@a.example"]
+                ),
+            ),
+            max_size=3,
+        ).map(lambda lines: "".join(f"{login} {pattern}\n" for login, pattern in lines)),
+        # login_addresses: what uid7 and ann@a.example stand for, or none
+        "logins": st.sampled_from(
+            ["", "uid7 ann@a.example\n", "uid7 bob@b.example, cat@localhost\n"]
+        ),
+        "deny": st.lists(
+            st.sampled_from(
+                [
+                    "sender ann@b.example",
+                    "sender *@localhost except bob@a.example",
+                    "login cat@a.example",
+                ]
+            ),
+            max_size=2,
+        ).map(lambda lines: "".join(f"{line}\n" for line in lines)),
+    }
+)
+SENDER_POLICY = st.builds(
+    Policy,
+    mode=st.sampled_from([Mode.AUTHENTICATED, Mode.SENDER, Mode.KNOWN, Mode.PERMIT]),
+    postfix=st.builds(
+        lambda delimiter, origin: replace(
+            DEFAULT_POSTFIX, recipient_delimiter=delimiter, myorigin=origin
+        ),
+        st.sampled_from(["+", "", "+-"]),
+        st.sampled_from(["localhost", "a.example"]),
+    ),
+    plus_addresses=st.booleans(),
+    catch_all=st.booleans(),
+    nested_aliases=st.booleans(),
+    max_alias_depth=st.integers(min_value=1, max_value=4),
+    ignore_external_targets=st.booleans(),
+    alias_logins=st.sampled_from(["allow", "account", "refuse"]),
+)
+# Every sender tried against the listing: the addresses, their extensions, a stranger at
+# each domain, bare names (at $myorigin) and a different spelling.
+CHECKED_SENDERS = [
+    *SENDER_ADDRESSES,
+    *(a.replace("@", "+x@") for a in SENDER_ADDRESSES),
+    *(a.replace("@", "-q@") for a in SENDER_ADDRESSES),
+    *(f"zed@{domain}" for domain in SENDER_DOMAINS),
+    "ann",
+    "bob+x",
+    "ANN@A.Example",
+]
+
+
+def _sender_service(directory: Path, maps: dict[str, Any], policy: Policy) -> Service:
+    (directory / "dms").mkdir()
+    (directory / "dms" / "postfix-accounts.cf").write_text(
+        "".join(f"{address}|{{SHA512-CRYPT}}x\n" for address in maps["accounts"])
+    )
+    (directory / "dms" / "postfix-virtual.cf").write_text(maps["virtual"])
+    (directory / "dms" / "postfix-regexp.cf").write_text(maps["patterns"])
+    (directory / "login.texthash").write_text(maps["texthash"])
+    (directory / "login.pcre").write_text(maps["patterns"])
+    (directory / "grants").write_text(maps["grants"])
+    (directory / "deny").write_text(maps["deny"])
+    context = StoreContext(reload_interval=0, allow_empty_maps=True)
+    stores: dict[str, Store] = {
+        "dms": DmsStore(directory / "dms", context),
+        "texthash": TexthashStore(directory / "login.texthash", context),
+        "pcre": PcreStore(directory / "login.pcre", context),
+        "regexp": RegexpStore(directory / "login.pcre", context),  # the same rules, POSIX
+    }
+    chosen = [stores[name] for name in maps["layout"].split("+")]
+    for store in chosen:
+        store.load_now()  # type: ignore[attr-defined]
+    rules = RuleFiles(directory / "grants", directory / "deny", context)
+    rules.files.load_now()
+    logins: list[Store] = []
+    if maps["logins"]:
+        (directory / "logins").write_text(maps["logins"])
+        logins.append(TexthashStore(directory / "logins", context))
+        logins[0].load_now()  # type: ignore[attr-defined]
+        policy = dataclasses.replace(policy, maps_logins=True)
+    # The longest CPU budget: a loaded machine collecting hypothesis's garbage mid-decision
+    # must not turn a listing into a temporary failure.
+    return Service(
+        policy,
+        chosen,
+        login_addresses=logins,
+        rules=rules,
+        cache=DecisionCache(size=0),
+        time_limit=10,
+    )
+
+
+@settings(PROPERTIES, max_examples=300)
+@given(maps=SENDER_MAPS, policy=SENDER_POLICY, login=st.sampled_from(SENDER_LOGINS))
+def test_senders_lists_exactly_what_check_permits(
+    maps: dict[str, Any], policy: Policy, login: str
+) -> None:
+    """Every exact address `senders` lists is permitted by the decision, and every sender the
+    decision permits is listed, or covered by a listed domain, pattern or `*`."""
+    if "dms" not in maps["layout"]:
+        policy = dataclasses.replace(policy, alias_logins="allow", ignore_external_targets=False)
+    with tempfile.TemporaryDirectory() as directory, quiet_logs():
+        service = _sender_service(Path(directory), maps, policy)
+        listing = asyncio.run(list_senders(service, login))
+        assert listing.complete
+        for item in listing.exact:
+            request = PolicyRequest(sender=item.sender, sasl_username=login)
+            assert at_once(service, request).verdict is Verdict.PERMIT, item
+        for sender in CHECKED_SENDERS:
+            decision = at_once(service, PolicyRequest(sender=sender, sasl_username=login))
+            if decision.verdict is not Verdict.PERMIT:
+                continue
+            key = lookup_form(sender, policy.postfix)
+            base = strip_extension(key, policy.postfix)
+            assert covers(listing, key, base), (sender, decision.explanation, listing)

@@ -87,7 +87,7 @@ def run_main(
 def test_readme_command_prints_the_output_shown(
     command: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """validate and check on the shipped examples, exactly as the README shows them."""
+    """validate, check and senders on the shipped examples, exactly as the README shows them."""
     monkeypatch.chdir(REPO)
     for name in [name for name in os.environ if name.startswith("POLICYD_")]:
         monkeypatch.delenv(name)
@@ -95,9 +95,9 @@ def test_readme_command_prints_the_output_shown(
     assert output == command_blocks()[command]
 
 
-def test_the_readme_shows_validate_and_check_with_their_output() -> None:
+def test_the_readme_shows_validate_check_and_senders_with_their_output() -> None:
     shown = [c for c in command_blocks() if c.startswith("policyd ") and "examples/" in c]
-    assert [c.split()[1] for c in shown] == ["validate", "check"], shown
+    assert [c.split()[1] for c in shown] == ["validate", "check", "senders"], shown
 
 
 def test_the_configuration_error_example(

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
 from policyd import defaults
-from policyd.model import Hit, Problem
+from policyd.model import Entry, Hit, Problem
+
+if TYPE_CHECKING:
+    from policyd.tables import PatternRule
 
 #: What a store's lookup gives: the answer now, or something to await for it.
 Answer: TypeAlias = Hit | Awaitable[Hit | None] | None
@@ -89,6 +92,8 @@ class StoreStatus:
     stale_answers: int = 0  # network stores: answers given from memory through an outage
     detail: str = ""  # what /readyz adds to the store's line (PostgreSQL: its LISTEN state)
     bare_keys: int = 0  # keys without @ (bare local parts): they need Postfix's local domains
+    anyone: int = 0  # logins that may send as any address through this store's rules
+    domain_rules: int = 0  # keys or rules that answer a whole domain (or every address)
 
     @property
     def counted(self) -> str:
@@ -106,6 +111,28 @@ class StoreStatus:
     def failed(self, error: str) -> None:
         self.load_failures += 1
         self.last_error = error
+
+
+@dataclass(frozen=True)
+class Listed:
+    """What a store can say about the reverse question: which of its entries name one of
+    some owners (`policyd senders`). ``keys`` are its keys that list one of them (a full
+    address, a bare local part, or ``@domain``); ``patterns`` its pattern rules that may;
+    ``identity`` is True if every full address owns itself in this store (docker-mailserver).
+
+    A store that cannot be asked this says so with ``inverted = False`` and ``why``: the
+    listing then says plainly that it may be incomplete, never less than the truth silently.
+    """
+
+    keys: tuple[tuple[str, Entry], ...] = ()
+    patterns: tuple[PatternRule, ...] = ()
+    identity: bool = False
+    inverted: bool = True
+    why: str = ""
+
+    @classmethod
+    def cannot(cls, why: str) -> Listed:
+        return cls(inverted=False, why=why)
 
 
 class Store(ABC):
@@ -155,6 +182,19 @@ class Store(ABC):
     async def reload(self) -> bool:
         """Reload now (SIGHUP). Returns True if the new data is in use."""
         return True
+
+    def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed | Awaitable[Listed]:
+        """The entries that name one of ``owners`` (folded): the reverse of lookup(). With
+        ``also``, the entries naming an owner it is true for as well (alias chains followed
+        backwards through an owner's +extension, its domain or a pattern rule); a store may
+        leave ``also`` out where its own lookups never reach such an owner.
+
+        A store that answers from memory returns it at once, a network store an awaitable.
+        One that cannot be inverted says so (the default).
+        """
+        return Listed.cannot(f"{self.name}: this store cannot be listed in reverse")
 
     @abstractmethod
     def lookup(self, keys: Sequence[str]) -> Answer:

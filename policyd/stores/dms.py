@@ -25,7 +25,7 @@ from typing import Literal
 from policyd.address import fold
 from policyd.model import Entry, EntryKind, Hit, LoadError, Origin, Problem
 from policyd.packed import PackedTable, PackedTableBuilder, encode
-from policyd.stores.base import StoreContext, StoreOptions
+from policyd.stores.base import Listed, StoreContext, StoreOptions
 from policyd.stores.files import FileStore, Loaded, read_text
 from policyd.tables import (
     FixedTable,
@@ -33,6 +33,7 @@ from policyd.tables import (
     parse_pcre,
     parse_texthash,
     parse_texthash_file,
+    reach,
 )
 
 ACCOUNTS = "postfix-accounts.cf"
@@ -80,8 +81,9 @@ def parse_accounts(text: str, source: str) -> PackedTable:
     return accounts.build()
 
 
-def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
-    """The three files of a docker-mailserver config directory, each optional."""
+def load_dms(directory: Path, allow_empty: bool, reverse: bool = True) -> Loaded[DmsMaps]:
+    """The three files of a docker-mailserver config directory, each optional; the aliases
+    with their reverse index (target -> aliases) unless ``reverse`` is False (bench/)."""
     if not directory.is_dir():
         raise LoadError([Problem(str(directory), 0, "not a directory")])
     accounts_path, virtual_path, regexp_path = (directory / name for name in FILES)
@@ -123,8 +125,11 @@ def load_dms(directory: Path, allow_empty: bool) -> Loaded[DmsMaps]:
         )
         if path.exists()
     }
-    maps = DmsMaps(accounts, virtual, regexp)
-    return Loaded(maps, sum(files.values()), warnings, files, virtual.bare_keys)
+    maps = DmsMaps(accounts, virtual.indexed() if reverse else virtual, regexp)
+    anyone, wide = reach(regexp.rules()) if regexp is not None else (0, 0)
+    entries = sum(files.values())
+    wide += virtual.domain_keys
+    return Loaded(maps, entries, warnings, files, virtual.bare_keys, anyone, wide)
 
 
 class DmsOptions(StoreOptions):
@@ -156,6 +161,19 @@ class DmsStore(FileStore[DmsMaps]):
 
     def loader(self) -> Callable[[], Loaded[DmsMaps]]:
         return functools.partial(load_dms, self.directory, self.allow_empty)
+
+    def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed:
+        """The aliases listing one of ``owners`` (or an owner ``also`` is true for), the
+        regexp rules that may name one, and the identity rule: every address owns itself."""
+        snapshot = self.files.snapshot
+        rules = snapshot.regexp.rules() if snapshot.regexp is not None else []
+        return Listed(
+            keys=tuple(snapshot.virtual.listing(owners, also)),
+            patterns=tuple(rule for rule in rules if rule.names_any(owners, also)),
+            identity=True,
+        )
 
     def find(self, key: str) -> Hit | None:
         snapshot = self.files.snapshot

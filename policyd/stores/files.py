@@ -26,7 +26,7 @@ from policyd.model import Hit, LoadError, Problem
 from policyd.readfile import LineTooLong, open_regular, read_regular
 from policyd.rules import Grant, LoginDeny, Rules, SenderDeny, parse_denies, parse_grants
 from policyd.stores import parsing
-from policyd.stores.base import MemoryStore, StoreContext, StoreOptions, StoreStatus
+from policyd.stores.base import Listed, MemoryStore, StoreContext, StoreOptions, StoreStatus
 from policyd.tables import (
     FixedTable,
     PatternTable,
@@ -34,6 +34,7 @@ from policyd.tables import (
     parse_regexp,
     parse_texthash,
     parse_texthash_file,
+    reach,
 )
 
 log = logging.getLogger("policyd.stores")
@@ -105,6 +106,8 @@ class Loaded(NamedTuple, Generic[Snapshot]):
     warnings: list[Problem]
     files: dict[str, int]
     bare_keys: int = 0  # keys without @: bare local parts, found only for local domains
+    anyone: int = 0  # logins that may send as any address (a grant of *, a rule matching all)
+    domain_rules: int = 0  # keys or rules that answer a whole domain (or every address)
 
 
 def _ends_in_newline(path: str, size: int) -> bool:
@@ -332,6 +335,8 @@ class Reloader(Generic[Snapshot]):
         self._backoff = 0.0
         self.status.loaded(loaded.entries, tuple(loaded.warnings))
         self.status.bare_keys = loaded.bare_keys
+        self.status.anyone = loaded.anyone
+        self.status.domain_rules = loaded.domain_rules
 
     async def _watch(self) -> None:
         while True:
@@ -388,15 +393,21 @@ class FileStore(MemoryStore, Generic[Snapshot]):
         return await self.files.reload()
 
 
-def load_table(kind: str, path: Path) -> Loaded[FixedTable | PatternTable]:
-    """One Postfix table file of type ``kind``: texthash, pcre or regexp."""
+def load_table(kind: str, path: Path, reverse: bool = True) -> Loaded[FixedTable | PatternTable]:
+    """One Postfix table file of type ``kind``: texthash, pcre or regexp; a texthash table
+    with its reverse index (owner -> keys) unless ``reverse`` is False (bench/)."""
     if kind == "texthash":
         parsed = parse_texthash_file(path, str(path)) or parse_texthash(read_text(path), str(path))
         fixed, warnings = parsed
-        return Loaded(fixed, len(fixed), warnings, {str(path): len(fixed)}, fixed.bare_keys)
+        if reverse:
+            fixed.indexed()
+        files = {str(path): len(fixed)}
+        wide = fixed.domain_keys
+        return Loaded(fixed, len(fixed), warnings, files, fixed.bare_keys, 0, wide)
     text = read_text(path)
     rules = parse_pcre(text, str(path)) if kind == "pcre" else parse_regexp(text, str(path))
-    return Loaded(rules, len(rules), list(rules.warnings), {str(path): len(rules)})
+    anyone, wide = reach(rules.rules())
+    return Loaded(rules, len(rules), list(rules.warnings), {str(path): len(rules)}, 0, anyone, wide)
 
 
 class TableOptions(StoreOptions):
@@ -444,6 +455,16 @@ class TableStore(FileStore[FixedTable | PatternTable]):
         entry = self.files.snapshot.get(key)
         return None if entry is None else Hit(key, (entry,))
 
+    def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed:
+        table = self.files.snapshot
+        if isinstance(table, PatternTable):
+            rules = table.rules()
+            naming = tuple(rule for rule in rules if rule.names_any(owners, also))
+            return Listed(patterns=naming)
+        return Listed(keys=tuple(table.listing(owners, also)))
+
 
 class TexthashStore(TableStore):
     Options = TexthashOptions
@@ -481,12 +502,18 @@ def load_rules(grants_path: Path | None, deny_path: Path | None) -> Loaded[Rules
     if problems:
         raise LoadError(problems)
     rules = Rules(grants, sender_denies, login_denies)
+    anyone = {g.login for items in grants.values() for g in items if g.pattern.text.strip() == "*"}
+    wide = sum(
+        g.pattern.domain is not None or g.pattern.text.strip() == "*"
+        for items in grants.values()
+        for g in items
+    )
     files = {}
     if grants_path is not None:
         files[str(grants_path)] = sum(len(items) for items in grants.values())
     if deny_path is not None:
         files[str(deny_path)] = len(sender_denies) + len(login_denies)
-    return Loaded(rules, len(rules), [], files)
+    return Loaded(rules, len(rules), [], files, 0, len(anyone), wide)
 
 
 class RuleFiles:
