@@ -1,7 +1,8 @@
 """The `policyd` command: serve, check and validate. Thin: each calls what the daemon uses.
 
 Exit codes: 0 success (check: permitted or not checked), 1 check: rejected, 75 check: temporary
-failure, 78 configuration or map error (systemd's RestartPreventExitStatus can use it).
+failure, validate: a directory or database that cannot be reached now, 78 configuration or
+map error (systemd's RestartPreventExitStatus can use it).
 """
 
 from __future__ import annotations
@@ -227,12 +228,15 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
     else:
         failure = None
         asyncio.run(service.close())
+    unready = False
     for status in service.statuses():
         is_rules = service.rule_files is not None and status is service.rule_files.status
         if not status.ready:
-            print(f"{status.name if is_rules else 'map ' + status.name}: FAILED")
-            continue
-        if service.rule_files is not None and is_rules:
+            # A LoadError's problems follow on stderr, each with its line; else say why here.
+            why = f": {status.last_error}" if status.last_error and failure is None else ""
+            print(f"{status.name if is_rules else 'map ' + status.name}: FAILED{why}")
+            unready = True
+        elif service.rule_files is not None and is_rules:
             rules = service.rule_files.rules
             grants = sum(len(items) for items in rules.grants.values())
             print(
@@ -240,10 +244,11 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
                 f" senders, {len(rules.login_denies)} denied logins"
             )
         else:
-            print(f"map {status.name}: {status.entries} entries")
+            print(f"map {status.name}: {status.description or f'{status.entries} entries'}")
         for warning in status.warnings:
             print(f"policyd: warning: {warning}", file=sys.stderr)
     if failure is not None:
         _print_load_error(failure)
         return EXIT_CONFIG
-    return 0
+    # A network store whose server cannot be reached now: serve would start, not ready.
+    return EXIT_TEMPFAIL if unready else 0

@@ -51,7 +51,7 @@ def readiness(statuses: list[StoreStatus]) -> Response:
         elif status.last_error:
             lines.append(f"{status.name}: stale, last reload failed: {status.last_error}")
         else:
-            lines.append(f"{status.name}: ok, {status.entries} entries")
+            lines.append(f"{status.name}: ok, {status.description or f'{status.entries} entries'}")
     body = ("ready\n" if ready else "not ready\n") + "".join(f"{line}\n" for line in lines)
     return Response(
         "200 OK" if ready else "503 Service Unavailable", "text/plain; charset=utf-8", body.encode()

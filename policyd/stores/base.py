@@ -87,6 +87,8 @@ class StoreStatus:
     last_error: str | None = None
     warnings: tuple[Problem, ...] = ()
     stale_answers: int = 0  # network stores: answers given from memory through an outage
+    # What the store is, where a count of entries says nothing (a network store: its server)
+    description: str = ""
 
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:
         self.ready = True

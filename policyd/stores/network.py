@@ -58,6 +58,8 @@ class NetworkStore(Store):
         self._threads: ThreadPoolExecutor | None = None
         self._connected = False
         self._reconnecting: asyncio.Task[None] | None = None
+        #: What validate and /readyz show about the settings (a backend sets them at start).
+        self.warnings: tuple[Problem, ...] = ()
 
     @property
     def max_age(self) -> float | None:
@@ -96,7 +98,7 @@ class NetworkStore(Store):
             self._reconnect_soon()
             return
         self._connected = True
-        self.status.loaded(0, ())
+        self.status.loaded(0, self.warnings)
 
     async def close(self) -> None:
         if self._reconnecting is not None:
@@ -133,7 +135,7 @@ class NetworkStore(Store):
             return self._stale(keys, why)
         self._remember(keys, hit)
         if not self.status.ready or self.status.last_error:
-            self.status.loaded(0, ())  # (back) in touch with the server
+            self.status.loaded(0, self.warnings)  # (back) in touch with the server
         return hit
 
     def _remember(self, keys: tuple[str, ...], hit: Hit | None) -> None:
@@ -185,7 +187,7 @@ class NetworkStore(Store):
                 log.error("%s: %s", self.name, error)
                 return
             self._connected = True
-            self.status.loaded(0, ())
+            self.status.loaded(0, self.warnings)
             log.info("%s: connected", self.name)
 
 
