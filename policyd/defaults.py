@@ -96,6 +96,10 @@ NETWORK_CACHE_SIZE = 100_000  # remembered answers per store
 # One lookup's limit; below lookup_timeout, so the store's own error is what is reported.
 NETWORK_TIMEOUT = 3.0
 NETWORK_CONNECTIONS = 4  # per store: connections (or threads) in its pool
+# At start, an LDAP store looks for values its filters can never match (a group address
+# stored with capitals in a case-exact attribute); it reads at most this many entries, so a
+# big directory costs one bounded search.
+LDAP_CASE_CHECK_ENTRIES = 1000
 
 # A problem that can repeat thousands of times a second (descriptors run out, a flood is
 # refused) is logged at most once per this many seconds, with how often it happened.

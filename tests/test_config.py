@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd import stores
 from policyd.config import ConfigError, Endpoint, load_settings
 from policyd.model import Mode
 from policyd.stores.dms import DmsOptions
@@ -80,7 +81,7 @@ def test_errors_say_where_and_what(tmp_path: Path) -> None:
     found = problems(config_file=config, environ={"POLICYD_LISTEN": "tcp:1.2.3.4"})
     assert sorted(found) == sorted(
         [
-            f"{config}: maps: unknown map type 'nosuch' (known: dms, texthash, pcre, regexp)",
+            f"{config}: maps: unknown map type 'nosuch' (known: {', '.join(stores.backends())})",
             f"{config}: mode: Input should be 'authenticated', 'sender', 'known' or 'permit'",
             f"{config}: unknown_key: unknown setting",
             "POLICYD_LISTEN: 'tcp:1.2.3.4' is not inet:HOST:PORT or unix:PATH",

@@ -37,6 +37,7 @@ BACKENDS = (
     Backend("texthash", "policyd.stores.files:TexthashStore"),
     Backend("pcre", "policyd.stores.files:PcreStore"),
     Backend("regexp", "policyd.stores.files:RegexpStore"),
+    Backend("ldap", "policyd.stores.ldap:LdapStore", requires={"ldap3": "ldap"}),
 )
 
 
