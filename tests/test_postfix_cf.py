@@ -85,3 +85,16 @@ def test_the_domain_setting_limits_keys_to_full_addresses_at_those_domains(
     assert not domains.allows("@example.com")  # an empty local part: skipped
     assert not domains.allows("a@sub.example.com")
     assert not domains.allows("a")
+
+
+def test_a_malformed_line_is_shown_by_its_start_only(tmp_path: Path) -> None:
+    """A line without "=" may be a password setting written wrongly: its value never reaches
+    the log or /readyz."""
+    cf = tmp_path / "ldap-users.cf"
+    cf.write_text("bind_pw  Secret-Value-42\nbind pw = Other-Secret-43\n")
+    with pytest.raises(LoadError) as error:
+        PostfixCf.read(cf, {"bind_pw"})
+    assert str(error.value) == (
+        f"{cf}:1: expected name = value, in a line starting 'bind_pw'; "
+        f"{cf}:2: expected name = value, in a line starting 'bind pw'"
+    )

@@ -53,7 +53,13 @@ class PostfixCf:
             name, sep, value = line.partition("=")
             name = name.strip()
             if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name):
-                problems.append(Problem(source, number, f"expected name = value: {quoted(line)}"))
+                # Only the start of the line: it may be "bind_pw secret", a password.
+                start = name if sep else line.split(maxsplit=1)[0]
+                problems.append(
+                    Problem(
+                        source, number, f"expected name = value, in a line starting {quoted(start)}"
+                    )
+                )
                 continue
             if name not in allowed:
                 problems.append(Problem(source, number, f"{name}: not supported by policyd"))
