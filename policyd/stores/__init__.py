@@ -38,6 +38,10 @@ BACKENDS = (
     Backend("pcre", "policyd.stores.files:PcreStore"),
     Backend("regexp", "policyd.stores.files:RegexpStore"),
     Backend("ldap", "policyd.stores.ldap:LdapStore", requires={"ldap3": "ldap"}),
+    Backend("dms-ldap", "policyd.stores.dms_ldap:DmsLdapStore", requires={"ldap3": "ldap"}),
+    Backend(
+        "dms-ldap-logins", "policyd.stores.dms_ldap:DmsLdapLoginStore", requires={"ldap3": "ldap"}
+    ),
 )
 
 
