@@ -8,8 +8,12 @@ import asyncio
 import inspect
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,8 @@ from policyd.service import DecisionCache, Service
 from policyd.stores.base import StoreContext
 from policyd.stores.ldap import LdapOptions, LdapStore
 from policyd.tables import split_owners
+from tests.deploy.helpers import Daemon
+from tests.deploy.helpers import ask as daemon_ask
 from tests.servers import ldap
 from tests.servers.common import SilentServer, SynDropServer
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
@@ -708,4 +714,91 @@ async def test_a_group_stored_with_capitals_is_warned_about(slapd: Slapd, tmp_pa
         " Sales@localhost.localdomain has capitals, and mailGroupMember is compared"
         " case-exactly (caseExactIA5Match) while Postfix looks up addresses in lower case:"
         " it never matches; store it as sales@localhost.localdomain"
+    )
+
+
+async def test_a_uid_login_can_stand_for_its_mail(slapd: Slapd, tmp_path: Path) -> None:
+    """dms.md row 29 with the users map: an ldap: map in login_addresses turns the login
+    (a uid) into the address the maps answer."""
+    maps = await started(cf(tmp_path, slapd, "users.cf", **USERS))
+    uids = await started(cf(tmp_path, slapd, "uids.cf", query_filter="(uid=%s)",
+                            result_attribute="mail"))  # fmt: skip
+    service = Service(Policy(maps_logins=True), [maps], login_addresses=[uids], cache=NO_CACHE)
+    try:
+        owned = await service.answer(request("some.user", SOME_USER))
+        other = await service.answer(request("some.user", "admin@localhost.localdomain"))
+        unknown = await service.answer(request("no.such.uid", SOME_USER))
+    finally:
+        await service.close()
+    assert owned.verdict is Verdict.PERMIT
+    assert f"standing for {SOME_USER}, ldap:{tmp_path / 'uids.cf'}: (uid=some.user)" in (
+        owned.explanation
+    )
+    assert other.verdict is unknown.verdict is Verdict.REJECT
+
+
+# -- the password ------------------------------------------------------------------------
+
+RIGHT = "S3cret-right-XYZZY"
+WRONG = "S3cret-wrong-PLUGH"
+
+
+def test_the_password_never_shows(private_slapd: Slapd, tmp_path: Path) -> None:
+    """Not in validate, check, the daemon's log, /readyz or /metrics: with the right
+    password, with a wrong one, and with a bind_pw line written wrongly."""
+    private_slapd.modify(
+        f"dn: uid=some.user,{ldap.SEARCH_BASE}\nchangetype: modify\n"
+        f"replace: userPassword\nuserPassword: {RIGHT}\n"
+    )
+    login = {**USERS, "bind_dn": f"uid=some.user,{ldap.SEARCH_BASE}"}
+    right = cf(tmp_path, private_slapd, "right.cf", **login, bind_pw=RIGHT)
+    wrong = cf(tmp_path, private_slapd, "wrong.cf", **login, bind_pw=WRONG)
+    garbled = settle(tmp_path / "garbled.cf", right.read_text() + f"bind_pw {WRONG}\n")
+    maps = ["--map", f"ldap:{right}", "--map", f"ldap:{wrong}"]
+    shown = []
+
+    validated = run_policyd("validate", *maps)
+    assert validated.returncode == 75  # the wrong password: that map is not ready
+    assert f"map ldap:{wrong}: FAILED" in validated.stdout
+    assert "invalidCredentials" in validated.stdout
+    checked = run_policyd("check", *maps, SOME_USER, SOME_USER)
+    refused = run_policyd("validate", "--map", f"ldap:{garbled}")
+    assert refused.returncode == 78
+    shown += [validated.stdout, validated.stderr, checked.stdout, checked.stderr,
+              refused.stdout, refused.stderr]  # fmt: skip
+
+    daemon = Daemon(
+        [sys.executable, "-m", "policyd", "serve", *maps, "--listen", "inet:127.0.0.1:0"],
+        {
+            **os.environ,
+            "POLICYD_METRICS_LISTEN": "inet:127.0.0.1:0",
+            "POLICYD_LOG_DECISIONS": "all",
+        },
+        tmp_path / "policyd.log",
+    )
+    try:
+        assert daemon_ask(daemon.endpoint, sasl_username=SOME_USER, sender=SOME_USER) == "OK"
+        for path in ("/readyz", "/metrics"):
+            try:
+                with urllib.request.urlopen(f"http://{daemon.http}{path}", timeout=10) as page:
+                    shown.append(page.read().decode())
+            except urllib.error.HTTPError as error:  # /readyz: 503, a map is not ready
+                shown.append(error.read().decode())
+    finally:
+        daemon.stop()
+    shown.append(daemon.log.read_text())
+    assert "invalidCredentials" in shown[-3]  # /readyz says why that map is not ready
+    for text in shown:
+        assert RIGHT not in text
+        assert WRONG not in text
+
+
+def run_policyd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "policyd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "POLICYD_METRICS_LISTEN": "none"},
     )
