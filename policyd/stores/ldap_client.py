@@ -16,9 +16,9 @@ Why ldap3, and how it is used (tests/servers/test_ldap_client.py pins each point
 * The socket of a failed connect is left open: it is closed here.
 
 All the searches one lookup needs (each of Postfix's keys, for each table of a chain) are
-written to one connection at once and their answers read back by message ID: one round trip,
-whatever the number of keys. Only special_result_attribute (DNs and URLs to follow) takes
-more.
+written to one connection at once, encoded by policyd (policyd.stores.ldap_ber), and their
+answers read back by message ID: one round trip, whatever the number of keys. Only
+special_result_attribute (DNs and URLs to follow) takes more.
 """
 
 from __future__ import annotations
@@ -33,20 +33,10 @@ from typing import Any
 
 import ldap3  # type: ignore[import-untyped]
 from ldap3.core.exceptions import LDAPException  # type: ignore[import-untyped]
-from ldap3.protocol import rfc4511  # type: ignore[import-untyped]
 from ldap3.utils.asn1 import decode_message_fast  # type: ignore[import-untyped]
 
 from policyd.stores.ldap import ConnectionLost, Directory, Found, Search
-from policyd.stores.ldap_filter import TRUE, Assertion, Boolean, Node, Present, Substrings
-
-_SCOPES = {0: "baseObject", 1: "singleLevel", 2: "wholeSubtree"}
-_DEREF = {
-    0: "neverDerefAliases",
-    1: "derefInSearching",
-    2: "derefFindingBaseObj",
-    3: "derefAlways",
-}
-_PRESENT_EVERYWHERE = Present("objectClass")  # what (&) becomes: every entry has one
+from policyd.stores.ldap_ber import search_request
 
 
 class Client:
@@ -99,6 +89,9 @@ class Client:
         )
         try:
             connection.open(read_server_info=False)
+            if connection.socket.family != socket.AF_UNIX:
+                # Answers are read as soon as they come; a request must not wait for an ACK.
+                connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if d.start_tls and not connection.start_tls(read_server_info=False):
                 raise ConnectionLost(f"StartTLS refused: {_result(connection)}")
             if d.bind and not connection.bind(read_server_info=False):
@@ -168,10 +161,10 @@ class Client:
 
     def _pipelined(self, connection: Any, searches: Sequence[Search]) -> list[Found]:
         strategy = connection.strategy
-        ids: list[int] = []
+        ids = [connection.server.next_message_id() for _ in searches]
         try:
-            for search in searches:
-                ids.append(strategy.send("searchRequest", _request(search)))
+            # One write: small writes one after another would wait for each other's ACKs.
+            connection.socket.sendall(b"".join(map(search_request, ids, searches)))
             answers: dict[int, Found] = {}
             pending = set(ids)
             while pending:
@@ -184,9 +177,6 @@ class Client:
             raise ConnectionLost(self._scrub(_why(error))) from None
         except OSError as error:
             raise ConnectionLost(f"{type(error).__name__}: {error}") from None
-        finally:
-            for message_id in ids:
-                strategy._outstanding.pop(message_id, None)
         return [answers[message_id] for message_id in ids]
 
     @staticmethod
@@ -275,79 +265,3 @@ def _result(connection: Any) -> str:
 def _why(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-# -- the request ------------------------------------------------------------------
-
-
-def _request(search: Search) -> Any:
-    request = rfc4511.SearchRequest()
-    request["baseObject"] = rfc4511.LDAPDN(search.base)
-    request["scope"] = rfc4511.Scope(_SCOPES[search.scope])
-    request["derefAliases"] = rfc4511.DerefAliases(_DEREF[search.dereference])
-    request["sizeLimit"] = rfc4511.Integer0ToMax(search.size_limit)
-    request["timeLimit"] = rfc4511.Integer0ToMax(search.time_limit)
-    request["typesOnly"] = rfc4511.TypesOnly(False)
-    request["filter"] = encode(_PRESENT_EVERYWHERE if search.filter == TRUE else search.filter)
-    selection = rfc4511.AttributeSelection()
-    for position, attribute in enumerate(search.attributes or ("1.1",)):
-        selection[position] = rfc4511.Selector(attribute)
-    request["attributes"] = selection
-    return request
-
-
-def _value(pieces: tuple[bytes | int, ...]) -> bytes:
-    return b"".join(piece for piece in pieces if isinstance(piece, bytes))
-
-
-def encode(node: Node) -> Any:
-    """A filled-in filter as the protocol's Filter (RFC 4511 4.5.1.7)."""
-    compiled = rfc4511.Filter()
-    if isinstance(node, Boolean):
-        if node.operator == "!":
-            inner = rfc4511.Not()
-            inner["innerNotFilter"] = encode(node.items[0])
-            compiled.setComponentByName("notFilter", inner, verifyConstraints=False)
-        else:
-            items = rfc4511.And() if node.operator == "&" else rfc4511.Or()
-            for position, item in enumerate(node.items):
-                items[position] = encode(item)
-            compiled["and" if node.operator == "&" else "or"] = items
-    elif isinstance(node, Assertion):
-        kinds = {
-            "equality": ("equalityMatch", rfc4511.EqualityMatch),
-            "greaterOrEqual": ("greaterOrEqual", rfc4511.GreaterOrEqual),
-            "lessOrEqual": ("lessOrEqual", rfc4511.LessOrEqual),
-            "approxMatch": ("approxMatch", rfc4511.ApproxMatch),
-        }
-        name, kind = kinds[node.kind]
-        assertion = kind()
-        assertion["attributeDesc"] = rfc4511.AttributeDescription(node.attribute)
-        assertion["assertionValue"] = rfc4511.AssertionValue(_value(node.value))
-        compiled.setComponentByName(name, assertion)
-    elif isinstance(node, Present):
-        compiled["present"] = rfc4511.Present(rfc4511.AttributeDescription(node.attribute))
-    elif isinstance(node, Substrings):
-        substrings = rfc4511.Substrings()
-        parts: list[Any] = []
-        if node.initial is not None:
-            parts.append(("initial", rfc4511.Initial(_value(node.initial))))
-        parts += [("any", rfc4511.Any(_value(piece))) for piece in node.any]
-        if node.final is not None:
-            parts.append(("final", rfc4511.Final(_value(node.final))))
-        for position, (kind_name, value) in enumerate(parts):
-            substrings[position] = rfc4511.Substring().setComponentByName(kind_name, value)
-        substring_filter = rfc4511.SubstringFilter()
-        substring_filter["type"] = rfc4511.AttributeDescription(node.attribute)
-        substring_filter["substrings"] = substrings
-        compiled["substringFilter"] = substring_filter
-    else:
-        match = rfc4511.ExtensibleMatch()
-        if node.rule:
-            match["matchingRule"] = rfc4511.MatchingRule(node.rule)
-        if node.attribute:
-            match["type"] = rfc4511.Type(node.attribute)
-        match["matchValue"] = rfc4511.MatchValue(_value(node.value))
-        match["dnAttributes"] = rfc4511.DnAttributes(node.dn)
-        compiled["extensibleMatch"] = match
-    return compiled
