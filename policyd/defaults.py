@@ -96,6 +96,12 @@ NETWORK_CACHE_SIZE = 100_000  # remembered answers per store
 # One lookup's limit; below lookup_timeout, so the store's own error is what is reported.
 NETWORK_TIMEOUT = 3.0
 NETWORK_CONNECTIONS = 4  # per store: connections (or threads) in its pool
+# When a network store's server cannot be reached, lookups stop asking it for this long,
+# doubling while it lasts up to the maximum: an outage then answers from memory (stale_ttl)
+# or fails at once, instead of each lookup waiting for a dead server; a recovery is noticed
+# within the maximum.
+NETWORK_DOWN_PAUSE = 0.5
+NETWORK_MAX_DOWN_PAUSE = 5.0
 # At start, an LDAP store looks for values its filters can never match (a group address
 # stored with capitals in a case-exact attribute); it reads at most this many entries, so a
 # big directory costs one bounded search.

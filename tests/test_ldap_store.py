@@ -503,13 +503,24 @@ async def test_an_outage_answers_4xx_and_recovery_needs_no_restart(
         with private_slapd.outage():
             down = await service.answer(request(SOME_USER, "x" + SOME_USER))
             assert store.status.last_error
-        # The pooled connection died with the server; the next lookup makes a new one.
-        up = await service.answer(request(SOME_USER, SOME_USER))
+        # The pooled connection died with the server; once the short pause after a failure
+        # is over, a lookup makes a new one.
+        up = await answered(service, request(SOME_USER, SOME_USER))
     finally:
         await service.close()
     assert (down.verdict, down.action) == (Verdict.TEMPFAIL, "451 4.3.0 Temporary lookup failure")
     assert up.verdict is Verdict.PERMIT
     assert not store.status.last_error
+
+
+async def answered(service: Service, question: PolicyRequest, within: float = 15) -> Any:
+    """The first decision that is not a temporary failure, asking again until ``within``
+    seconds have passed (a store pauses a moment after its server failed)."""
+    deadline = time.monotonic() + within
+    while (decision := await service.answer(question)).verdict is Verdict.TEMPFAIL:
+        assert time.monotonic() < deadline, decision.explanation
+        await asyncio.sleep(0.05)
+    return decision
 
 
 async def test_a_server_down_at_start_is_waited_for(private_slapd: Slapd, tmp_path: Path) -> None:
@@ -521,7 +532,8 @@ async def test_a_server_down_at_start_is_waited_for(private_slapd: Slapd, tmp_pa
         with pytest.raises(StoreUnavailable):
             await ask(store, SOME_USER)
         private_slapd.start()
-        assert owners(await ask(store, SOME_USER)) == (SOME_USER,)
+        service = Service(Policy(), [store], cache=NO_CACHE)
+        assert (await answered(service, request(SOME_USER, SOME_USER))).verdict is Verdict.PERMIT
         assert store.status.ready
     finally:
         await store.close()
@@ -589,6 +601,26 @@ async def test_a_dropped_syn_does_not_block_the_event_loop(
     assert isinstance(failed, StoreUnavailable)
     assert elapsed < 1 + SLACK_S
     assert max(stall, lookup_stall) < MAX_LOOP_STALL_S
+
+
+async def test_while_the_server_cannot_be_reached_lookups_do_not_wait_for_it(
+    syn_drop_server: SynDropServer, tmp_path: Path
+) -> None:
+    """After one lookup found the server unreachable, the next ones fail at once for a
+    moment (NETWORK_DOWN_PAUSE): an outage does not make every sender wait for a timeout."""
+    path = tmp_path / "dropped.cf"
+    path.write_text(f"server_host = ldap://127.0.0.1:{syn_drop_server.port}\nversion = 3\n"
+                    "query_filter = (mail=%s)\nresult_attribute = mail\n")  # fmt: skip
+    store = await started(path, timeout=1)
+    try:
+        first, _, waited = await watching_the_loop(ask(store, SOME_USER))
+        second, _, quick = await watching_the_loop(ask(store, "other@localhost.localdomain"))
+    finally:
+        await store.close()
+    assert isinstance(first, StoreUnavailable)
+    assert isinstance(second, StoreUnavailable)
+    assert waited >= 1  # the first one waited for its deadline
+    assert quick < 0.5  # the next one did not wait again
 
 
 async def test_answers_are_remembered_found_and_not_found(

@@ -45,7 +45,7 @@ from policyd.stores.ldap_filter import (
     simplified,
     without_key,
 )
-from policyd.stores.network import NetworkOptions, NetworkStore, read_secret
+from policyd.stores.network import NetworkOptions, NetworkStore, ServerDown, read_secret
 from policyd.stores.postfix_cf import DomainFilter, PostfixCf, Template
 from policyd.tables import quoted, split_owners
 
@@ -633,7 +633,7 @@ class LdapStore(NetworkStore):
         try:
             await self.in_thread(client.check)
         except LookupFailed as error:
-            raise StoreUnavailable(str(error)) from None
+            raise ServerDown(str(error)) from None
 
     async def disconnect(self) -> None:
         if self._client is not None:
@@ -654,6 +654,8 @@ class LdapStore(NetworkStore):
             return None  # every key skipped: Postfix asks nothing either
         try:
             return await self.in_thread(DirectoryLookup(client, plan, tuple(keys)).run)
+        except ConnectionLost as error:
+            raise ServerDown(str(error)) from None
         except LookupFailed as error:
             raise StoreUnavailable(str(error)) from None
 

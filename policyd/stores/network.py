@@ -7,7 +7,9 @@ an awaitable that asks the server in one round trip for all of Postfix's keys. A
 (server down, too slow, connection lost) is a StoreUnavailable, which the service answers
 with a temporary failure, never a verdict. With ``stale_ttl`` set, an answer that expired
 less than that long ago is given instead, counted as stale; a short outage then defers no
-mail. Postfix itself remembers nothing (proxymap shares connections, not answers).
+mail. When the server cannot be reached at all (ServerDown, or no answer in time), lookups
+stop waiting for it for a short, growing pause. Postfix itself remembers nothing (proxymap
+shares connections, not answers).
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ T = TypeVar("T")
 _MISSING = object()
 
 
+class ServerDown(StoreUnavailable):
+    """The server cannot be reached, or refuses us (connection refused or timed out, TLS or
+    bind refused), as opposed to one query failing. For a moment (NETWORK_DOWN_PAUSE, doubling
+    while it lasts) lookups then do not wait for it: they are answered from memory within
+    stale_ttl, or fail at once."""
+
+
 class NetworkOptions(StoreOptions):
     """Options every network map has, beside the Postfix file it reads (``path``)."""
 
@@ -60,6 +69,9 @@ class NetworkStore(Store):
         self._reconnecting: asyncio.Task[None] | None = None
         #: What validate and /readyz show about the settings (a backend sets them at start).
         self.warnings: tuple[Problem, ...] = ()
+        # After the server could not be reached: no lookup asks it until _down_until.
+        self._pause = self._down_until = 0.0
+        self._down_why = ""
 
     @property
     def max_age(self) -> float | None:
@@ -127,12 +139,22 @@ class NetworkStore(Store):
         return self._ask(asked)
 
     async def _ask(self, keys: tuple[str, ...]) -> Hit | None:
+        if time.monotonic() < self._down_until:
+            # The server could not be reached a moment ago: do not make this lookup wait for
+            # it too (one lookup tries again when the pause is over).
+            return self._stale(keys, self._down_why)
         try:
             async with asyncio.timeout(self.options.timeout):
                 hit = await self.query(keys)
-        except (StoreUnavailable, TimeoutError) as error:
+        except (ServerDown, TimeoutError) as error:
             why = str(error) or f"no answer within {self.options.timeout:g} s"
+            pause = max(2 * self._pause, defaults.NETWORK_DOWN_PAUSE)
+            self._pause = min(pause, defaults.NETWORK_MAX_DOWN_PAUSE)
+            self._down_until, self._down_why = time.monotonic() + self._pause, why
             return self._stale(keys, why)
+        except StoreUnavailable as error:
+            return self._stale(keys, str(error))
+        self._pause = self._down_until = 0.0
         self._remember(keys, hit)
         if not self.status.ready or self.status.last_error:
             self.status.loaded(0, self.warnings)  # (back) in touch with the server
