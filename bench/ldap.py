@@ -9,8 +9,8 @@ the same ownership. The load is bench/loadgen.c through bench/load.py, every rep
 * ``texthash``: the file map, policyd's defaults.
 * ``ldap, cold``: nothing remembered (``cache_ttl = 0``, ``decision_cache_size = 0``): every
   request asks the directory, one round trip for all of Postfix's keys.
-* ``ldap, warm``: the defaults (answers remembered for ``cache_ttl``), after a pass over the
-  whole workload; the table says how many requests still reached the directory.
+* ``ldap, warm``: the defaults (answers remembered for ``cache_ttl``), after every request of
+  the workload was asked once; the table says how many requests still reached the directory.
 * ``ldap, outage, stale``: slapd stopped after a warm pass; ``cache_ttl = 1``,
   ``stale_ttl = 3600``: every answer has expired and comes from memory, counted as stale.
 * ``ldap, outage``: slapd stopped, nothing remembered: every reply is the 451.
@@ -27,6 +27,7 @@ import json
 import random
 import re
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # tests.servers: the throw-away slapd
 
-from load import LoadRun, Workload, message_requests, not_owned_reply  # noqa: E402
+from load import LoadRun, Workload, message_requests, not_owned_reply, parse_target  # noqa: E402
 from run import Server, log, machine, running, start_policyd_settings, wait_quiet  # noqa: E402
 
 from tests.servers import ldap  # noqa: E402
@@ -193,24 +194,35 @@ class Window(threading.Thread):
         return self.seen[0], self.seen[1]
 
 
-def warm_up(row: Row, server: Server, workload: Workload, options: argparse.Namespace) -> None:
-    """Load until every distinct request has been answered (connection k starts at request
-    k * n / connections and they go at about the same pace, so 1.5 n replies are plenty)."""
-    answered = 0
-    while answered < 1.5 * len(workload.requests):
-        run = LoadRun(
-            server.target,
-            workload,
-            connections=options.connections,
-            warmup=0,
-            duration=options.warm_pass,
-            build_dir=options.build,
-        )
-        run.start()
-        result = run.finish()
-        if result.errors:
-            raise RuntimeError(f"{row.name}: wrong replies while warming up: {result.samples}")
-        answered += result.requests
+def warm_up(row: Row, server: Server, workload: Workload, threads: int = 16) -> None:
+    """Every request of the workload asked once, each reply checked, so that every answer the
+    measured window needs has been fetched (a timed load would start each connection at the
+    same place again and leave the rest of the workload cold)."""
+    family, address = parse_target(server.target)
+    wrong: list[str] = []
+
+    def ask_slice(start: int) -> None:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(address)
+            for index in range(start, len(workload.requests), threads):
+                sock.sendall(workload.requests[index])
+                reply = b""
+                while not reply.endswith(b"\n\n"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError(f"{row.name}: policyd closed the connection")
+                    reply += chunk
+                if reply != workload.expected[index]:
+                    wrong.append(f"request {index}: {reply!r}")
+
+    pool = [threading.Thread(target=ask_slice, args=(n,)) for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    if wrong:
+        raise RuntimeError(f"{row.name}: wrong replies while warming up: {wrong[:5]}")
 
 
 def measure(
@@ -222,7 +234,7 @@ def measure(
     probe = (workload.requests[0], workload.expected[0])
     with running(lambda: start_policyd_settings(data, "policyd", row.settings, probe)) as server:
         if row.warm:
-            warm_up(row, server, workload, options)
+            warm_up(row, server, workload)
         if row.outage:
             slapd.stop()
         try:
@@ -296,12 +308,6 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument(
-        "--warm-pass",
-        type=float,
-        default=5.0,
-        help="seconds per warm-up pass (repeated until the pool is covered)",
-    )
     parser.add_argument("--data-root", type=Path, default=Path("/tmp/policyd-bench"))
     parser.add_argument("--quiet-wait", type=float, default=0.0)
     parser.add_argument("--other-limit", type=float, default=0.3)
@@ -310,7 +316,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.smoke:
         options.users, options.pool, options.runs = 200, 2_000, 1
-        options.connections, options.warmup, options.duration, options.warm_pass = 10, 0.2, 1, 1
+        options.connections, options.warmup, options.duration = 10, 0.2, 1
     options.build = options.data_root / "build"
     return options
 
@@ -327,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     # Its own short root (the ldapi socket path must fit 108 bytes), removed afterwards.
     root = Path(tempfile.mkdtemp(prefix="policyd-bench-slapd-"))
     try:
-        with Slapd(root / "slapd", directory=data / "directory.ldif") as slapd:
+        directory_file = data / "directory.ldif"
+        with Slapd(root / "slapd", directory=directory_file, db_max_bytes=1 << 30) as slapd:
             cf = data / "owners.cf"
             cf.write_text(slapd.postfix_cf(query_filter=QUERY_FILTER, result_attribute="mail"))
             requests = len(workload.requests)
