@@ -41,7 +41,14 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # tests.servers: the throw-away slapd
 
-from load import LoadRun, Workload, message_requests, not_owned_reply, parse_target  # noqa: E402
+from load import (  # noqa: E402
+    LoadRun,
+    Workload,
+    message_requests,
+    not_owned_reply,
+    parse_target,
+    read_reply,
+)
 from run import Server, log, machine, running, start_policyd_settings, wait_quiet  # noqa: E402
 
 from tests.servers import ldap  # noqa: E402
@@ -207,12 +214,7 @@ def warm_up(row: Row, server: Server, workload: Workload, threads: int = 16) -> 
             sock.connect(address)
             for index in range(start, len(workload.requests), threads):
                 sock.sendall(workload.requests[index])
-                reply = b""
-                while not reply.endswith(b"\n\n"):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        raise ConnectionError(f"{row.name}: policyd closed the connection")
-                    reply += chunk
+                reply = read_reply(sock)
                 if reply != workload.expected[index]:
                     wrong.append(f"request {index}: {reply!r}")
 

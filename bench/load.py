@@ -368,13 +368,18 @@ def ask(target: tuple[int, Any], request: bytes, timeout: float = 10.0) -> bytes
         sock.settimeout(timeout)
         sock.connect(address)
         sock.sendall(request)
-        reply = b""
-        while not reply.endswith(b"\n\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"connection closed after {reply!r}")
-            reply += chunk
-        return reply
+        return read_reply(sock)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One whole reply (up to its empty line) from a policy connection."""
+    reply = b""
+    while not reply.endswith(b"\n\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {reply!r}")
+        reply += chunk
+    return reply
 
 
 # The compiled load generator

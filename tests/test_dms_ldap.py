@@ -29,22 +29,8 @@ SOME_USER = "some.user@localhost.localdomain"
 
 
 def mailserver_env(path: Path, server: Slapd, **variables: str) -> Path:
-    """A mailserver.env as docker-mailserver's LDAP tests set it (mail_with_ldap.bats), with
-    the variables its shipped file leaves empty; ``variables`` add or override."""
-    values = {
-        "ACCOUNT_PROVISIONER": "LDAP",
-        "SPOOF_PROTECTION": "1",
-        "LDAP_START_TLS": "",
-        "LDAP_SERVER_HOST": server.url,
-        "LDAP_SEARCH_BASE": ldap.SEARCH_BASE,
-        "LDAP_BIND_DN": ldap.BIND_DN,
-        "LDAP_BIND_PW": ldap.BIND_PW,
-        "LDAP_QUERY_FILTER_USER": DMS_TEST_FILTERS["user"],
-        "LDAP_QUERY_FILTER_GROUP": DMS_TEST_FILTERS["group"],
-        "LDAP_QUERY_FILTER_ALIAS": DMS_TEST_FILTERS["alias"],
-        "LDAP_QUERY_FILTER_DOMAIN": "",
-        **variables,
-    }
+    """A mailserver.env file with docker-mailserver's LDAP test settings for ``server``."""
+    values = server.mailserver_env(**variables)
     path.write_text(
         "# docker-mailserver's mailserver.env, its LDAP section\n"
         + "".join(f"{name}={value}\n" for name, value in values.items())

@@ -31,6 +31,7 @@ from policyd.stores.ldap import LdapOptions, LdapStore
 from policyd.tables import split_owners
 from tests.deploy.helpers import Daemon
 from tests.deploy.helpers import ask as daemon_ask
+from tests.helpers import watching_the_loop
 from tests.servers import ldap
 from tests.servers.common import SilentServer, SynDropServer
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
@@ -539,32 +540,6 @@ async def test_a_server_down_at_start_is_waited_for(private_slapd: Slapd, tmp_pa
         await store.close()
 
 
-async def watching_the_loop(work: Any) -> tuple[Any, float, float]:
-    """Await ``work``; return its result or exception, the longest the loop went without
-    running a ready callback meanwhile, and how long it took."""
-    stalls = [0.0]
-    done = asyncio.Event()
-
-    async def tick() -> None:
-        last = time.monotonic()
-        while not done.is_set():
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            stalls.append(now - last - 0.01)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    began = time.monotonic()
-    try:
-        outcome = await work
-    except Exception as error:
-        outcome = error
-    elapsed = time.monotonic() - began
-    done.set()
-    await ticker
-    return outcome, max(stalls), elapsed
-
-
 async def test_a_server_that_never_answers_is_a_4xx_at_the_deadline(
     silent_server: SilentServer, tmp_path: Path
 ) -> None:
@@ -834,3 +809,19 @@ def run_policyd(*args: str) -> subprocess.CompletedProcess[str]:
         check=False,
         env={**os.environ, "POLICYD_METRICS_LISTEN": "none"},
     )
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["*", "*)(mail=*", "*@localhost.localdomain", "some.user@localhost.localdomain)(|(mail=*",
+     "a\x00b@localhost.localdomain", "\\2a@localhost.localdomain", "(|)", "some.user\\"],
+)  # fmt: skip
+async def test_a_key_full_of_filter_characters_finds_nothing(
+    slapd: Slapd, tmp_path: Path, key: str
+) -> None:
+    """Not every entry (an unescaped *), not an injected term, not an error: nothing."""
+    store = await started(cf(tmp_path, slapd, **PLAIN))
+    try:
+        assert await ask(store, key) is None
+    finally:
+        await store.close()

@@ -196,6 +196,11 @@ class Listener:
 # --------------------------------------------------------------------------
 
 
+def not_owned(sender: str, login: str) -> tuple[int, str]:
+    """The reply of Postfix's own reject_*_sender_login_mismatch (and of policyd)."""
+    return (553, f"5.7.1 <{sender}>: Sender address rejected: not owned by user {login}")
+
+
 def policy_restriction(endpoint: str) -> str:
     """The restriction that asks a policy server, e.g. ``inet:127.0.0.1:PORT``."""
     return f"check_policy_service {endpoint}"

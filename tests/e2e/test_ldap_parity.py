@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 from daemon import Policyd
-from mailstack import DMS_PASSWORD, MailStack, Reply, policy_restriction, smtp_try
+from mailstack import DMS_PASSWORD, MailStack, Reply, not_owned, policy_restriction, smtp_try
 
-from tests.servers import ldap
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
 
 RCPT = "someone@example.com"
@@ -39,19 +38,7 @@ CHAIN = ("ldap-users.cf", "ldap-aliases.cf", "ldap-groups.cf")
 
 def environment(slapd: Slapd, **variables: str) -> dict[str, str]:
     """mailserver.env's LDAP section as docker-mailserver's LDAP tests set it."""
-    return {
-        "ACCOUNT_PROVISIONER": "LDAP",
-        "SPOOF_PROTECTION": "1",
-        "LDAP_START_TLS": "",
-        "LDAP_SERVER_HOST": slapd.url,
-        "LDAP_SEARCH_BASE": ldap.SEARCH_BASE,
-        "LDAP_BIND_DN": ldap.BIND_DN,
-        "LDAP_BIND_PW": ldap.BIND_PW,
-        "LDAP_QUERY_FILTER_USER": DMS_TEST_FILTERS["user"],
-        "LDAP_QUERY_FILTER_GROUP": DMS_TEST_FILTERS["group"],
-        "LDAP_QUERY_FILTER_ALIAS": DMS_TEST_FILTERS["alias"],
-        **variables,
-    }
+    return slapd.mailserver_env(**variables)
 
 
 def rendered(file: str, env: dict[str, str]) -> str:
@@ -130,10 +117,6 @@ def ports(
     finally:
         for daemon in daemons:
             daemon.stop()
-
-
-def not_owned(sender: str, login: str) -> tuple[int, str]:
-    return (553, f"5.7.1 <{sender}>: Sender address rejected: not owned by user {login}")
 
 
 # (scenario, login or None, MAIL FROM, the reply both must give). Rows are dms.md section 7.

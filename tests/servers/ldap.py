@@ -504,6 +504,25 @@ class Slapd(Server):
         values.update(settings)
         return "".join(f"{key} = {value}\n" for key, value in values.items())
 
+    def mailserver_env(self, **variables: str) -> dict[str, str]:
+        """docker-mailserver's LDAP variables for this server, as its LDAP tests set them
+        (mail_with_ldap.bats), with the ones its shipped mailserver.env leaves empty;
+        ``variables`` add or override, e.g. ``LDAP_QUERY_FILTER_SENDERS=...``."""
+        return {
+            "ACCOUNT_PROVISIONER": "LDAP",
+            "SPOOF_PROTECTION": "1",
+            "LDAP_START_TLS": "",
+            "LDAP_SERVER_HOST": self.url,
+            "LDAP_SEARCH_BASE": SEARCH_BASE,
+            "LDAP_BIND_DN": BIND_DN,
+            "LDAP_BIND_PW": BIND_PW,
+            "LDAP_QUERY_FILTER_USER": DMS_TEST_FILTERS["user"],
+            "LDAP_QUERY_FILTER_GROUP": DMS_TEST_FILTERS["group"],
+            "LDAP_QUERY_FILTER_ALIAS": DMS_TEST_FILTERS["alias"],
+            "LDAP_QUERY_FILTER_DOMAIN": "",
+            **variables,
+        }
+
     def _program(self, name: str) -> str:
         path = program(name)
         if path is None:
