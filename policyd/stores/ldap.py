@@ -309,9 +309,9 @@ def read_table_file(path: Path, bind_pw_file: Path | None, lookup_timeout: float
     bind_setting = cf.get("bind", "yes").lower()
     if bind_setting == "sasl":
         raise cf.error("bind", "sasl is not supported by policyd; use simple binds")
-    if bind_setting not in ("yes", "no", "none", "simple", "true", "false", "1", "0"):
+    if bind_setting not in ("yes", "no", "none", "simple"):
         raise cf.error("bind", f"expected yes, no, none or simple, not {quoted(bind_setting)}")
-    bind = bind_setting in ("yes", "simple", "true", "1")
+    bind = bind_setting in ("yes", "simple")
     if bind and version == 2:
         warn(
             "version",
@@ -621,11 +621,11 @@ class LdapStore(NetworkStore):
             log.error("%s: %s; the previous settings stay in use", self.name, error)
             self.status.failed(str(error))
             return False
-        if config != self._config:
-            self._use(config)
-            self.status.loaded(0, self.warnings)
-            log.info("%s: settings reloaded", self.name)
+        self._use(config)  # new connections with the new settings, from the next lookup on
         self.forget()
+        if self.status.ready and not self.status.last_error:
+            await self._inspect()
+        log.info("%s: settings read again", self.name)
         return True
 
     async def connect(self) -> None:
