@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd import stores
 from policyd.cli import main
 from policyd.config import Settings
 
@@ -32,8 +33,24 @@ def test_readme_check_example(
     assert f"{reason}\n" in capsys.readouterr().out
 
 
+def documented(section: str) -> set[str]:
+    first_cells = re.findall(r"^\| ([^|]+) \|", section, re.MULTILINE)
+    return {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
+
+
+REFERENCE = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+
+
 def test_every_setting_is_in_the_configuration_reference() -> None:
-    reference = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
-    first_cells = re.findall(r"^\| ([^|]+) \|", reference, re.MULTILINE)
-    documented = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
-    assert documented == set(Settings.model_fields)
+    assert documented(REFERENCE.split("### Map options", 1)[0]) == set(Settings.model_fields)
+
+
+def test_every_map_option_is_in_the_configuration_reference() -> None:
+    """What a map takes beside its type and location (``TYPE:LOCATION``), for every backend."""
+    options = {
+        name
+        for _, cls in stores.backends().values()
+        for name in cls.Options.model_fields
+        if name not in ("type", cls.location)
+    }
+    assert documented(REFERENCE.split("### Map options", 1)[1]) == options
