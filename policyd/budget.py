@@ -5,6 +5,9 @@ any logged-in user chooses the sender. Python's ``re`` cannot be given a step li
 checks for signals every few thousand steps (CPython's _sre, MAYBE_CHECK_SIGNALS), so a
 signal handler that raises stops a match that runs too long. The timer counts this process's
 CPU time (ITIMER_PROF): a machine that pauses the process does not cut off a healthy match.
+That includes other threads (a network store's workers), so when it fires the handler looks
+at the deciding thread's own CPU time and, if the decision has not used its budget itself,
+sets the timer again for what is left.
 
 Postfix bounds PCRE with a match limit and then treats the rule as not matching; policyd
 answers a temporary failure instead (README "Differences from Postfix"), so a cut-off match
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 
 
@@ -33,6 +37,7 @@ class CpuBudget:
         self.seconds = seconds
         self._armed = False
         self._installed = False
+        self._started = 0.0  # the main thread's CPU time when the block began
 
     def __enter__(self) -> None:
         if self.seconds <= 0 or threading.current_thread() is not threading.main_thread():
@@ -41,6 +46,7 @@ class CpuBudget:
             signal.signal(signal.SIGPROF, self._expired)
             self._installed = True
         self._armed = True
+        self._started = time.thread_time()
         signal.setitimer(signal.ITIMER_PROF, self.seconds)
 
     def __exit__(
@@ -54,6 +60,11 @@ class CpuBudget:
             signal.setitimer(signal.ITIMER_PROF, 0)
 
     def _expired(self, signum: int, frame: FrameType | None) -> None:
-        if self._armed:  # a late signal after the block ended is ignored
-            self._armed = False
-            raise OutOfTime
+        if not self._armed:  # a late signal after the block ended is ignored
+            return
+        left = self.seconds - (time.thread_time() - self._started)
+        if left > 0:  # the process's other threads used the time, not this decision
+            signal.setitimer(signal.ITIMER_PROF, left)
+            return
+        self._armed = False
+        raise OutOfTime
