@@ -234,7 +234,8 @@ def measure(
         wait_quiet(options.other_limit, options.quiet_wait)
     expected = workload.with_expectation("tempfail", TEMPFAIL) if row.tempfail else workload
     probe = (workload.requests[0], workload.expected[0])
-    with running(lambda: start_policyd_settings(data, "policyd", row.settings, probe)) as server:
+    name = "policyd-" + re.sub(r"[^a-z]+", "-", row.name.lower()).strip("-")  # its log's name
+    with running(lambda: start_policyd_settings(data, name, row.settings, probe)) as server:
         if row.warm:
             warm_up(row, server, workload)
         if row.outage:
@@ -313,6 +314,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=Path("/tmp/policyd-bench"))
     parser.add_argument("--quiet-wait", type=float, default=0.0)
     parser.add_argument("--other-limit", type=float, default=0.3)
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="only the rows whose name has TEXT (repeat for more)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)  # fmt: skip
     options = parser.parse_args(argv)
@@ -341,8 +344,12 @@ def main(argv: list[str] | None = None) -> int:
             cf.write_text(slapd.postfix_cf(query_filter=QUERY_FILTER, result_attribute="mail"))
             requests = len(workload.requests)
             log(f"slapd on {slapd.url}: {options.users:,} accounts, {requests:,} requests")
+            chosen = [
+                row for row in rows(data, cf)
+                if not options.only or any(text in row.name for text in options.only)
+            ]  # fmt: skip
             for run in range(options.runs):
-                for row in rows(data, cf):
+                for row in chosen:
                     log(f"run {run + 1}/{options.runs}: {row.name}")
                     results.setdefault(row.name, []).append(
                         measure(row, slapd, workload, options, data)

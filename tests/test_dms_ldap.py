@@ -324,3 +324,20 @@ async def test_the_bind_password_can_come_from_a_file(slapd: Slapd, tmp_path: Pa
         assert (await decide([store], SOME_USER, SOME_USER)).verdict is PERMIT
     finally:
         await store.close()
+
+
+async def test_a_filter_that_matches_nothing_leaves_that_map_out(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    """docker-mailserver documents LDAP_QUERY_FILTER_ALIAS=(|) as "doesn't match anything"."""
+    env = mailserver_env(tmp_path / "mailserver.env", slapd, LDAP_QUERY_FILTER_ALIAS="(|)",
+                         LDAP_QUERY_FILTER_GROUP="(|)")  # fmt: skip
+    store = await chain(env)
+    try:
+        own = await decide([store], SOME_USER, SOME_USER)
+        alias = await decide([store], SOME_USER, "postmaster@localhost.localdomain")
+    finally:
+        await store.close()
+    assert own.verdict is PERMIT
+    assert alias.verdict is REJECT
+    assert alias.reason == "unlisted"
