@@ -17,9 +17,10 @@ WORKDIR /src
 RUN python -m venv "$VIRTUAL_ENV"
 
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
+# With the ldap extra (ldap3, pure Python), so ldap: and dms-ldap: maps work in the image.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' > requirements.txt \
+    python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(*p["dependencies"], *p["optional-dependencies"]["ldap"], sep="\n")' > requirements.txt \
     && "$VIRTUAL_ENV/bin/pip" install -r requirements.txt
 
 # Then the project itself, as a wheel, without touching the dependencies again.
