@@ -3,6 +3,7 @@ threads of a network store, busy meanwhile, do not use it up."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
 import time
@@ -40,3 +41,35 @@ def test_other_threads_do_not_use_up_the_budget() -> None:
     finally:
         stop.set()
         worker.join()
+
+
+def test_a_garbage_collection_waits_until_the_decision_is_over() -> None:
+    """A full collection of a big heap (a network store's remembered answers) can take longer
+    than a budget: it runs after the decision, not inside it. The collection here is made
+    slow by a callback that works for 0.2 s of CPU at its start."""
+    collections = []
+
+    def slow_start(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+            until = time.thread_time() + 0.2
+            while time.thread_time() < until:
+                pass
+
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(slow_start)
+    gc.set_threshold(10)  # a collection after ten new objects
+    try:
+        budget = CpuBudget(0.05)
+        with budget:
+            before = len(collections)
+            made = [[n] for n in range(100)]
+            inside = len(collections) - before
+        after = len(collections)
+        made.append([])  # after the block, the collection happens
+    finally:
+        gc.callbacks.remove(slow_start)
+        gc.set_threshold(*thresholds)
+    assert inside == 0
+    assert len(collections) > after
+    assert gc.isenabled()
