@@ -134,14 +134,17 @@ class NetworkStore(Store):
     def lookup(self, keys: Sequence[str]) -> Answer:
         asked = tuple(keys)
         remembered = self._answers.get(asked)
-        if remembered is not None and time.monotonic() - remembered[1] < self.options.cache_ttl:
+        now = time.monotonic()
+        if remembered is not None and now - remembered[1] < self.options.cache_ttl:
             return remembered[0]
+        if now < self._down_until:
+            # The server could not be reached a moment ago: a stale answer or the failure,
+            # at once, without waiting (one lookup tries again when the pause is over).
+            return self._stale(asked, self._down_why)
         return self._ask(asked)
 
     async def _ask(self, keys: tuple[str, ...]) -> Hit | None:
-        if time.monotonic() < self._down_until:
-            # The server could not be reached a moment ago: do not make this lookup wait for
-            # it too (one lookup tries again when the pause is over).
+        if time.monotonic() < self._down_until:  # it failed while this lookup waited its turn
             return self._stale(keys, self._down_why)
         try:
             async with asyncio.timeout(self.options.timeout):
