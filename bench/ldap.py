@@ -230,6 +230,25 @@ def warm_up(row: Row, server: Server, workload: Workload, threads: int = 16) -> 
 def measure(
     row: Row, slapd: Slapd, workload: Workload, options: argparse.Namespace, data: Path
 ) -> dict[str, Any]:
+    """One row's run, measured again (up to --retries times) when other work on the machine
+    used more than --other-limit cores meanwhile; the least disturbed attempt counts, and a
+    wrong reply in any of them."""
+    attempts = []
+    for attempt in range(options.retries + 1):
+        summary = measure_once(row, slapd, workload, options, data)
+        attempts.append(summary)
+        if summary["errors"] or (summary["other_cpu"] or 0) <= options.other_limit:
+            break
+        if attempt < options.retries:
+            log(f"{row.name}: other work used {summary['other_cpu']} cores; measuring again")
+    best = min(attempts, key=lambda summary: summary["other_cpu"] or 0)
+    best["errors"] = sum(summary["errors"] for summary in attempts)
+    return best
+
+
+def measure_once(
+    row: Row, slapd: Slapd, workload: Workload, options: argparse.Namespace, data: Path
+) -> dict[str, Any]:
     if options.quiet_wait > 0:
         wait_quiet(options.other_limit, options.quiet_wait)
     expected = workload.with_expectation("tempfail", TEMPFAIL) if row.tempfail else workload
@@ -274,8 +293,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], options: argparse.Namespa
         f" ({options.users * 3:,} addresses).",
         "",
         "| policyd with | req/s | p50 ms | p99 ms | directory lookups per request | stale"
-        " answers | server CPU | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        " answers | server CPU | other CPU | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     medians = {}
     for name, runs in results.items():
@@ -284,7 +303,7 @@ def markdown(results: dict[str, list[dict[str, Any]]], options: argparse.Namespa
         lines.append(
             f"| {name} | {medians[name]:,.0f} | {best['p50_ms']:.2f} | {best['p99_ms']:.2f} |"
             f" {best['directory_lookups_per_request']} | {best['stale_answers']:,} |"
-            f" {best['server_cpu']} | {sum(r['errors'] for r in runs)} |"
+            f" {best['server_cpu']} | {best['other_cpu']} | {sum(r['errors'] for r in runs)} |"
         )
     lines.append("")
     per_run = "; ".join(f"{name} {[round(r['rps']) for r in runs]}" for name, runs in
@@ -314,13 +333,14 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=Path("/tmp/policyd-bench"))
     parser.add_argument("--quiet-wait", type=float, default=0.0)
     parser.add_argument("--other-limit", type=float, default=0.3)
+    parser.add_argument("--retries", type=int, default=2, help="re-measure a disturbed run")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="only the rows whose name has TEXT (repeat for more)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)  # fmt: skip
     options = parser.parse_args(argv)
     if options.smoke:
-        options.users, options.pool, options.runs = 200, 2_000, 1
+        options.users, options.pool, options.runs, options.retries = 200, 2_000, 1, 0
         options.connections, options.warmup, options.duration = 10, 0.2, 1
     options.build = options.data_root / "build"
     return options
