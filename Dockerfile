@@ -17,10 +17,11 @@ WORKDIR /src
 RUN python -m venv "$VIRTUAL_ENV"
 
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
-# With the pgsql and mysql extras, so the image reads pgsql: and mysql: maps too.
+# With the ldap, pgsql and mysql extras, so the image reads ldap:, dms-ldap:, pgsql: and mysql:
+# maps too.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; o = p["optional-dependencies"]; print(*p["dependencies"], *o["pgsql"], *o["mysql"], sep="\n")' > requirements.txt \
+    python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; o = p["optional-dependencies"]; print(*p["dependencies"], *o["ldap"], *o["pgsql"], *o["mysql"], sep="\n")' > requirements.txt \
     && "$VIRTUAL_ENV/bin/pip" install -r requirements.txt
 
 # Then the project itself, as a wheel, without touching the dependencies again.

@@ -234,6 +234,17 @@ def _not_owned(login: str) -> bytes:
     return f"action=553 5.7.1 not owned by user {login}\n\n".encode()
 
 
+def message_requests(rng: random.Random, sender: str, login: str, message: int) -> list[bytes]:
+    """The encoded requests of one message (1-3 recipients), for workloads built elsewhere
+    (bench/ldap.py)."""
+    return [_encode(attributes) for attributes in _attributes(rng, sender, login, message)]
+
+
+def not_owned_reply(login: str) -> bytes:
+    """policyd's reply when ``login`` does not own the sender."""
+    return _not_owned(login)
+
+
 def dms_workload(model: DmsModel, size: int, seed: int = 1, owned_action: str = "OK") -> Workload:
     """A mix of owned and foreign senders, as submission traffic of a real site looks.
 
@@ -357,13 +368,18 @@ def ask(target: tuple[int, Any], request: bytes, timeout: float = 10.0) -> bytes
         sock.settimeout(timeout)
         sock.connect(address)
         sock.sendall(request)
-        reply = b""
-        while not reply.endswith(b"\n\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"connection closed after {reply!r}")
-            reply += chunk
-        return reply
+        return read_reply(sock)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One whole reply (up to its empty line) from a policy connection."""
+    reply = b""
+    while not reply.endswith(b"\n\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {reply!r}")
+        reply += chunk
+    return reply
 
 
 # The compiled load generator

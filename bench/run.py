@@ -301,6 +301,15 @@ def start_policyd(
     return _python_server("policyd", argv, work, probe, env=policyd_env(settings))
 
 
+def start_policyd_settings(
+    work: Path, name: str, settings: list[str], probe: tuple[bytes, bytes]
+) -> Server:
+    """policyd configured by ``settings`` alone (``maps=...`` included), on a TCP port the
+    kernel picks."""
+    argv = [sys.executable, "-m", "policyd", "serve", "--listen", "inet:127.0.0.1:0"]
+    return _python_server(name, argv, work, probe, env=policyd_env(settings))
+
+
 def start_postfwd(
     work: Path, connections: int, cache: int, transport: str, probe: tuple[bytes, bytes]
 ) -> Server:

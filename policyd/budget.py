@@ -5,6 +5,11 @@ any logged-in user chooses the sender. Python's ``re`` cannot be given a step li
 checks for signals every few thousand steps (CPython's _sre, MAYBE_CHECK_SIGNALS), so a
 signal handler that raises stops a match that runs too long. The timer counts this process's
 CPU time (ITIMER_PROF): a machine that pauses the process does not cut off a healthy match.
+That includes other threads (a network store's workers), so when it fires the handler looks
+at the deciding thread's own CPU time and, if the decision has not used its budget itself,
+sets the timer again for what is left. Automatic garbage collection waits until the block is
+over: a full collection of a big heap (remembered answers and decisions) takes longer than a
+decision's budget, and is not the decision's doing.
 
 Postfix bounds PCRE with a match limit and then treats the rule as not matching; policyd
 answers a temporary failure instead (README "Differences from Postfix"), so a cut-off match
@@ -13,8 +18,10 @@ never decides a verdict.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 
 
@@ -33,6 +40,8 @@ class CpuBudget:
         self.seconds = seconds
         self._armed = False
         self._installed = False
+        self._started = 0.0  # the main thread's CPU time when the block began
+        self._collecting = False  # automatic garbage collection was on before the block
 
     def __enter__(self) -> None:
         if self.seconds <= 0 or threading.current_thread() is not threading.main_thread():
@@ -41,6 +50,9 @@ class CpuBudget:
             signal.signal(signal.SIGPROF, self._expired)
             self._installed = True
         self._armed = True
+        self._collecting = gc.isenabled()
+        gc.disable()
+        self._started = time.thread_time()
         signal.setitimer(signal.ITIMER_PROF, self.seconds)
 
     def __exit__(
@@ -52,8 +64,16 @@ class CpuBudget:
         if self._armed:
             self._armed = False
             signal.setitimer(signal.ITIMER_PROF, 0)
+        if self._collecting:
+            self._collecting = False
+            gc.enable()
 
     def _expired(self, signum: int, frame: FrameType | None) -> None:
-        if self._armed:  # a late signal after the block ended is ignored
-            self._armed = False
-            raise OutOfTime
+        if not self._armed:  # a late signal after the block ended is ignored
+            return
+        left = self.seconds - (time.thread_time() - self._started)
+        if left > 0:  # the process's other threads used the time, not this decision
+            signal.setitimer(signal.ITIMER_PROF, left)
+            return
+        self._armed = False
+        raise OutOfTime

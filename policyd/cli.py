@@ -3,7 +3,8 @@ daemon uses.
 
 Exit codes (README "Exit codes"): 0 success (check: permitted or not checked), 1 check:
 rejected, 64 usage error (an unknown flag, a missing argument), 70 internal error (a bug: a
-traceback is printed), 75 check: temporary failure, 78 configuration or map error. They are
+traceback is printed), 75 check, senders: temporary failure, validate: a directory
+or database that cannot be reached now, 78 configuration or map error. They are
 sysexits.h's, so systemd's RestartPreventExitStatus can name the ones a restart cannot fix.
 """
 
@@ -397,7 +398,9 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
             print(f"{status.name if is_rules else 'map ' + status.name}: FAILED{why}")
             continue
         if status.name in network:
-            print(f"map {status.name}: connected" + (f"; {status.detail}" if status.detail else ""))
+            described = f", {status.description}" if status.description else ""
+            detail = f"; {status.detail}" if status.detail else ""
+            print(f"map {status.name}: connected{described}{detail}")
             continue
         if service.rule_files is not None and is_rules:
             rules = service.rule_files.rules

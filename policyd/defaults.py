@@ -101,10 +101,16 @@ NETWORK_CACHE_SIZE = 100_000  # remembered answers per store
 # One lookup's limit; below lookup_timeout, so the store's own error is what is reported.
 NETWORK_TIMEOUT = 3.0
 NETWORK_CONNECTIONS = 4  # per store: connections (or threads) in its pool
-# A server that could not be reached is not tried again for this long: meanwhile lookups
-# answer from memory (stale_ttl) or with a temporary failure at once, instead of each paying
-# for a connection that fails (Postfix waits its retry_interval, 60 s, for the same reason).
-NETWORK_RETRY_DELAY = 1.0
+# When a network store's server cannot be reached, lookups stop asking it for this long,
+# doubling while it lasts up to the maximum: an outage then answers from memory (stale_ttl)
+# or fails at once, instead of each lookup waiting for a dead server; a recovery is noticed
+# within the maximum.
+NETWORK_DOWN_PAUSE = 0.5
+NETWORK_MAX_DOWN_PAUSE = 5.0
+# At start, an LDAP store looks for values its filters can never match (a group address
+# stored with capitals in a case-exact attribute); it reads at most this many entries, so a
+# big directory costs one bounded search.
+LDAP_CASE_CHECK_ENTRIES = 1000
 
 # PostgreSQL stores LISTEN on this channel and forget their answers when a NOTIFY arrives
 # (examples/sql/postfixadmin/notify.pgsql.sql sends them), so every replica sees a change at

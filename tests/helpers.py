@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from policyd.codec import PolicyRequest
 from policyd.engine import Decision
@@ -92,3 +93,30 @@ async def http_get(
     status, *rest = head.decode().split("\r\n")
     fields = {name.lower(): value for name, _, value in (line.partition(": ") for line in rest)}
     return status, fields, body
+
+
+async def watching_the_loop(work: Awaitable[Any]) -> tuple[Any, float, float]:
+    """Await ``work``; return its result (or what it raised), the longest the event loop went
+    without running a ready callback meanwhile, and how long it took: for proving that a
+    blocking client runs off the loop."""
+    stalls = [0.0]
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            stalls.append(now - last - 0.01)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    began = time.monotonic()
+    try:
+        outcome = await work
+    except Exception as error:
+        outcome = error
+    elapsed = time.monotonic() - began
+    done.set()
+    await ticker
+    return outcome, max(stalls), elapsed

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd import stores
 from policyd.config import ConfigError, Endpoint, load_settings
 from policyd.model import Mode
 from policyd.stores.dms import DmsOptions
@@ -103,7 +104,8 @@ def test_errors_say_where_and_what(tmp_path: Path) -> None:
     found = problems(config_file=config, environ={"POLICYD_LISTEN": "tcp:1.2.3.4"})
     assert sorted(found) == sorted(
         [
-            f"{config}:1: maps[1]: unknown map type 'nosuch' (known: dms, texthash, pcre, regexp)",
+            f"{config}:1: maps[1]: unknown map type 'nosuch' (known: "
+            f"{', '.join(stores.backends())})",
             f"{config}:2: mode: Input should be 'authenticated', 'sender', 'known',"
             " 'unauthenticated' or 'permit'",
             f"{config}:3: unknown_key: unknown setting",
@@ -170,7 +172,7 @@ def test_flag_errors_name_the_flag_as_typed() -> None:
     }
     assert problems(environ={}, flags=flags, flag_names=names) == [
         "--listen: 'inet:host:99999': port 99999 is out of range (0 to 65535)",
-        "--map nosuch:/b: unknown map type 'nosuch' (known: dms, texthash, pcre, regexp)",
+        f"--map nosuch:/b: unknown map type 'nosuch' (known: {', '.join(stores.backends())})",
         "--exempt-network 10.0.0.0/33: value is not a valid IPv4 or IPv6 network",
     ]
 

@@ -94,3 +94,16 @@ def test_a_malformed_line_is_named_without_its_value(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as raised:
         PostfixCf.read(cf, {"hosts", "password"})
     assert str(raised.value) == f"{cf}:2: expected name = value; the line starts with 'password'"
+
+
+def test_a_malformed_line_is_shown_by_its_start_only(tmp_path: Path) -> None:
+    """A line without "=" may be a password setting written wrongly: its value never reaches
+    the log or /readyz."""
+    cf = tmp_path / "ldap-users.cf"
+    cf.write_text("bind_pw  Secret-Value-42\nbind pw = Other-Secret-43\n")
+    with pytest.raises(LoadError) as error:
+        PostfixCf.read(cf, {"bind_pw"})
+    assert str(error.value) == (
+        f"{cf}:1: expected name = value; the line starts with 'bind_pw'; "
+        f"{cf}:2: expected name = value; the line starts with 'bind'"
+    )

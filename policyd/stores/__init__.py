@@ -37,6 +37,11 @@ BACKENDS = (
     Backend("texthash", "policyd.stores.files:TexthashStore"),
     Backend("pcre", "policyd.stores.files:PcreStore"),
     Backend("regexp", "policyd.stores.files:RegexpStore"),
+    Backend("ldap", "policyd.stores.ldap:LdapStore", requires={"ldap3": "ldap"}),
+    Backend("dms-ldap", "policyd.stores.dms_ldap:DmsLdapStore", requires={"ldap3": "ldap"}),
+    Backend(
+        "dms-ldap-logins", "policyd.stores.dms_ldap:DmsLdapLoginStore", requires={"ldap3": "ldap"}
+    ),
     Backend("pgsql", "policyd.stores.pgsql:PgsqlStore", requires={"asyncpg": "pgsql"}),
     Backend("mysql", "policyd.stores.mysql:MysqlStore", requires={"aiomysql": "mysql"}),
     Backend("sqlite", "policyd.stores.sqlite:SqliteStore"),

@@ -90,6 +90,8 @@ class StoreStatus:
     last_error: str | None = None
     warnings: tuple[Problem, ...] = ()
     stale_answers: int = 0  # network stores: answers given from memory through an outage
+    # What the store is, where a count of entries says nothing (a network store: its server)
+    description: str = ""
     detail: str = ""  # what /readyz adds to the store's line (PostgreSQL: its LISTEN state)
     bare_keys: int = 0  # keys without @ (bare local parts): they need Postfix's local domains
     anyone: int = 0  # logins that may send as any address through this store's rules
@@ -97,7 +99,10 @@ class StoreStatus:
 
     @property
     def counted(self) -> str:
-        """``1 entry``, ``12 entries``: as validate and /readyz show the count."""
+        """What validate and /readyz say of a loaded store: its description, or its count
+        (``1 entry``, ``12 entries``)."""
+        if self.description:
+            return self.description
         return f"{self.entries} {'entry' if self.entries == 1 else 'entries'}"
 
     def loaded(self, entries: int, warnings: tuple[Problem, ...]) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from policyd import defaults
 from policyd.model import StoreUnavailable
 from policyd.stores.base import StoreContext
-from policyd.stores.network import Unreachable, unavailable
+from policyd.stores.network import ServerDown, unavailable
 from policyd.stores.postfix_cf import PostfixCf
 from policyd.stores.sql import (
     MYSQL,
@@ -208,7 +208,7 @@ class MysqlStore(ServerSqlStore):
                 failures.append(f"{host}: {why}")
                 continue
             return connection
-        raise Unreachable("; ".join(failures))
+        raise ServerDown("; ".join(failures))
 
     async def _limit_statements(self, connection: aiomysql.Connection) -> None:
         seconds = self.options.timeout
@@ -265,14 +265,14 @@ class MysqlStore(ServerSqlStore):
                     if code in _LOST and reused and not retried:
                         retried = True  # closed by the server while idle: once more, new
                         continue
-                    kind = Unreachable if code in _LOST else StoreUnavailable
+                    kind = ServerDown if code in _LOST else StoreUnavailable
                     raise unavailable(error, self._secrets, kind) from None
                 except (OSError, asyncio.IncompleteReadError) as error:
                     connection.close()
                     if reused and not retried:
                         retried = True
                         continue
-                    raise unavailable(error, self._secrets, Unreachable) from None
+                    raise unavailable(error, self._secrets, ServerDown) from None
                 except BaseException:
                     connection.close()  # cancelled mid-query: its state is unknown
                     raise

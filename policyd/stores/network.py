@@ -7,7 +7,9 @@ an awaitable that asks the server in one round trip for all of Postfix's keys. A
 (server down, too slow, connection lost) is a StoreUnavailable, which the service answers
 with a temporary failure, never a verdict. With ``stale_ttl`` set, an answer that expired
 less than that long ago is given instead, counted as stale; a short outage then defers no
-mail. Postfix itself remembers nothing (proxymap shares connections, not answers).
+mail. When the server cannot be reached at all (ServerDown, or no answer in time), lookups
+stop waiting for it for a short, growing pause. Postfix itself remembers nothing (proxymap
+shares connections, not answers).
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ T = TypeVar("T")
 _MISSING = object()
 
 
-class Unreachable(StoreUnavailable):
-    """The server could not be reached (refused, reset, no route, not connected). Until
-    NETWORK_RETRY_DELAY has passed, further lookups do not try again: they answer from
-    memory (stale_ttl) or fail at once, instead of each paying for a failed connect."""
+class ServerDown(StoreUnavailable):
+    """The server cannot be reached, or refuses us (connection refused or timed out, TLS or
+    bind refused), as opposed to one query failing. For a moment (NETWORK_DOWN_PAUSE, doubling
+    while it lasts) lookups then do not wait for it: they are answered from memory within
+    stale_ttl, or fail at once."""
 
 
 class NetworkOptions(StoreOptions):
@@ -65,11 +68,13 @@ class NetworkStore(Store):
         self._threads: ThreadPoolExecutor | None = None
         self._connected = False
         self._reconnecting: asyncio.Task[None] | None = None
+        #: What validate and /readyz show about the settings (a backend sets them at start).
+        self.warnings: tuple[Problem, ...] = ()
+        # After the server could not be reached: no lookup asks it until _down_until.
+        self._pause = self._down_until = 0.0
+        self._down_why = ""
         # Moves on every forget(): an answer asked for before it is not remembered after it.
         self._generation = 0
-        # After an Unreachable: not before this (monotonic) time again, and why.
-        self._retry_at = 0.0
-        self._unreachable = ""
 
     @property
     def max_age(self) -> float | None:
@@ -108,7 +113,7 @@ class NetworkStore(Store):
             self._reconnect_soon()
             return
         self._connected = True
-        self.status.loaded(0, ())
+        self.status.loaded(0, self.warnings)
 
     async def close(self) -> None:
         if self._reconnecting is not None:
@@ -140,26 +145,32 @@ class NetworkStore(Store):
         now = time.monotonic()
         if remembered is not None and now - remembered[1] < self.options.cache_ttl:
             return remembered[0]
-        if now < self._retry_at:  # the server was unreachable a moment ago
-            return self._kept(asked, self._unreachable)
+        if now < self._down_until:
+            # The server could not be reached a moment ago: a stale answer or the failure,
+            # at once, without waiting (one lookup tries again when the pause is over).
+            return self._stale(asked, self._down_why)
         return self._ask(asked)
 
     async def _ask(self, keys: tuple[str, ...]) -> Hit | None:
+        if time.monotonic() < self._down_until:  # it failed while this lookup waited its turn
+            return self._stale(keys, self._down_why)
         generation = self._generation
         try:
             async with asyncio.timeout(self.options.timeout):
                 hit = await self.query(keys)
-        except (StoreUnavailable, TimeoutError) as error:
+        except (ServerDown, TimeoutError) as error:
             why = str(error) or f"no answer within {self.options.timeout:g} s"
-            if isinstance(error, Unreachable):
-                self._retry_at = time.monotonic() + defaults.NETWORK_RETRY_DELAY
-                self._unreachable = why
+            pause = max(2 * self._pause, defaults.NETWORK_DOWN_PAUSE)
+            self._pause = min(pause, defaults.NETWORK_MAX_DOWN_PAUSE)
+            self._down_until, self._down_why = time.monotonic() + self._pause, why
             return self._stale(keys, why)
-        self._retry_at = 0.0
+        except StoreUnavailable as error:
+            return self._stale(keys, str(error))
+        self._pause = self._down_until = 0.0
         if generation == self._generation:  # else the data changed while it was asked
             self._remember(keys, hit)
         if not self.status.ready or self.status.last_error:
-            self.status.loaded(0, ())  # (back) in touch with the server
+            self.status.loaded(0, self.warnings)  # (back) in touch with the server
         return hit
 
     def _remember(self, keys: tuple[str, ...], hit: Hit | None) -> None:
@@ -170,14 +181,8 @@ class NetworkStore(Store):
         self._answers[keys] = (hit, time.monotonic())
 
     def _stale(self, keys: tuple[str, ...], why: str) -> Hit | None:
-        """After a failure: an expired answer younger than cache_ttl + stale_ttl, or
-        StoreUnavailable."""
+        """An expired answer younger than cache_ttl + stale_ttl, or StoreUnavailable."""
         self.status.failed(why)
-        return self._kept(keys, why)
-
-    def _kept(self, keys: tuple[str, ...], why: str) -> Hit | None:
-        """The answer kept for ``keys`` if it is younger than cache_ttl + stale_ttl
-        (counted), else StoreUnavailable saying ``why``."""
         remembered = self._answers.get(keys)
         if remembered is not None:
             age = time.monotonic() - remembered[1]
@@ -217,7 +222,7 @@ class NetworkStore(Store):
                 log.error("%s: %s", self.name, error)
                 return
             self._connected = True
-            self.status.loaded(0, ())
+            self.status.loaded(0, self.warnings)
             log.info("%s: connected", self.name)
 
 
@@ -226,7 +231,7 @@ def unavailable(
     secrets: Sequence[str] = (),
     kind: type[StoreUnavailable] = StoreUnavailable,
 ) -> StoreUnavailable:
-    """A client library's exception as a StoreUnavailable (or ``kind``, e.g. Unreachable)
+    """A client library's exception as a StoreUnavailable (or ``kind``, e.g. ServerDown)
     that says what happened: its first line, with every one of ``secrets`` (passwords)
     blanked out, since it goes to the log, /readyz and `policyd check`."""
     text = str(error).splitlines()[0] if str(error) else ""

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from policyd import defaults
 from policyd.stores.base import StoreContext
-from policyd.stores.network import Unreachable, unavailable
+from policyd.stores.network import ServerDown, unavailable
 from policyd.stores.postfix_cf import PostfixCf
 from policyd.stores.sql import (
     PGSQL,
@@ -202,7 +202,7 @@ class PgsqlStore(ServerSqlStore):
 
         pool = self._pool
         if pool is None:
-            raise Unreachable(f"not connected: {self.status.last_error or 'starting'}")
+            raise ServerDown(f"not connected: {self.status.last_error or 'starting'}")
         query = statement.query
         retried = False
         while True:
@@ -231,7 +231,7 @@ class PgsqlStore(ServerSqlStore):
                 if isinstance(error, asyncpg.QueryCanceledError):  # statement_timeout
                     raise unavailable(error, self._secrets) from None
                 if retried:
-                    raise unavailable(error, self._secrets, Unreachable) from None
+                    raise unavailable(error, self._secrets, ServerDown) from None
                 retried = True
             except asyncpg.PostgresError as error:
                 raise unavailable(error, self._secrets) from None

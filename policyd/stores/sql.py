@@ -402,7 +402,7 @@ class ServerSqlStore(SqlStore):
     @abstractmethod
     async def run(self, statement: Statement, values: Sequence[str]) -> Sequence[Row]:
         """Run one statement with these bound values and return its rows. Raise
-        StoreUnavailable (Unreachable for a connection that failed) on any failure."""
+        StoreUnavailable (ServerDown for a connection that failed) on any failure."""
 
     async def search(self, asked: list[str]) -> Hit | None:
         if self.combine and len(asked) > 1:

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from policyd.model import Hit, LoadError, Problem, StoreUnavailable
 from policyd.stores.base import StoreContext
-from policyd.stores.network import Unreachable, unavailable
+from policyd.stores.network import ServerDown, unavailable
 from policyd.stores.postfix_cf import PostfixCf
 from policyd.stores.sql import SQLITE, SqlOptions, SqlStore
 
@@ -87,7 +87,7 @@ class SqliteStore(SqlStore):
         try:
             found = os.stat(self.dbpath)
         except OSError as error:
-            raise Unreachable(f"{self.dbpath}: {error.strerror}") from None
+            raise ServerDown(f"{self.dbpath}: {error.strerror}") from None
         identity = (found.st_dev, found.st_ino)
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is not None and self._local.identity == identity:

@@ -30,6 +30,7 @@ import pytest
 
 from tests.deploy.helpers import REPO, Daemon, ask, require_tool, run
 from tests.servers.common import free_ports
+from tests.servers.ldap import Slapd
 
 DOCKERFILE = REPO / "Dockerfile"
 DMS_MOUNT = "/tmp/docker-mailserver"  # where docker-mailserver and the image put its config
@@ -309,6 +310,17 @@ def test_check_in_the_image(image: Image) -> None:
     refused = policyd(image, "check", "added@localhost.localdomain", "user1@localhost.localdomain")
     assert refused.returncode == 1, refused.stderr
     assert "verdict: reject" in refused.stdout
+
+
+def test_the_image_has_the_ldap_extra(image: Image, slapd: Slapd, tmp_path: Path) -> None:
+    """``ldap:`` maps work in the image: the extra's client is installed."""
+    table = tmp_path / "ldap-users.cf"
+    table.write_text(slapd.postfix_cf(query_filter="(mail=%s)", result_attribute="mail"))
+    env = {**BASE_ENV, **image.env, "POLICYD_MAPS": f"ldap:{table}"}
+    login = "some.user@localhost.localdomain"
+    result = run([image.venv / "bin" / "policyd", "check", login, login], env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"(ldap:{table}: (mail={login}) found uid=some.user," in result.stdout
 
 
 def test_serve_answers_postfix_and_its_healthcheck(image: Image, tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 
 Fixtures:
     mail_stack: the session's started :class:`mailstack.MailStack`, with the
-        docker-mailserver test accounts (``mailstack.DMS_USERS``) and three
-        listeners:
+        docker-mailserver test accounts (``mailstack.DMS_USERS``, ``RULE_USERS`` and
+        the LDAP directory's ``LDAP_USERS``) and three listeners:
           * ``native``: SASL; ``reject_authenticated_sender_login_mismatch``
             over DMS's map chain filled with ``DMS_VIRTUAL``/``DMS_REGEXP``;
           * ``policy``: SASL; ``check_policy_service`` pointed at nothing
@@ -58,7 +58,9 @@ def mail_stack(request: pytest.FixtureRequest) -> Iterator[mailstack.MailStack]:
         pytest.fail(f"E2E_REQUIRED=1 but {reason}")  # CI must never skip these silently
     if reason:
         pytest.skip(reason)
-    stack = mailstack.MailStack({**mailstack.DMS_USERS, **mailstack.RULE_USERS})
+    stack = mailstack.MailStack(
+        {**mailstack.DMS_USERS, **mailstack.RULE_USERS, **mailstack.LDAP_USERS}
+    )
     stack.add_dms_listener("native", mailstack.DMS_VIRTUAL, mailstack.DMS_REGEXP)
     # Deliberately unreachable until a test provides its policy server.
     stack.add_policy_listener("policy", f"unix:{stack.root}/no-policy-server")

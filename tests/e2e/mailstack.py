@@ -93,6 +93,22 @@ RULE_USERS: dict[str, str] = {
     "alias1@localhost.localdomain": DMS_PASSWORD,
     "external1@otherdomain.tld": DMS_PASSWORD,
 }
+#: The SASL logins of docker-mailserver's LDAP test directory (tests/data/ldap/
+#: dms-directory.ldif): addresses, a bare uid (row 29, the senders map answers uid) and a
+#: uniqueIdentifier, which is what Dovecot reports when it authenticates against LDAP.
+LDAP_USERS: dict[str, str] = {
+    login: DMS_PASSWORD
+    for login in (
+        "some.user@localhost.localdomain",
+        "some.user.email@localhost.localdomain",
+        "other.employee@localhost.localdomain",
+        "sales.rep@localhost.localdomain",
+        "disabled.user@localhost.localdomain",
+        "admin@localhost.localdomain",
+        "some.user",
+        "some.user.id",
+    )
+}
 DMS_VIRTUAL = """\
 alias1@localhost.localdomain user1@localhost.localdomain
 alias2@localhost.localdomain external1@otherdomain.tld
@@ -196,6 +212,11 @@ class Service:
 # --------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------
+
+
+def not_owned(sender: str, login: str) -> tuple[int, str]:
+    """The reply of Postfix's own reject_*_sender_login_mismatch (and of policyd)."""
+    return (553, f"5.7.1 <{sender}>: Sender address rejected: not owned by user {login}")
 
 
 def policy_restriction(endpoint: str) -> str:
@@ -485,6 +506,19 @@ class MailStack:
         overrides = {"smtpd_sender_login_maps": self.write_dms_maps(name, virtual, regexp)}
         overrides.update(extra or {})
         return self.add_listener(name, sender_restrictions, extra=overrides)
+
+    def write_map(self, name: str, filename: str, text: str) -> Path:
+        """Write one map file (a texthash table, an ldap_table(5) ``.cf``) for listener
+        ``name``, readable by smtpd, settled like every file the harness writes. Map files
+        are read when smtpd starts: after changing one on a running stack, :meth:`reload`."""
+        maps_dir = self.root / "maps" / name
+        maps_dir.mkdir(parents=True, exist_ok=True)
+        maps_dir.chmod(0o755)
+        maps_dir.parent.chmod(0o755)
+        path = maps_dir / filename
+        _write_settled(path, text)
+        path.chmod(0o644)
+        return path
 
     def write_dms_maps(self, name: str, virtual: str, regexp: str) -> str:
         """Write a listener's DMS map files; return the login-maps spec.

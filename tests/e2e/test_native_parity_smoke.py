@@ -11,15 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from mailstack import DMS_PASSWORD, inet_endpoint, smtp_try
+from mailstack import DMS_PASSWORD, inet_endpoint, not_owned, smtp_try
 
 RCPT = "someone@example.com"
 ACCEPTED = (250, "2.1.5 Ok")
-
-
-def not_owned(sender: str, login: str) -> tuple[int, str]:
-    """The exact reply Postfix gives for a sender the login does not own."""
-    return (553, f"5.7.1 <{sender}>: Sender address rejected: not owned by user {login}")
 
 
 USER1 = "user1@localhost.localdomain"

@@ -20,6 +20,7 @@ from mailstack import (
     DMS_USERS,
     DMS_VIRTUAL,
     MailStack,
+    not_owned,
     policy_restriction,
     smtp_try,
 )
@@ -63,10 +64,6 @@ SCENARIOS = {
         Scenario("hash_known", "reject_known_sender_login_mismatch", "texthash", "known"),
     ]
 }
-
-
-def not_owned(sender: str, login: str) -> tuple[int, str]:
-    return (553, f"5.7.1 <{sender}>: Sender address rejected: not owned by user {login}")
 
 
 def not_logged_in(sender: str) -> tuple[int, str]:

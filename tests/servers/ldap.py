@@ -227,7 +227,9 @@ class Slapd(Server):
     root. Ports are chosen on the first :meth:`start` and kept by every restart, so a client
     configured once sees an outage and a recovery (:meth:`restart`, ``with outage():``, as
     for every :class:`~tests.servers.common.Server`). ``debug`` is slapd's ``-d`` level
-    (``stats`` logs every operation to ``slapd.log``).
+    (``stats`` logs every operation to ``slapd.log``). ``db_max_bytes`` raises the database's
+    size limit (mdb's default, 10 MiB, holds a few thousand entries; bench/ldap.py's
+    directories need more).
     """
 
     name = "slapd"
@@ -239,12 +241,14 @@ class Slapd(Server):
         tls: ThrowawayCA | None = None,
         directory: Path = DMS_DIRECTORY,
         debug: str = "none",
+        db_max_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.root = root
         self.tls = tls
         self.directory = directory
         self.debug = debug
+        self.db_max_bytes = db_max_bytes
         self.port: int | None = None
         self.ldaps_port: int | None = None
 
@@ -396,6 +400,7 @@ class Slapd(Server):
                     f"olcDbDirectory: {self.db_dir}",
                     # Throw-away data: skip fsync, which dominates the start time otherwise.
                     "olcDbNoSync: TRUE",
+                    *([f"olcDbMaxSize: {self.db_max_bytes}"] if self.db_max_bytes else []),
                     "olcDbIndex: objectClass eq",
                     "olcDbIndex: mail,mailAlias,mailGroupMember,uid eq",
                     # OpenLDAP's default policy (everyone reads), except the passwords.
@@ -498,6 +503,25 @@ class Slapd(Server):
             values["tls_ca_cert_file"] = str(self.tls.ca_file)
         values.update(settings)
         return "".join(f"{key} = {value}\n" for key, value in values.items())
+
+    def mailserver_env(self, **variables: str) -> dict[str, str]:
+        """docker-mailserver's LDAP variables for this server, as its LDAP tests set them
+        (mail_with_ldap.bats), with the ones its shipped mailserver.env leaves empty;
+        ``variables`` add or override, e.g. ``LDAP_QUERY_FILTER_SENDERS=...``."""
+        return {
+            "ACCOUNT_PROVISIONER": "LDAP",
+            "SPOOF_PROTECTION": "1",
+            "LDAP_START_TLS": "",
+            "LDAP_SERVER_HOST": self.url,
+            "LDAP_SEARCH_BASE": SEARCH_BASE,
+            "LDAP_BIND_DN": BIND_DN,
+            "LDAP_BIND_PW": BIND_PW,
+            "LDAP_QUERY_FILTER_USER": DMS_TEST_FILTERS["user"],
+            "LDAP_QUERY_FILTER_GROUP": DMS_TEST_FILTERS["group"],
+            "LDAP_QUERY_FILTER_ALIAS": DMS_TEST_FILTERS["alias"],
+            "LDAP_QUERY_FILTER_DOMAIN": "",
+            **variables,
+        }
 
     def _program(self, name: str) -> str:
         path = program(name)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 from tests.conftest import require
+from tests.helpers import watching_the_loop
 from tests.servers import ldap
 from tests.servers.common import SilentServer, SynDropServer
 from tests.servers.ldap import Slapd
@@ -54,33 +54,6 @@ def admin_connection(ldap3: ModuleType, server: Any) -> Iterator[Any]:
         yield connection
     finally:
         connection.unbind()
-
-
-async def watching_the_loop(work: Awaitable[Any]) -> tuple[BaseException | None, float, float]:
-    """Await ``work``; return what it raised, the longest the loop went without ticking
-    meanwhile, and how long it took."""
-    stalls = [0.0]
-    done = asyncio.Event()
-
-    async def tick() -> None:
-        last = time.monotonic()
-        while not done.is_set():
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            stalls.append(now - last - 0.01)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    began = time.monotonic()
-    error: BaseException | None = None
-    try:
-        await work
-    except Exception as exc:
-        error = exc
-    elapsed = time.monotonic() - began
-    done.set()
-    await ticker
-    return error, max(stalls), elapsed
 
 
 async def test_connect_to_a_host_that_drops_syns_fails_at_its_timeout_off_the_loop(
