@@ -401,8 +401,7 @@ def validate(settings: Settings, args: argparse.Namespace, logs: Logging) -> int
             described = f", {status.description}" if status.description else ""
             detail = f"; {status.detail}" if status.detail else ""
             print(f"map {status.name}: connected{described}{detail}")
-            continue
-        if service.rule_files is not None and is_rules:
+        elif service.rule_files is not None and is_rules:
             rules = service.rule_files.rules
             grants = sum(len(items) for items in rules.grants.values())
             print(

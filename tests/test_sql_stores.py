@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from policyd import stores
+from policyd import defaults, stores
 from policyd.address import fold
 from policyd.cli import main
 from policyd.config import load_settings
@@ -60,6 +60,21 @@ async def ask(store: SqlStore, *keys: str) -> Hit | None:
     """The store's answer for Postfix's key list, waited for if it must be."""
     answer = store.lookup(keys)
     return answer if answer is None or isinstance(answer, Hit) else await answer
+
+
+async def ask_after_the_pause(store: SqlStore, key: str) -> tuple[Hit | None, float]:
+    """After a timeout the store does not ask its server for a moment (NETWORK_DOWN_PAUSE,
+    as Postfix marks a database host down after a failed query): ask until it does. The
+    answer, and how long the lookup that got it took."""
+    deadline = time.monotonic() + 10 * defaults.NETWORK_MAX_DOWN_PAUSE
+    while True:
+        began = time.monotonic()
+        try:
+            return await ask(store, key), time.monotonic() - began
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.01)
 
 
 def owners(hit: Hit | None) -> list[str]:
@@ -532,7 +547,8 @@ async def test_a_slow_query_is_cut_off_by_the_timeout_and_stopped_on_the_server(
         assert time.monotonic() - started < 0.5 + 0.5
         # The server gave up the query too: nothing of policyd's still waits for the lock.
         await wait_until(lambda: not _waiting_queries(backend, server), 10)
-    assert owners(await ask(store, "bob@example.com")) == ["bob@example.com"]
+    answer, _ = await ask_after_the_pause(store, "bob@example.com")
+    assert owners(answer) == ["bob@example.com"]
 
 
 def _waiting_queries(backend: str, server: Any) -> list[tuple[str, ...]]:
@@ -565,7 +581,9 @@ async def test_a_runaway_sqlite_query_is_interrupted(
         await ask(store, "alice@example.com")
     assert time.monotonic() - started < 0.3 + 0.5
     # Its one thread was freed: the next lookup is not stuck behind the first.
-    assert owners(await ask(store, "bob@example.com")) == ["bob@example.com"]
+    answer, took = await ask_after_the_pause(store, "bob@example.com")
+    assert owners(answer) == ["bob@example.com"]
+    assert took < 0.3
 
 
 async def test_a_replaced_sqlite_file_is_read_from_the_next_lookup(
