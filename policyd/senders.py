@@ -121,6 +121,7 @@ class _Found:
     domains: dict[str, None] = field(default_factory=dict)
     patterns: list[Item] = field(default_factory=list)
     everything: list[Item] = field(default_factory=list)
+    anything: list[Entry] = field(default_factory=list)  # store entries for *, to check
     incomplete: list[str] = field(default_factory=list)
 
 
@@ -195,11 +196,12 @@ async def _from_stores(view: Service, who: Who, found: _Found) -> None:
         rules: list[PatternRule] = []
         for store in view.maps.stores:
             listed: Listed = await _settle(store.senders_of(owners, also))
+            if listed.why and listed.why not in found.incomplete:
+                found.incomplete.append(listed.why)
             if not listed.inverted:
-                if depth == 0:
-                    found.incomplete.append(listed.why)
                 continue
             keys += listed.keys
+            found.anything += listed.everything
             rules += (rule for rule in listed.patterns if rule.origin not in seen_rules)
             partial = partial and not listed.identity
         seen_rules.update(rule.origin for rule in rules)
@@ -354,6 +356,8 @@ async def _checked(
             domains["@" + domain] = Item(item.sender, item.reason, item.rule, explanation)
         elif decision.reason == "deny_sender":
             denied.setdefault("@" + domain, _item("@" + domain, decision))
+    if found.anything:
+        await _check_anything(found, decide)
     delimiters = policy.postfix.recipient_delimiter
     # An extension may be permitted where its address is not: a pattern rule (which never
     # sees the shorter key) answers the address for someone else.
@@ -402,6 +406,24 @@ async def _checked(
         incomplete=tuple(found.incomplete),
         notes=notes,
     )
+
+
+async def _check_anything(found: _Found, decide: Callable[[str], Awaitable[Decision]]) -> None:
+    """A map's ``*`` (mailcow's sender_acl) is listed if an address nothing else lists is
+    permitted; otherwise what it stands for is not known, and the listing says so."""
+    probe = f"{PROBE}@{PROBE}.invalid"
+    decision = await decide(probe)
+    for entry in found.anything:
+        if decision.verdict is Verdict.PERMIT:
+            why = decision.explanation.removeprefix(f"{probe}: ")
+            found.everything.append(
+                Item("*", decision.reason, str(entry.origin), f"any sender: {why}")
+            )
+        else:
+            found.incomplete.append(
+                f"{entry.origin}: lists *, but {probe} is not permitted"
+                f" ({decision.explanation}), so what it stands for is not known"
+            )
 
 
 def _is_extension(prefix: str, at_domain: str, address: str) -> bool:

@@ -9,7 +9,9 @@ against Postfix itself; the query variants below are compared with `postmap -q` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,9 +24,12 @@ from prometheus_client import generate_latest
 from policyd import defaults, stores
 from policyd.address import fold
 from policyd.cli import main
+from policyd.codec import PolicyRequest
 from policyd.config import load_settings
+from policyd.engine import Policy, Verdict
 from policyd.http import readiness
 from policyd.model import Hit, LoadError, StoreUnavailable
+from policyd.senders import Listing, covers, list_senders
 from policyd.service import Service
 from policyd.stores.base import StoreContext
 from policyd.stores.sql import SqlStore
@@ -93,6 +98,21 @@ def example_cf(
     return maps.render("map.cf", oracle.example(schema, backend), **oracle.connection(server))
 
 
+def example_map(
+    backend: str, schema: str, request: pytest.FixtureRequest, postfix_maps: PostfixMaps
+) -> Path:
+    """The shipped example map of ``schema`` for ``backend``, on a server holding its rows."""
+    if schema in ("postfixadmin", "mailcow"):
+        return example_cf(backend, schema, request, postfix_maps)
+    files = (oracle.EXAMPLES / schema / f"schema.{backend}.sql", oracle.DATA / f"{schema}.sql")
+    if backend == "pgsql":
+        server: Any = request.getfixturevalue("pgsql_factory")(dbname=schema, sql_files=files)
+    else:
+        server = request.getfixturevalue("mysql_factory")(databases={schema: files})
+    settings = {**oracle.connection(server), "dbname": schema}
+    return postfix_maps.render("map.cf", oracle.example(schema, backend), **settings)
+
+
 # --------------------------------------------------------------------------
 # Answers: the example maps, Postfix's key list, the query variants
 # --------------------------------------------------------------------------
@@ -141,13 +161,7 @@ async def test_the_iredmail_and_modoboa_examples_answer_what_their_tables_say(
     open_map: OpenMap,
 ) -> None:
     """Postfix's own map and policyd, both against tests/data/sql/SCHEMA-owners.tsv."""
-    files = (oracle.EXAMPLES / schema / f"schema.{backend}.sql", oracle.DATA / f"{schema}.sql")
-    if backend == "pgsql":
-        server: Any = request.getfixturevalue("pgsql_factory")(dbname=schema, sql_files=files)
-    else:
-        server = request.getfixturevalue("mysql_factory")(databases={schema: files})
-    settings = {**oracle.connection(server), "dbname": schema}
-    cf = postfix_maps.render("map.cf", oracle.example(schema, backend), **settings)
+    cf = example_map(backend, schema, request, postfix_maps)
     store = await open_map(backend, cf)
     for case, key, expected in oracle.cases(schema, backend):
         answer = postfix_maps.query(key, f"{backend}:{cf}").value
@@ -694,3 +708,227 @@ def test_check_names_the_query_the_key_and_the_row_that_decided(
     out = capsys.readouterr().out
     assert "not owned by user dave@other.test" in out
     assert "the query for info@example.com, row 1: 'alice@example.com,bob@example.com'" in out
+
+
+# --------------------------------------------------------------------------
+# policyd senders: senders_query, the example queries turned around
+# --------------------------------------------------------------------------
+
+EVERY_EXAMPLE = [
+    ("pgsql", "postfixadmin"),
+    ("mysql", "postfixadmin"),
+    ("sqlite", "postfixadmin"),
+    ("mysql", "mailcow"),
+    ("mysql", "iredmail"),
+    ("pgsql", "iredmail"),
+    ("pgsql", "modoboa"),
+    ("mysql", "modoboa"),
+]
+
+# What each example's senders_query lists for a login on tests/data/sql/SCHEMA.sql, whatever
+# the backend: its exact addresses, whole domains and `*`. A disabled login lists nothing.
+SENDERS = {
+    "postfixadmin": {
+        "alice@example.com": ["alice@example.com", "alice@example.org", "info@example.com"],
+        "bob@example.com": [
+            "bob@example.com",
+            "bob@example.org",
+            "info@example.com",
+            "sales@example.com",
+        ],
+        "dave@other.test": ["@other.test", "dave@other.test", "sales@example.com"],
+        "o'brien@example.com": [
+            "o'brien@example.com",
+            "o'brien@example.org",
+            "o'reilly@example.com",
+        ],
+        "legacy%host@example.com": ["legacy%host@example.com", "legacy%host@example.org"],
+        "back\\slash@example.com": ["back\\slash@example.com", "back\\slash@example.org"],
+        "carol@example.com": [],
+    },
+    "mailcow": {
+        "alice@mc.test": [
+            "@catch.mc.test",
+            "@partner.test",
+            "alice@alias.mc.test",
+            "alice@mc.test",
+            "info@mc.test",
+        ],
+        "bob@mc.test": [
+            "alice@alias.mc.test",
+            "alice@mc.test",
+            "bob@alias.mc.test",
+            "bob@mc.test",
+            "info@mc.test",
+            "legacy%host@alias.mc.test",
+            "legacy%host@mc.test",
+        ],
+        "relay@mc.test": ["*", "relay@alias.mc.test", "relay@mc.test"],
+        "o'brien@mc.test": ["o'brien@alias.mc.test", "o'brien@mc.test", "o'reilly@partner.test"],
+        "carol@mc.test": [],
+        "erin@off.mc.test": [],
+    },
+    "iredmail": {
+        "alice@ir.test": ["alice@ir.test"],
+        "o'hara@ir.test": ["o'hara@ir.test"],
+        "legacy%host@ir.test": ["legacy%host@ir.test"],
+        "bob@ir.test": [],
+        "dave@backup.ir.test": [],
+    },
+    "modoboa": {
+        "alice@mb.test": [
+            "alice.smith@elsewhere.test",
+            "alice@alias.mb.test",
+            "alice@mb.test",
+            "sales@mb.test",
+        ],
+        "bob@mb.test": ["@partner.test", "bob@alias.mb.test", "bob@mb.test", "sales@mb.test"],
+        "o'neil@mb.test": ["legacy%host@elsewhere.test", "o'neil@alias.mb.test", "o'neil@mb.test"],
+        "carol@mb.test": [],
+    },
+}
+
+
+def _listed(listing: Listing) -> list[str]:
+    return sorted(item.sender for item in (*listing.exact, *listing.domains, *listing.everything))
+
+
+async def _permits(service: Service, login: str, sender: str) -> bool:
+    request = PolicyRequest(sender=sender, sasl_username=login, protocol_state="RCPT")
+    return (await service.answer(request)).verdict is Verdict.PERMIT
+
+
+@pytest.mark.parametrize(
+    ("backend", "schema"), EVERY_EXAMPLE, ids=[f"{b}-{s}" for b, s in EVERY_EXAMPLE]
+)
+async def test_senders_lists_exactly_what_each_example_map_grants(
+    backend: str,
+    schema: str,
+    request: pytest.FixtureRequest,
+    postfix_maps: PostfixMaps,
+    open_map: OpenMap,
+) -> None:
+    """For every login: what senders_query lists is what the forward query permits. Every
+    address of the owners table that the decision permits is listed or covered, and none it
+    refuses; logins with quotes, a backslash or `%` list exactly their own rows."""
+    store = await open_map(backend, example_map(backend, schema, request, postfix_maps))
+    service = Service(Policy(), [store])
+    senders = [case.key for case in oracle.cases(schema, backend)]
+    senders = [key for key in senders if re.fullmatch(r"[^@\s]+@[^@\s]+", key)]
+    for login, expected in SENDERS[schema].items():
+        listing = await list_senders(service, login)
+        assert listing.complete, listing.incomplete
+        assert _listed(listing) == expected, login
+        for item in listing.exact:
+            assert await _permits(service, login, item.sender), (login, item)
+            assert item.rule is not None and str(store.name) in item.rule
+        for sender in senders:
+            permitted = await _permits(service, login, sender)
+            assert covers(listing, fold(sender)) == permitted, (login, sender)
+
+
+@pytest.mark.parametrize("backend", ["pgsql", "mysql", "sqlite"])
+async def test_a_login_with_quotes_backslashes_or_percent_signs_lists_nothing_more(
+    backend: str, request: pytest.FixtureRequest, postfix_maps: PostfixMaps, open_map: OpenMap
+) -> None:
+    store = await open_map(backend, example_cf(backend, "postfixadmin", request, postfix_maps))
+    service = Service(Policy(), [store])
+    for login in [*HOSTILE_KEYS, "%@example.com", "%", "*"]:
+        listing = await list_senders(service, login)
+        assert listing.complete and _listed(listing) == [], login
+    assert (
+        _listed(await list_senders(service, "alice@example.com"))
+        == SENDERS["postfixadmin"]["alice@example.com"]
+    )
+
+
+async def test_each_listed_key_names_the_senders_query_and_its_row(
+    request: pytest.FixtureRequest, postfix_maps: PostfixMaps, open_map: OpenMap
+) -> None:
+    """The Entry of each key, and the `*` item, name the file and line of senders_query,
+    the login it ran for and the row."""
+    cf = example_cf("mysql", "mailcow", request, postfix_maps)
+    store = await open_map("mysql", cf)
+    line = next(
+        n
+        for n, text in enumerate(cf.read_text().splitlines(), 1)
+        if text.startswith("senders_query")
+    )
+    listed = await store.senders_of(frozenset({"relay@mc.test"}))
+    where = f"mysql:{cf}:{line}, the senders_query for relay@mc.test, row"
+    assert [(key, entry.owners) for key, entry in listed.keys] == [
+        ("relay@mc.test", ("relay@mc.test",)),
+        ("relay@alias.mc.test", ("relay@mc.test",)),
+    ]
+    assert all(entry.origin.source.startswith(where) for _, entry in listed.keys)
+    assert [str(entry.origin) for entry in listed.everything] == [f"{where} 2: '*'"]
+    listing = await list_senders(Service(Policy(), [store]), "relay@mc.test")
+    assert [(item.sender, item.reason, item.rule) for item in listing.everything] == [
+        ("*", "owner", f"{where} 2: '*'")
+    ]
+
+
+async def test_without_senders_query_the_listing_says_it_is_incomplete_and_what_to_add(
+    sqlite_postfixadmin: Path, postfix_maps: PostfixMaps, open_map: OpenMap
+) -> None:
+    example = oracle.example("postfixadmin", "sqlite")
+    cf = postfix_maps.render("map.cf", example, dbpath=str(sqlite_postfixadmin), senders_query=None)
+    store = await open_map("sqlite", cf)
+    listing = await list_senders(Service(Policy(), [store]), "alice@example.com")
+    assert listing.incomplete == (
+        f"sqlite:{cf}: cannot be listed in reverse without senders_query in {cf}"
+        " (README: SQL maps)",
+    )
+    assert _listed(listing) == ["alice@example.com"]  # the login itself is still checked
+
+
+async def test_with_nested_aliases_the_listing_says_what_senders_query_cannot_follow(
+    sqlite_postfixadmin: Path, postfix_maps: PostfixMaps, open_map: OpenMap
+) -> None:
+    """An alias chain through exact targets is followed; one through a +extension, a
+    catch-all or a pattern rule cannot be, and the listing says so."""
+    with contextlib.closing(sqlite3.connect(sqlite_postfixadmin)) as database, database:
+        database.executemany(
+            "INSERT INTO alias (address, goto, domain) VALUES (?, ?, 'example.com')",
+            [
+                ("chain@example.com", "o'reilly@example.com"),
+                ("ext@example.com", "o'brien+x@example.com"),
+            ],
+        )
+    example = oracle.example("postfixadmin", "sqlite")
+    store = await open_map(
+        "sqlite", postfix_maps.render("map.cf", example, dbpath=str(sqlite_postfixadmin))
+    )
+    service = Service(Policy(nested_aliases=True), [store])
+    login = "o'brien@example.com"
+    listing = await list_senders(service, login)
+    assert _listed(listing) == sorted([*SENDERS["postfixadmin"][login], "chain@example.com"])
+    assert await _permits(service, login, "ext@example.com")  # through o'brien+x: not listed
+    assert listing.incomplete == (
+        f"{store.name}: senders_query follows alias chains through exact targets only; an alias"
+        " whose target reaches the login through a +extension, a catch-all or a pattern rule"
+        " is not listed (nested_aliases)",
+    )
+
+
+async def test_a_slow_senders_query_is_a_temporary_failure_not_a_short_listing(
+    request: pytest.FixtureRequest, postfix_maps: PostfixMaps, open_map: OpenMap
+) -> None:
+    slow = pgsql.SLOW_QUERY.format(seconds=30)
+    cf = example_cf("pgsql", "postfixadmin", request, postfix_maps)
+    store = await open_map(
+        "pgsql", postfix_maps.render("slow.cf", cf, senders_query=slow), timeout=0.3
+    )
+    with pytest.raises(StoreUnavailable, match="senders_query"):
+        await list_senders(Service(Policy(), [store]), "alice@example.com")
+
+
+def test_senders_exits_75_when_the_database_cannot_be_reached(
+    postfix_maps: PostfixMaps, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = oracle.example("postfixadmin", "pgsql")
+    cf = postfix_maps.render("down.cf", example, hosts=f"127.0.0.1:{free_ports(1)[0]}")
+    assert main(["senders", "--map", f"pgsql:{cf}", "alice@example.com"]) == 75
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"policyd: senders: pgsql:{cf}: senders_query: " in err and "Traceback" not in err

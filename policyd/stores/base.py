@@ -123,10 +123,13 @@ class Listed:
     """What a store can say about the reverse question: which of its entries name one of
     some owners (`policyd senders`). ``keys`` are its keys that list one of them (a full
     address, a bare local part, or ``@domain``); ``patterns`` its pattern rules that may;
-    ``identity`` is True if every full address owns itself in this store (docker-mailserver).
+    ``identity`` is True if every full address owns itself in this store (docker-mailserver);
+    ``everything`` the entries that let one of them send as any address (mailcow's
+    sender_acl ``*``).
 
     A store that cannot be asked this says so with ``inverted = False`` and ``why``: the
     listing then says plainly that it may be incomplete, never less than the truth silently.
+    One that answers only in part gives what it found, and ``why`` it may be short.
     """
 
     keys: tuple[tuple[str, Entry], ...] = ()
@@ -134,6 +137,7 @@ class Listed:
     identity: bool = False
     inverted: bool = True
     why: str = ""
+    everything: tuple[Entry, ...] = ()
 
     @classmethod
     def cannot(cls, why: str) -> Listed:

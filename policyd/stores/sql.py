@@ -1,6 +1,7 @@
 """What the SQL stores (pgsql:, mysql:, sqlite:) share: Postfix's query file read as Postfix
 reads it, its query turned into a statement whose values are bound, never formatted in, and
-the rows turned into owners as Postfix turns them into a lookup result.
+the rows turned into owners as Postfix turns them into a lookup result; and the reverse
+question (`policyd senders`) asked with policyd's own ``senders_query``.
 
 pgsql_table(5), mysql_table(5), sqlite_table(5) and db_common.c: ``%s``, ``%u``, ``%d``,
 ``%1``..``%9`` expand as in Postfix, including the keys a query is skipped for; every column
@@ -12,20 +13,28 @@ Postfix quotes each inserted value into the query's text. policyd instead turns 
 string literal of the query that holds a ``%`` sequence (``'%s'``, ``'@%d'``) into one bound
 parameter holding what Postfix would have put between the quotes: the same query, the same
 answer, and a key with a quote, a backslash or a ``%`` can change nothing.
+
+``senders_query`` (policyd's own setting; Postfix reads only the settings it asks for) is the
+query turned around: ``%s`` is an owner (a login), and each value of its rows is a sender key
+the owner is listed for, split at commas like an owner list: an address, ``@domain`` (every
+address there), or ``*`` (any address: mailcow's sender_acl). It is expanded and bound as the
+query is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
 from policyd.model import Entry, Hit, LoadError, Origin, Problem, StoreUnavailable
-from policyd.stores.base import StoreContext
+from policyd.stores.base import Listed, StoreContext
 from policyd.stores.network import NetworkOptions, NetworkStore, read_secret
 from policyd.stores.postfix_cf import DomainFilter, PostfixCf, Template
 from policyd.tables import quoted, split_owners
@@ -35,10 +44,12 @@ Row = Sequence[Any]
 
 #: Settings every SQL map file may have (db_common.c and the three man pages), beside the
 #: connection settings of each backend. select_field, table, where_field and
-#: additional_conditions are the query interface Postfix 2.2 made obsolete.
+#: additional_conditions are the query interface Postfix 2.2 made obsolete. senders_query is
+#: policyd's own (the reverse query, for `policyd senders`).
 QUERY_SETTINGS = frozenset(
     {
         "query",
+        "senders_query",
         "result_format",
         "domain",
         "expansion_limit",
@@ -290,6 +301,8 @@ class SqlMap:
         self.limit = cf.number("expansion_limit", 0)
         self.domains = DomainFilter(cf)
         self.first_column_only = first_column_only
+        reverse = cf.get("senders_query")
+        self.senders = Query(reverse, cf.origin("senders_query"), dialect) if reverse else None
 
     def keys_to_ask(self, keys: Sequence[str]) -> list[str]:
         """The keys the query runs for, in order: Postfix asks nothing for the rest."""
@@ -320,11 +333,41 @@ class SqlMap:
                 entries.append(Entry(split_owners(",".join(results)), origin))
         return Hit(key, tuple(entries)) if entries else None
 
-    def describe(self, name: str, key: str, number: int, columns: Row) -> str:
-        """Which query ran for which key, and the row's values: `check` prints it."""
+    def describe(
+        self, name: str, key: str, number: int, columns: Row, setting: str = "query"
+    ) -> str:
+        """Which query ran for which key, and the row's values: `check` prints it (and
+        `senders`, for ``senders_query``)."""
+        query = self.senders if setting == "senders_query" else self.query
+        line = query.origin.line if query is not None else 0
         values = ", ".join("NULL" if value is None else quoted(as_text(value)) for value in columns)
-        where = f"{name}:{self.query.origin.line}" if self.query.origin.line else name
-        return f"{where}, the query for {key}, row {number}: {values}"
+        where = f"{name}:{line}" if line else name
+        return f"{where}, the {setting} for {key}, row {number}: {values}"
+
+    def owners_to_ask(self, owners: Iterable[str]) -> list[str]:
+        """The owners senders_query runs for, in order (it is skipped for an owner as the
+        query is for a key: ``%d`` and a login without a domain, ...)."""
+        assert self.senders is not None
+        return sorted(owner for owner in owners if self.senders.applies_to(owner))
+
+    def listed(self, name: str, rows_of: Sequence[tuple[str, Sequence[Row]]]) -> Listed:
+        """What senders_query's rows say, for each owner asked: every value (of every
+        column, or of the first) split like an owner list into sender keys, folded; ``*``
+        for any address. Each key's Entry names the row."""
+        keys: list[tuple[str, Entry]] = []
+        everything: list[Entry] = []
+        for owner, rows in rows_of:
+            for number, row in enumerate(rows, start=1):
+                columns = row[:1] if self.first_column_only else row
+                origin = Origin(self.describe(name, owner, number, columns, "senders_query"))
+                entry = Entry((owner,), origin)
+                for value in columns:
+                    for key in split_owners(as_text(value)):
+                        if key == "*":
+                            everything.append(entry)
+                        else:
+                            keys.append((key, entry))
+        return Listed(keys=tuple(keys), everything=tuple(everything))
 
 
 def as_text(value: Any) -> str:
@@ -383,6 +426,46 @@ class SqlStore(NetworkStore):
         """The Hit of the first of ``asked`` the query finds rows for, or None. Raise
         StoreUnavailable on any failure."""
 
+    @abstractmethod
+    async def rows_of(self, query: Query, keys: Sequence[str]) -> list[Sequence[Row]]:
+        """The rows of ``query`` for each of ``keys``. Raise StoreUnavailable on any
+        failure."""
+
+    async def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed:
+        """The sender keys senders_query lists for ``owners``, asked within the lookup
+        timeout; a failure is StoreUnavailable, as for a lookup (`senders` exits 75, the
+        API answers 503), never a shorter listing. Without senders_query the listing says
+        it is incomplete and which setting to add."""
+        sqlmap = self.sqlmap
+        if sqlmap.senders is None:
+            return Listed.cannot(
+                f"{self.name}: cannot be listed in reverse without senders_query in"
+                f" {self.cf.path} (README: SQL maps)"
+            )
+        asked = sqlmap.owners_to_ask(owners)
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                rows = await self.rows_of(sqlmap.senders, asked) if asked else []
+        except TimeoutError:
+            why = f"no answer within {self.options.timeout:g} s"
+            raise StoreUnavailable(f"{self.name}: senders_query: {why}") from None
+        except StoreUnavailable as error:
+            raise StoreUnavailable(f"{self.name}: senders_query: {error}") from None
+        listed = sqlmap.listed(self.name, list(zip(asked, rows, strict=True)))
+        if also is None:
+            return listed
+        # Alias chains (nested_aliases): the query finds aliases whose target is one of the
+        # owners, not those whose target only leads to one (through a +extension, the
+        # target's @domain or a pattern rule): Python tests a query cannot run.
+        why = (
+            f"{self.name}: senders_query follows alias chains through exact targets only; an"
+            " alias whose target reaches the login through a +extension, a catch-all or a"
+            " pattern rule is not listed (nested_aliases)"
+        )
+        return dataclasses.replace(listed, why=why)
+
 
 class ServerSqlStore(SqlStore):
     """An SQL map on a database server (PostgreSQL, MySQL). With ``combines``, a search is
@@ -421,6 +504,9 @@ class ServerSqlStore(SqlStore):
             if hit is not None:
                 return hit
         return None
+
+    async def rows_of(self, query: Query, keys: Sequence[str]) -> list[Sequence[Row]]:
+        return [await self.run(Statement(query), query.values(key)) for key in keys]
 
     async def _one_by_one(self, asked: list[str]) -> Hit | None:
         query = self.sqlmap.query

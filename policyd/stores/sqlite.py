@@ -15,16 +15,18 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 from policyd.model import Hit, LoadError, Problem, StoreUnavailable
 from policyd.stores.base import StoreContext
 from policyd.stores.network import ServerDown, unavailable
 from policyd.stores.postfix_cf import PostfixCf
-from policyd.stores.sql import SQLITE, SqlOptions, SqlStore
+from policyd.stores.sql import SQLITE, Query, Row, SqlOptions, SqlStore
+
+T = TypeVar("T")
 
 
 class SqliteOptions(SqlOptions):
@@ -139,25 +141,40 @@ class SqliteStore(SqlStore):
     # Asking
 
     async def search(self, asked: list[str]) -> Hit | None:
+        return await self._in_thread(self._search, asked)
+
+    async def rows_of(self, query: Query, keys: Sequence[str]) -> list[Sequence[Row]]:
+        return await self._in_thread(self._rows_of, query, keys)
+
+    async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:
         lookup = _Lookup()
         try:
-            return await self.in_thread(self._search, lookup, asked)
+            return await self.in_thread(self._interruptible, lookup, call, *args)
         except asyncio.CancelledError:
             lookup.interrupt()  # the lookup timed out: stop the query in its thread
             raise
 
-    def _search(self, lookup: _Lookup, asked: Sequence[str]) -> Hit | None:
+    def _interruptible(self, lookup: _Lookup, call: Callable[..., T], *args: Any) -> T:
         connection = self._connection()
         lookup.begin(connection)
         try:
-            for key in asked:
-                values = self.sqlmap.query.values(key)
-                rows = connection.execute(self._statement, values).fetchall()
-                hit = self.sqlmap.hit(self.name, key, rows)
-                if hit is not None:
-                    return hit
-            return None
+            return call(connection, *args)
         except sqlite3.Error as error:
             raise unavailable(error) from None
         finally:
             lookup.end()
+
+    def _search(self, connection: sqlite3.Connection, asked: Sequence[str]) -> Hit | None:
+        for key in asked:
+            values = self.sqlmap.query.values(key)
+            rows = connection.execute(self._statement, values).fetchall()
+            hit = self.sqlmap.hit(self.name, key, rows)
+            if hit is not None:
+                return hit
+        return None
+
+    def _rows_of(
+        self, connection: sqlite3.Connection, query: Query, keys: Sequence[str]
+    ) -> list[Sequence[Row]]:
+        statement = query.single()
+        return [connection.execute(statement, query.values(key)).fetchall() for key in keys]

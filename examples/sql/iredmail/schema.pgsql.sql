@@ -1,11 +1,11 @@
 -- The iRedMail tables that policyd's example map reads, for PostgreSQL (iRedMail's `vmail`
 -- database).
 --
--- A real iRedMail creates its own tables; this file is for trying policyd without one, and
--- for policyd's tests. It has only the columns the sender-login query reads, with iRedMail's
--- names and types: the flags are small integers, 1 or 0, in PostgreSQL too. A mailbox may
--- send only while it, its enablesmtp flag and its domain are active, and the domain is not a
--- backup MX.
+-- A real iRedMail creates its own tables; this file is for trying policyd without one, and for
+-- policyd's tests. It has only the columns the sender-login queries read (query and
+-- senders_query), with iRedMail's names and types: the flags are small integers, 1 or 0, in
+-- PostgreSQL too. A mailbox may send only while it, its enablesmtp flag and its domain are
+-- active, and the domain is not a backup MX.
 
 CREATE TABLE domain (
     domain      varchar(255) PRIMARY KEY,

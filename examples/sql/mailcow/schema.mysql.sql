@@ -4,8 +4,8 @@
 -- A real mailcow creates its own tables; this file is for trying policyd without one, and
 -- for policyd's tests. `alias` and `sender_acl` have the columns mailcow's
 -- mysql_virtual_sender_acl.cf relies on; `domain`, `mailbox` and `alias_domain` only the
--- ones that query reads. `active` is 1 (active), 0 (disabled) or, for a mailbox or an
--- alias, 2 (receives but cannot log in).
+-- ones that query and its senders_query read. `active` is 1 (active), 0 (disabled) or, for
+-- a mailbox or an alias, 2 (receives but cannot log in).
 
 CREATE TABLE domain (
     domain               varchar(255) NOT NULL,

@@ -1,10 +1,11 @@
 -- The Modoboa tables that policyd's example map reads, for PostgreSQL (Modoboa's own
 -- database, made by its Django migrations).
 --
--- A real Modoboa creates its own tables; this file is for trying policyd without one, and
--- for policyd's tests. It has only the columns the sender-login query reads, with the names
--- Django gives them. A user logs in with core_user.email; admin_mailbox.address is the local
--- part of the mailbox, in the domain admin_mailbox.domain_id.
+-- A real Modoboa creates its own tables; this file is for trying policyd without one, and for
+-- policyd's tests. It has only the columns the sender-login queries read (query and
+-- senders_query), with the names Django gives them. A user logs in with core_user.email;
+-- admin_mailbox.address is the local part of the mailbox, in the domain
+-- admin_mailbox.domain_id.
 
 CREATE TABLE core_user (
     id        serial       PRIMARY KEY,
