@@ -668,6 +668,8 @@ class LdapStore(NetworkStore):
         super().__init__(name, options, context)
         self._config: Config | None = None
         self._client: Client | None = None
+        #: What the check at start found (policyd audit): values that never match.
+        self.case_exact: tuple[CaseExactValue, ...] = ()
 
     @classmethod
     def from_options(cls, options: LdapOptions, context: StoreContext) -> LdapStore:
@@ -802,10 +804,12 @@ class LdapStore(NetworkStore):
         except Exception as error:  # a check that cannot run is not a problem of the map
             log.debug("%s: the case check did not run: %s", self.name, error)
             return
+        self.case_exact = tuple(found)
         if found:
-            self.warnings = (*self.warnings, *found)
+            problems = tuple(value.problem() for value in found)
+            self.warnings = (*self.warnings, *problems)
             self.status.warnings = self.warnings
-            for warning in found:
+            for warning in problems:
                 log.warning("%s", warning)
 
 
@@ -882,14 +886,37 @@ def _search_senders(client: Searcher, searches: list[Search]) -> list[Found]:
     return answers
 
 
-def _case_exact_values(client: Searcher, tables: Sequence[Table]) -> list[Problem]:
+@dataclass(frozen=True)
+class CaseExactValue:
+    """A value with capitals in an attribute a filter compares with the key case-exactly
+    (a docker-mailserver group address in mailGroupMember): Postfix folds keys to lower
+    case, so it never matches."""
+
+    source: str  # the table, as entries are named in explanations
+    dn: str
+    attribute: str
+    value: str
+    rule: str  # the attribute's equality rule
+
+    def why(self) -> str:
+        return (
+            f"{self.attribute}: {self.value} has capitals, and {self.attribute} is compared"
+            f" case-exactly ({self.rule}) while Postfix looks up addresses in lower case: it"
+            f" never matches; store it as {self.value.lower()}"
+        )
+
+    def problem(self) -> Problem:
+        return Problem(self.source, 0, f"{self.dn}: {self.why()}", fatal=False)
+
+
+def _case_exact_values(client: Searcher, tables: Sequence[Table]) -> list[CaseExactValue]:
     """Values with capitals in attributes the filters compare with the key under a
     case-exact rule: Postfix folds keys to lower case, so they never match."""
     wanted = {a.lower() for table in tables for a in table.query.attributes()}
     if not wanted:
         return []
     rules = equality_rules(client)
-    problems: list[Problem] = []
+    found_values: list[CaseExactValue] = []
     for table in tables:
         exact = [
             a
@@ -908,18 +935,10 @@ def _case_exact_values(client: Searcher, tables: Sequence[Table]) -> list[Proble
                     value = raw.decode("utf-8", "replace")
                     if value != value.lower():
                         rule = rules[attribute.lower()]
-                        problems.append(
-                            Problem(
-                                table.source,
-                                0,
-                                f"{dn}: {attribute}: {value} has capitals, and {attribute} is"
-                                f" compared case-exactly ({rule}) while Postfix looks up"
-                                f" addresses in lower case: it never matches; store it as"
-                                f" {value.lower()}",
-                                fatal=False,
-                            )
+                        found_values.append(
+                            CaseExactValue(table.source, dn, attribute, value, rule)
                         )
-    return problems
+    return found_values
 
 
 # -- the schema: which attributes compare case-exactly ---------------------------------
