@@ -34,7 +34,7 @@ from policyd.stores.ldap_filter import Assertion, Boolean
 from policyd.tables import split_owners
 from tests.deploy.helpers import Daemon
 from tests.deploy.helpers import ask as daemon_ask
-from tests.helpers import watching_the_loop
+from tests.helpers import ROOT, watching_the_loop
 from tests.servers import ldap
 from tests.servers.common import SilentServer, SynDropServer
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
@@ -112,6 +112,9 @@ PARITY = [
     ("a disabled account", USERS, "disabled.user@localhost.localdomain"),
     ("stored with capitals, found by the folded key", USERS, "mixed.case@localhost.localdomain"),
     ("row 26: an alias", ALIASES, "postmaster@localhost.localdomain"),
+    ("policyd's own senders_filter and senders_attribute change nothing for Postfix",
+     {**ALIASES, "senders_filter": "(mail=%s)", "senders_attribute": "mailAlias"},
+     "postmaster@localhost.localdomain"),
     ("a forward", ALIASES, "info@localhost.localdomain"),
     ("row 28: a group, two members in server order", GROUPS, "employees@localhost.localdomain"),
     ("a group stored with capitals never matches", GROUPS, "sales@localhost.localdomain"),
@@ -972,3 +975,34 @@ def test_senders_that_cannot_reach_the_directory_exit_75(
     assert out == ""
     why = f"policyd: senders: ldap:{path}: {private_slapd.url}: LDAPSocketOpenError"
     assert err.splitlines()[-1].startswith(why), err
+
+
+async def test_the_example_for_docker_mailservers_schema_lists_what_it_grants(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    """examples/ldap/dms-senders.cf, pointed at the test directory."""
+    example = ROOT / "examples" / "ldap" / "dms-senders.cf"
+    settings = dict(
+        line.split(" = ", 1)
+        for line in example.read_text().splitlines()
+        if line.split(" = ", 1)[0] in ("query_filter", "result_attribute", "senders_filter",
+                                       "senders_attribute")
+    )  # fmt: skip
+    assert len(settings) == 4
+    store = await started(cf(tmp_path, slapd, **settings))
+    service = Service(Policy(), [store], cache=NO_CACHE)
+    addresses = directory_addresses(slapd)
+    try:
+        listings = [
+            await lists_what_lookups_grant(service, login, addresses)
+            for login in [*addresses, "some.user"]
+        ]
+    finally:
+        await store.close()
+    assert all(listing.complete for listing in listings)
+    assert [item.sender for item in listings[addresses.index(SOME_USER)].exact] == [
+        "employees@localhost.localdomain",
+        "info@localhost.localdomain",
+        "postmaster@localhost.localdomain",
+        SOME_USER,
+    ]
