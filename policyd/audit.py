@@ -4,6 +4,8 @@ It reads the configured maps and rules the way `serve` loads them and reports ea
 with a severity, where it is (file:line) and one sentence of why: rules that give one login a
 whole domain or every address, rules that can never apply, catch-alls, wide grants, aliases
 that lead nowhere, logins with very many addresses, and keys Postfix itself would refuse.
+Of an LDAP map it reports the values that never match (a group address with capitals in a
+case-exact attribute), which the store finds when it starts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from policyd.service import Service
 from policyd.stores.base import Store
 from policyd.stores.dms import ACCOUNTS, VIRTUAL, DmsStore
 from policyd.stores.files import TableStore
+from policyd.stores.ldap import LdapStore
 from policyd.tables import FixedTable, PatternRule, PatternTable
 
 
@@ -122,6 +125,19 @@ def _store(
             findings += _texthash_file(store.path, table.line_of)
             findings += _catch_alls(table)
             _count(table, counts)
+    elif isinstance(store, LdapStore):
+        for value in store.case_exact:
+            where = f"{value.source}: {value.dn}"
+            findings.append(Finding(Severity.WARNING, "ldap_capitals", where, value.why()))
+        findings.append(
+            Finding(
+                Severity.INFO,
+                "not_audited",
+                store.name,
+                "of an LDAP map, audit checks only for values stored with capitals where they"
+                " never match: review the rest by hand",
+            )
+        )
     else:
         findings.append(
             Finding(

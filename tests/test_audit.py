@@ -18,6 +18,8 @@ from policyd.service import Service
 from policyd.stores.base import Answer, Store, StoreContext
 from tests.conftest import DATA
 from tests.helpers import ROOT
+from tests.servers import ldap
+from tests.servers.ldap import Slapd
 
 # The configurations audited, by the name the table uses.
 SETUPS = {
@@ -122,4 +124,33 @@ def test_a_store_audit_cannot_read_is_named_not_skipped() -> None:
             "ldap:/etc/postfix/ldap-senders.cf",
             "audit reads only file maps (dms, texthash, pcre, regexp): review this one by hand",
         )
+    ]
+
+
+def test_an_ldap_group_address_with_capitals_is_a_finding_with_its_dn(
+    slapd: Slapd, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The test directory's Sales@localhost.localdomain, in mailGroupMember (case-exact in
+    the PostfixBook schema): Postfix's folded key never finds it."""
+    env = tmp_path / "mailserver.env"
+    env.write_text("".join(f"{name}={value}\n" for name, value in slapd.mailserver_env().items()))
+    assert main(["audit", "--json", "--fail-on=warning", f"--map=dms-ldap:{env}"]) == 1
+    findings = json.loads(capsys.readouterr().out)
+    assert findings == [
+        {
+            "severity": "warning",
+            "kind": "ldap_capitals",
+            "where": f"dms-ldap:{env} ldap-groups.cf: uid=sales.rep,{ldap.SEARCH_BASE}",
+            "message": "mailGroupMember: Sales@localhost.localdomain has capitals, and"
+            " mailGroupMember is compared case-exactly (caseExactIA5Match) while Postfix looks"
+            " up addresses in lower case: it never matches; store it as"
+            " sales@localhost.localdomain",
+        },
+        {
+            "severity": "info",
+            "kind": "not_audited",
+            "where": f"dms-ldap:{env}",
+            "message": "of an LDAP map, audit checks only for values stored with capitals where"
+            " they never match: review the rest by hand",
+        },
     ]

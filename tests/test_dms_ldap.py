@@ -13,6 +13,7 @@ from policyd.cli import main
 from policyd.codec import PolicyRequest
 from policyd.engine import Policy, Verdict
 from policyd.model import LoadError, StoreUnavailable
+from policyd.senders import list_senders
 from policyd.service import DecisionCache, Service
 from policyd.stores.base import Store, StoreContext
 from policyd.stores.dms_ldap import (
@@ -24,6 +25,7 @@ from policyd.stores.dms_ldap import (
 )
 from tests.servers import ldap
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
+from tests.test_ldap_store import directory_addresses, lists_what_lookups_grant
 
 SOME_USER = "some.user@localhost.localdomain"
 
@@ -341,3 +343,95 @@ async def test_a_filter_that_matches_nothing_leaves_that_map_out(
     assert own.verdict is PERMIT
     assert alias.verdict is REJECT
     assert alias.reason == "unlisted"
+
+
+# -- policyd senders: the chain turned around -------------------------------------------
+
+#: docker-mailserver's documented senders filter (provisioner/ldap.md, "basic").
+DOCUMENTED_SENDERS = "(&(objectClass=inetOrgPerson)(|(mail=%s)(mailAlias=%s)(mailGroupMember=%s)))"
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [{}, {"LDAP_QUERY_FILTER_SENDERS": DOCUMENTED_SENDERS},
+     {"LDAP_QUERY_FILTER_USER": "", "LDAP_QUERY_FILTER_ALIAS": "(|)"}],
+    ids=["the test filters", "the documented senders filter", "shipped and empty filters"],
+)  # fmt: skip
+async def test_senders_lists_what_the_chain_grants(
+    slapd: Slapd, tmp_path: Path, variables: dict[str, str]
+) -> None:
+    store = await chain(mailserver_env(tmp_path / "mailserver.env", slapd, **variables))
+    service = Service(Policy(), [store], cache=DecisionCache(size=0))
+    addresses = directory_addresses(slapd)
+    logins = [*addresses, "some.user", "some.user.id", "sales.rep"]
+    try:
+        listings = [await lists_what_lookups_grant(service, login, addresses) for login in logins]
+    finally:
+        await store.close()
+    assert all(listing.complete for listing in listings)
+    exact = {listing.login: [item.sender for item in listing.exact] for listing in listings}
+    if not variables:
+        assert exact[SOME_USER] == [
+            "employees@localhost.localdomain",
+            "info@localhost.localdomain",  # a forward
+            "postmaster@localhost.localdomain",
+            SOME_USER,
+        ]
+    assert exact["sales.rep@localhost.localdomain"] == ["sales.rep@localhost.localdomain"]
+
+
+async def test_each_listed_key_names_the_entry_and_the_filter_it_was_turned_from(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    env = mailserver_env(tmp_path / "mailserver.env", slapd)
+    store = await chain(env)
+    try:
+        listed = await store.senders_of(frozenset({SOME_USER}))  # type: ignore[misc]
+    finally:
+        await store.close()
+    line = env.read_text().splitlines().index(
+        f"LDAP_QUERY_FILTER_ALIAS={DMS_TEST_FILTERS['alias']}"
+    ) + 1  # fmt: skip
+    origins = {key: str(entry.origin) for key, entry in listed.keys}
+    assert origins["info@localhost.localdomain"] == (
+        f"dms-ldap:{env} ldap-aliases.cf: (&(|(objectClass=PostfixBookMailForward)"
+        f"(&(objectClass=PostfixBookMailAccount)(mailEnabled=TRUE)))(mail={SOME_USER}))"
+        f" found cn=info,{ldap.SEARCH_BASE} (LDAP_QUERY_FILTER_ALIAS turned around, {env}:{line})"
+    )
+
+
+async def test_a_senders_filter_that_cannot_be_turned_around_says_so(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    """docker-mailserver's test senders filter ends in (userID=some.user.id): that entry may
+    send as anything, which no list of addresses says. The listing says it is incomplete and
+    what to set; with the map's senders_filter it is complete."""
+    env = mailserver_env(tmp_path / "mailserver.env", slapd,
+                         LDAP_QUERY_FILTER_SENDERS=DMS_TEST_FILTERS["senders"])  # fmt: skip
+    plain = await chain(env)
+    told = await chain(env, senders_filter="(|(mail=%s)(uid=%s))",
+                       senders_attribute="mail mailAlias mailGroupMember")  # fmt: skip
+    try:
+        incomplete = await list_senders(Service(Policy(), [plain]), SOME_USER)
+        complete = await lists_what_lookups_grant(
+            Service(Policy(), [told], cache=DecisionCache(size=0)), "some.user",
+            directory_addresses(slapd),
+        )  # fmt: skip
+    finally:
+        await plain.close()
+        await told.close()
+    assert incomplete.incomplete == (
+        f"dms-ldap:{env}: LDAP_QUERY_FILTER_SENDERS cannot be turned around: (userID=some.user.id)"
+        " finds its entries whatever the address: they may send as any address, which cannot be"
+        " listed; set senders_filter and senders_attribute on the map (the reverse query of the"
+        " whole chain)",
+    )
+    assert complete.complete
+    assert [item.sender for item in complete.exact] == [
+        "employees@localhost.localdomain", "postmaster@localhost.localdomain", SOME_USER,
+    ]  # fmt: skip
+
+
+def test_senders_filter_and_senders_attribute_go_together(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="senders_filter and senders_attribute go together"):
+        DmsLdapOptions(type="dms-ldap", path=tmp_path, senders_filter="(mail=%s)")

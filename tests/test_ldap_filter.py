@@ -3,6 +3,8 @@ a filter's structure, and the text Postfix would put on the wire (shown by `poli
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from policyd.stores.ldap_filter import (
     TRUE,
     Assertion,
     Boolean,
+    CannotReverse,
     Extensible,
     FilterSyntaxError,
     Present,
@@ -20,6 +23,7 @@ from policyd.stores.ldap_filter import (
     Substrings,
     escape,
     parse,
+    reverse,
     simplified,
     without_key,
 )
@@ -184,3 +188,54 @@ def test_the_attributes_compared_with_the_key_and_the_filter_without_it() -> Non
     )
     assert not QueryFilter("(|)", HERE).dynamic
     assert QueryFilter("(mail=%u)", HERE).dynamic
+
+
+# -- turned around, for policyd senders --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "results", "reverse_filter", "keys"),
+    [
+        ("(mail=%s)", ["mail"], "(mail=%s)", ("mail",)),
+        (DMS_USER, ["mail"], "(&(objectClass=PostfixBookMailAccount)(mailEnabled=TRUE)(mail=%s))",
+         ("mail",)),
+        ("(&(mailAlias=%s)(|(objectClass=PostfixBookMailForward)(mailEnabled=TRUE)))", ["mail"],
+         "(&(|(objectClass=PostfixBookMailForward)(mailEnabled=TRUE))(mail=%s))", ("mailAlias",)),
+        ("(&(objectClass=inetOrgPerson)(|(mail=%s)(mailAlias=%s)(mailGroupMember=%s)))",
+         ["mail", "uid"], "(&(objectClass=inetOrgPerson)(|(mail=%s)(uid=%s)))",
+         ("mail", "mailAlias", "mailGroupMember")),
+        # a value that needs escaping is written so that it reads back the same
+        (r"(&(mail=%s)(cn=50%% \2a\28x\29 \c3\a9))", ["mail"],
+         r"(&(cn=50\25 \2a\28x\29 \c3\a9)(mail=%s))", ("mail",)),
+        ("(|)", ["mail"], "(|)", ()),
+    ],
+)  # fmt: skip
+def test_a_query_filter_turned_around(
+    text: str, results: list[str], reverse_filter: str, keys: tuple[str, ...]
+) -> None:
+    turned = reverse(QueryFilter(text, HERE), results)
+    assert (turned.filter, turned.keys) == (reverse_filter, keys)
+
+
+def test_a_literal_value_survives_being_turned_around() -> None:
+    forward = QueryFilter(r"(&(mail=%s)(cn=50%% \2a\28x\29 \c3\a9))", HERE)
+    turned = QueryFilter(reverse(forward, ["mail"]).filter, HERE)
+    assert isinstance(forward.node, Boolean) and isinstance(turned.node, Boolean)
+    assert turned.node.items[0] == forward.node.items[1] == eq("cn", "50% *(x) é".encode())
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("(|(mail=%s)(mail=admin@*))",
+         "(mail=admin@*) finds its entries whatever the address: they may send as any address"),
+        ("(uid=%u)", "(uid=%u) is not (attribute=%s)"),
+        ("(mail=*@%d)", "(mail=*@%d) is not (attribute=%s)"),
+        ("(|(mail=%s)(proxyAddresses=smtp:%s))", "(proxyAddresses=smtp:%s) is not"),
+        ("(&(mail=%s)(!(mailAlias=%s)))", "a comparison with the address under !"),
+        ("(objectClass=*)", "does not depend on the address"),
+    ],
+)  # fmt: skip
+def test_a_query_filter_that_cannot_be_turned_around_says_why(text: str, why: str) -> None:
+    with pytest.raises(CannotReverse, match=re.escape(why)):
+        reverse(QueryFilter(text, HERE), ["mail"])

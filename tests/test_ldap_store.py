@@ -21,17 +21,20 @@ from typing import Any
 import pytest
 from prometheus_client.exposition import generate_latest
 
+from policyd.cli import main
 from policyd.codec import PolicyRequest
 from policyd.engine import Policy, Verdict
 from policyd.metrics import Metrics
 from policyd.model import Hit, LoadError, StoreUnavailable
+from policyd.senders import covers, list_senders
 from policyd.service import DecisionCache, Service
-from policyd.stores.base import StoreContext
-from policyd.stores.ldap import LdapOptions, LdapStore
+from policyd.stores.base import Listed, StoreContext
+from policyd.stores.ldap import LdapOptions, LdapStore, read_table_file
+from policyd.stores.ldap_filter import Assertion, Boolean
 from policyd.tables import split_owners
 from tests.deploy.helpers import Daemon
 from tests.deploy.helpers import ask as daemon_ask
-from tests.helpers import watching_the_loop
+from tests.helpers import ROOT, watching_the_loop
 from tests.servers import ldap
 from tests.servers.common import SilentServer, SynDropServer
 from tests.servers.ldap import DMS_TEST_FILTERS, Slapd
@@ -109,6 +112,9 @@ PARITY = [
     ("a disabled account", USERS, "disabled.user@localhost.localdomain"),
     ("stored with capitals, found by the folded key", USERS, "mixed.case@localhost.localdomain"),
     ("row 26: an alias", ALIASES, "postmaster@localhost.localdomain"),
+    ("policyd's own senders_filter and senders_attribute change nothing for Postfix",
+     {**ALIASES, "senders_filter": "(mail=%s)", "senders_attribute": "mailAlias"},
+     "postmaster@localhost.localdomain"),
     ("a forward", ALIASES, "info@localhost.localdomain"),
     ("row 28: a group, two members in server order", GROUPS, "employees@localhost.localdomain"),
     ("a group stored with capitals never matches", GROUPS, "sales@localhost.localdomain"),
@@ -825,3 +831,178 @@ async def test_a_key_full_of_filter_characters_finds_nothing(
         assert await ask(store, key) is None
     finally:
         await store.close()
+
+
+# -- policyd senders: senders_filter, the reverse query ---------------------------------
+
+
+def directory_addresses(server: Slapd) -> list[str]:
+    """Every address the test directory holds (mail, mailAlias, mailGroupMember), folded,
+    with a +extension of each: what a listing must cover where the lookups permit it."""
+    found: dict[str, None] = {}
+    for entry in server.search("(objectClass=*)", "mail", "mailAlias", "mailGroupMember",
+                               base=ldap.SUFFIX):  # fmt: skip
+        for name in ("mail", "mailAlias", "mailGroupMember"):
+            for value in entry.values(name):
+                found[value.casefold()] = None
+    addresses = list(found)
+    return addresses + [address.replace("@", "+x@", 1) for address in addresses]
+
+
+async def lists_what_lookups_grant(service: Service, login: str, addresses: list[str]) -> Any:
+    """The listing for ``login``, after checking it against the lookups: every exact address
+    it lists is permitted, and every one of ``addresses`` that is permitted is listed or
+    covered (by a domain, a pattern or ``*``)."""
+    listing = await list_senders(service, login)
+    for item in listing.exact:
+        assert (await service.answer(request(login, item.sender))).verdict is Verdict.PERMIT
+    for address in addresses:
+        if (await service.answer(request(login, address))).verdict is Verdict.PERMIT:
+            base = address.replace("+x@", "@") if "+x@" in address else None
+            assert covers(listing, address, base), (login, address)
+    return listing
+
+
+#: Forward: accounts and their aliases; reverse: the accounts whose mail is the login.
+SENDERS_FILTER = {
+    "query_filter": "(&(|(mail=%s)(mailAlias=%s))(mailEnabled=TRUE))",
+    "result_attribute": "mail",
+    "senders_filter": "(&(mail=%s)(mailEnabled=TRUE))",
+    "senders_attribute": "mail, mailAlias",
+}
+
+
+async def test_senders_lists_what_the_lookups_grant_with_the_dn(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    path = cf(tmp_path, slapd, **SENDERS_FILTER)
+    store = await started(path)
+    service = Service(Policy(), [store], cache=NO_CACHE)
+    addresses = directory_addresses(slapd)
+    try:
+        listing = await lists_what_lookups_grant(service, SOME_USER, addresses)
+        for login in [*addresses[:12], "some.user", "disabled.user@localhost.localdomain"]:
+            await lists_what_lookups_grant(service, login, addresses)
+        listed = await store.senders_of(frozenset({SOME_USER}))  # type: ignore[misc]
+    finally:
+        await store.close()
+    assert listing.complete
+    forward = "(&(|(mail={0})(mailAlias={0}))(mailEnabled=TRUE))"
+    dn = f"uid=some.user,{ldap.SEARCH_BASE}"
+    assert [(item.sender, item.rule) for item in listing.exact] == [
+        ("postmaster@localhost.localdomain",
+         f"ldap:{path}: {forward.format('postmaster@localhost.localdomain')} found {dn}"),
+        (SOME_USER, f"ldap:{path}: {forward.format(SOME_USER)} found {dn}"),
+    ]  # fmt: skip
+    line = (
+        path.read_text().splitlines().index(f"senders_filter = {SENDERS_FILTER['senders_filter']}")
+    )
+    assert [(key, str(entry.origin)) for key, entry in listed.keys] == [
+        (key, f"ldap:{path}: (&(mail={SOME_USER})(mailEnabled=TRUE)) found {dn}"
+              f" (senders_filter, {path}:{line + 1})")
+        for key in (SOME_USER, "postmaster@localhost.localdomain")
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "login", ["*", "*)(mail=*", "some.user@localhost.localdomain)(|(mail=*", "\\2a@x", "a\x00b"]
+)
+async def test_a_login_of_filter_metacharacters_changes_no_filter_and_lists_nothing(
+    slapd: Slapd, tmp_path: Path, login: str
+) -> None:
+    store = await started(cf(tmp_path, slapd, **SENDERS_FILTER))
+    service = Service(Policy(), [store], cache=NO_CACHE)
+    try:
+        listing = await list_senders(service, login)
+        listed = await store.senders_of(frozenset({login}))  # type: ignore[misc]
+        config = store._config
+        assert config is not None
+        sent = config.senders[0].search(login).filter
+    finally:
+        await store.close()
+    assert sent == Boolean("&", (Assertion("equality", "mail", (login.encode(),)),
+                                 Assertion("equality", "mailEnabled", (b"TRUE",))))  # fmt: skip
+    assert listed == Listed()
+    assert listing.complete and not listing.exact and not listing.patterns
+
+
+async def test_without_senders_filter_the_listing_says_it_is_incomplete(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    """And names the settings to add, with the reverse of the query_filter where policyd can
+    build it."""
+    path = cf(tmp_path, slapd, **{**SENDERS_FILTER, "senders_filter": "", "senders_attribute": ""})
+    store = await started(path)
+    try:
+        listing = await list_senders(Service(Policy(), [store], cache=NO_CACHE), SOME_USER)
+    finally:
+        await store.close()
+    assert listing.incomplete == (
+        f"ldap:{path}: cannot be listed in reverse: add senders_filter (the entries that name a"
+        " login, %s) and senders_attribute (the attributes that hold the addresses they answer)"
+        f" to {path}; for this query_filter: senders_filter = (&(mailEnabled=TRUE)(mail=%s)),"
+        " senders_attribute = mail, mailAlias",
+    )
+    assert [item.sender for item in listing.exact] == [SOME_USER]  # the login is an address
+
+
+@pytest.mark.parametrize("setting", ["senders_filter", "senders_attribute"])
+def test_a_reverse_setting_alone_is_an_error_at_its_line(tmp_path: Path, setting: str) -> None:
+    path = tmp_path / "map.cf"
+    path.write_text(f"query_filter = (mail=%s)\nresult_attribute = mail\n{setting} = mail\n")
+    with pytest.raises(LoadError, match=rf"^{path}:3: {setting}: needs senders_"):
+        read_table_file(path, None, 5.0)
+
+
+async def test_a_reverse_query_that_fails_is_unavailable_not_empty(
+    private_slapd: Slapd, tmp_path: Path
+) -> None:
+    store = await started(cf(tmp_path, private_slapd, **SENDERS_FILTER), timeout=2)
+    try:
+        with private_slapd.outage(), pytest.raises(StoreUnavailable, match="refused"):
+            await store.senders_of(frozenset({SOME_USER}))  # type: ignore[misc]
+    finally:
+        await store.close()
+
+
+def test_senders_that_cannot_reach_the_directory_exit_75(
+    private_slapd: Slapd, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = cf(tmp_path, private_slapd, **SENDERS_FILTER)
+    with private_slapd.outage():
+        assert main(["senders", f"--map=ldap:{path}", SOME_USER]) == 75
+    out, err = capsys.readouterr()
+    assert out == ""
+    why = f"policyd: senders: ldap:{path}: {private_slapd.url}: LDAPSocketOpenError"
+    assert err.splitlines()[-1].startswith(why), err
+
+
+async def test_the_example_for_docker_mailservers_schema_lists_what_it_grants(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    """examples/ldap/dms-senders.cf, pointed at the test directory."""
+    example = ROOT / "examples" / "ldap" / "dms-senders.cf"
+    settings = dict(
+        line.split(" = ", 1)
+        for line in example.read_text().splitlines()
+        if line.split(" = ", 1)[0] in ("query_filter", "result_attribute", "senders_filter",
+                                       "senders_attribute")
+    )  # fmt: skip
+    assert len(settings) == 4
+    store = await started(cf(tmp_path, slapd, **settings))
+    service = Service(Policy(), [store], cache=NO_CACHE)
+    addresses = directory_addresses(slapd)
+    try:
+        listings = [
+            await lists_what_lookups_grant(service, login, addresses)
+            for login in [*addresses, "some.user"]
+        ]
+    finally:
+        await store.close()
+    assert all(listing.complete for listing in listings)
+    assert [item.sender for item in listings[addresses.index(SOME_USER)].exact] == [
+        "employees@localhost.localdomain",
+        "info@localhost.localdomain",
+        "postmaster@localhost.localdomain",
+        SOME_USER,
+    ]

@@ -22,6 +22,11 @@ defects handled:
   so nobody owns anything. ``dms-ldap-logins`` is for ``login_addresses``: it looks the login
   up (``(&(objectClass=PostfixBookMailAccount)(uniqueIdentifier=%s))``) and answers the
   entry's ``mail``, which then counts as the login.
+
+For `policyd senders`, each map's filter is turned around (ldap_filter.reverse): the
+entries whose ``mail`` (or ``uid``) is the login, and the attributes the filter compares
+the address with. Where a filter cannot be (an admin's own, with a term that finds entries
+whatever the address), the map's ``senders_filter`` and ``senders_attribute`` say it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from policyd.model import LoadError, Origin, Problem
 from policyd.readfile import read_regular
@@ -42,9 +47,10 @@ from policyd.stores.ldap import (
     Config,
     Directory,
     LdapStore,
+    Senders,
     Table,
 )
-from policyd.stores.ldap_filter import QueryFilter
+from policyd.stores.ldap_filter import CannotReverse, QueryFilter, reverse
 from policyd.stores.network import NetworkOptions, read_secret
 from policyd.stores.postfix_cf import Template
 from policyd.tables import quoted
@@ -127,9 +133,19 @@ class _DmsOptions(NetworkOptions):
 
 class DmsLdapOptions(_DmsOptions):
     """``dms-ldap:ENVFILE``, ``dms-ldap:-``: docker-mailserver's LDAP maps from its
-    variables, in a mailserver.env file or policyd's own environment."""
+    variables, in a mailserver.env file or policyd's own environment. ``senders_filter``
+    and ``senders_attribute``: the reverse query of the whole chain (`policyd senders`),
+    where policyd cannot turn an LDAP_QUERY_FILTER_* around by itself."""
 
     type: Literal["dms-ldap"]
+    senders_filter: str | None = Field(default=None, min_length=1)
+    senders_attribute: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> DmsLdapOptions:
+        if (self.senders_filter is None) != (self.senders_attribute is None):
+            raise ValueError("senders_filter and senders_attribute go together")
+        return self
 
 
 class DmsLdapStore(LdapStore):
@@ -146,7 +162,35 @@ class DmsLdapStore(LdapStore):
         environment = Environment.read(self.options.path)
         directory, problems = _directory(environment, self.options)
         tables, warnings = self.tables(environment, directory)
-        return Config(directory, tables, tuple(problems + warnings))
+        senders, no_senders = self.senders(tables)
+        return Config(directory, tables, tuple(problems + warnings), senders, no_senders)
+
+    def senders(self, tables: tuple[Table, ...]) -> tuple[tuple[Senders, ...], str]:
+        """The reverse queries (`policyd senders`): the map's senders_filter, or each
+        table's query_filter turned around (the entries whose ``mail`` is the login, and
+        the attributes the filter compares the address with)."""
+        options = self.options
+        if isinstance(options, DmsLdapOptions) and options.senders_filter is not None:
+            assert options.senders_attribute is not None
+            query = QueryFilter(options.senders_filter, Origin(self.name), "senders_filter")
+            attributes = tuple(re.split(r"[,\s]+", options.senders_attribute.strip()))
+            base = tables[0].base.text
+            return (Senders(self.name, query, attributes, base, where="senders_filter"),), ""
+        found = []
+        for table in tables:
+            variable = table.query.setting
+            try:
+                reversed_ = reverse(table.query, table.regular)
+            except CannotReverse as error:
+                return (), (
+                    f"{variable} cannot be turned around: {error}; set senders_filter and"
+                    " senders_attribute on the map (the reverse query of the whole chain)"
+                )
+            where = f"{variable} turned around, {table.query.origin}"
+            query = QueryFilter(reversed_.filter, table.query.origin, setting=variable)
+            found.append(Senders(table.source, query, reversed_.keys, table.base.text,
+                                 where=where))  # fmt: skip
+        return tuple(found), ""
 
     def tables(
         self, environment: Environment, directory: Directory

@@ -14,6 +14,11 @@ What Postfix does, and so policyd:
   ``expansion_limit`` make a bigger answer a failed lookup.
 * A failed search is a temporary failure, never "not found".
 
+For `policyd senders`, the file may hold two settings of policyd's own (Postfix reads only
+the settings it asks for): ``senders_filter``, filled in with a login as query_filter is with
+a key, finds the entries that name it, and the values of ``senders_attribute`` in them are
+the keys they answer. Without them the store says it cannot be listed in reverse.
+
 Where policyd differs, on purpose: it verifies the server's TLS certificate unless the file
 says ``tls_require_cert = no`` (Postfix's default is not to), and a setting it does not
 support is an error naming it (Postfix ignores settings it does not know).
@@ -28,20 +33,24 @@ import asyncio
 import logging
 import re
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
 
 from policyd import defaults
+from policyd.address import fold
 from policyd.model import Entry, Hit, LoadError, Origin, Problem, StoreUnavailable
-from policyd.stores.base import StoreContext
+from policyd.stores.base import Listed, StoreContext
 from policyd.stores.ldap_filter import (
     FALSE,
+    CannotReverse,
     Node,
     Present,
     QueryFilter,
+    Reversed,
     parse,
+    reverse,
     simplified,
     without_key,
 )
@@ -92,6 +101,9 @@ SETTINGS = frozenset(
         "recursion_limit",
         "dereference",
         "chase_referrals",
+        # policyd's own, for `policyd senders` (Postfix reads only the settings it asks for)
+        "senders_filter",
+        "senders_attribute",
     }
 )
 
@@ -264,14 +276,39 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Senders:
+    """A reverse query, for `policyd senders`: the entries that name an owner (``query``
+    filled in with it, as query_filter is with a key), and the attributes whose values are
+    the keys those entries answer (addresses, ``@domain`` or bare local parts)."""
+
+    source: str  # the map, as entries are named in explanations
+    query: QueryFilter
+    attributes: tuple[str, ...]
+    base: str
+    scope: int = 2
+    where: str = ""  # where the query comes from: "senders_filter, FILE:LINE"
+    time_limit: int = POSTFIX_TIMEOUT
+    dereference: int = 0
+
+    def search(self, owner: str) -> Search:
+        return Search(self.base, self.scope, self.query.for_key(owner), self.attributes,
+                      0, self.time_limit, self.dereference)  # fmt: skip
+
+    def origin(self, owner: str, dn: str) -> Origin:
+        return Origin(f"{self.source}: {self.query.shown(owner)} found {dn} ({self.where})")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one LDAP store reads from its file (or docker-mailserver's variables): the
-    directory, the tables searched in order (one, or a chain), and the warnings for
-    validate."""
+    directory, the tables searched in order (one, or a chain), the warnings for validate,
+    and the reverse queries for `policyd senders`, or why there are none."""
 
     directory: Directory
     tables: tuple[Table, ...]
     warnings: tuple[Problem, ...] = ()
+    senders: tuple[Senders, ...] = ()
+    no_senders: str = ""  # why the store cannot be listed in reverse; "" if it can
 
     def describe(self) -> str:
         return self.directory.describe()
@@ -343,7 +380,56 @@ def read_table_file(path: Path, bind_pw_file: Path | None, lookup_timeout: float
         timeout=min(float(timeout), lookup_timeout),
     )
     table = _table_from_cf(cf, source, timeout, warn)
-    return Config(directory, (table,), tuple(warnings))
+    senders, no_senders = _senders_from_cf(cf, table)
+    return Config(directory, (table,), tuple(warnings), senders, no_senders)
+
+
+def _senders_from_cf(cf: PostfixCf, table: Table) -> tuple[tuple[Senders, ...], str]:
+    """senders_filter and senders_attribute, policyd's own settings: the reverse query."""
+    given = [name for name in ("senders_filter", "senders_attribute") if cf.get(name)]
+    if not given:
+        why = (
+            f"cannot be listed in reverse: add senders_filter (the entries that name a login,"
+            f" %s) and senders_attribute (the attributes that hold the addresses they answer)"
+            f" to {cf.path}"
+        )
+        suggested = suggest(table)
+        if suggested is not None:
+            why += (
+                f"; for this query_filter: senders_filter = {suggested.filter},"
+                f" senders_attribute = {', '.join(suggested.keys)}"
+            )
+        return (), why
+    if len(given) == 1:
+        other = "senders_attribute" if given == ["senders_filter"] else "senders_filter"
+        raise cf.error(given[0], f"needs {other} as well")
+    if table.dynamic_base:
+        raise cf.error("senders_filter", "search_base depends on the address; it cannot be used")
+    origin = cf.origin("senders_filter")
+    senders = Senders(
+        source=table.source,
+        query=QueryFilter(cf.get("senders_filter"), origin, setting="senders_filter"),
+        attributes=tuple(cf.words("senders_attribute")),
+        base=table.base.text,
+        scope=table.scope,
+        where=f"senders_filter, {origin}",
+        time_limit=table.time_limit,
+        dereference=table.dereference,
+    )
+    return (senders,), ""
+
+
+def suggest(table: Table) -> Reversed | None:
+    """The reverse of a table's query_filter, where it can be built; None where it cannot
+    (a result_format, special attributes, a filter that is not (attribute=%s) terms)."""
+    if table.special or table.dynamic_base:
+        return None
+    if table.result_format is not None and table.result_format.text != "%s":
+        return None
+    try:
+        return reverse(table.query, table.terminal + table.leaf + table.regular)
+    except CannotReverse:
+        return None
 
 
 def _table_from_cf(
@@ -582,6 +668,8 @@ class LdapStore(NetworkStore):
         super().__init__(name, options, context)
         self._config: Config | None = None
         self._client: Client | None = None
+        #: What the check at start found (policyd audit): values that never match.
+        self.case_exact: tuple[CaseExactValue, ...] = ()
 
     @classmethod
     def from_options(cls, options: LdapOptions, context: StoreContext) -> LdapStore:
@@ -659,6 +747,51 @@ class LdapStore(NetworkStore):
         except LookupFailed as error:
             raise StoreUnavailable(str(error)) from None
 
+    def senders_of(
+        self, owners: frozenset[str], also: Callable[[str], bool] | None = None
+    ) -> Listed | Awaitable[Listed]:
+        """The keys the entries naming one of ``owners`` answer, by the reverse queries
+        (senders_filter), all sent together. ``also`` is not followed: a directory cannot
+        be asked for owners a test is true for."""
+        config = self._config
+        if config is not None and not config.senders:
+            return Listed.cannot(f"{self.name}: {config.no_senders}")
+        return self._senders(owners)
+
+    async def _senders(self, owners: frozenset[str]) -> Listed:
+        config, client = self._config, self._require_client()
+        assert config is not None
+        plan = [
+            (owner, senders)
+            for owner in sorted(owners)
+            for senders in config.senders
+            if senders.query.node != FALSE and senders.query.applies_to(owner)
+        ]
+        if not plan:
+            return Listed()
+        searches = [senders.search(owner) for owner, senders in plan]
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                answers = await self.in_thread(_search_senders, client, searches)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"{self.name}: no answer within {self.options.timeout:g} s"
+            ) from None
+        except LookupFailed as error:
+            raise StoreUnavailable(f"{self.name}: {error}") from None
+        keys: dict[str, Entry] = {}
+        for (owner, senders), found in zip(plan, answers, strict=True):
+            for dn, attributes in found.entries:
+                for wanted in senders.attributes:
+                    for attribute, raw_values in attributes:
+                        if not _subtype_of(wanted, attribute):
+                            continue
+                        for raw in raw_values:
+                            key = fold(raw.decode("utf-8", "replace").strip())
+                            if key and key not in keys:
+                                keys[key] = Entry((owner,), senders.origin(owner, dn))
+        return Listed(keys=tuple(keys.items()))
+
     async def _inspect(self) -> None:
         """Warn about what makes a directory answer nothing for some addresses (validate
         shows it): values stored with capitals in attributes compared case-exactly."""
@@ -671,10 +804,12 @@ class LdapStore(NetworkStore):
         except Exception as error:  # a check that cannot run is not a problem of the map
             log.debug("%s: the case check did not run: %s", self.name, error)
             return
+        self.case_exact = tuple(found)
         if found:
-            self.warnings = (*self.warnings, *found)
+            problems = tuple(value.problem() for value in found)
+            self.warnings = (*self.warnings, *problems)
             self.status.warnings = self.warnings
-            for warning in found:
+            for warning in problems:
                 log.warning("%s", warning)
 
 
@@ -740,14 +875,48 @@ class DirectoryLookup:
         )
 
 
-def _case_exact_values(client: Searcher, tables: Sequence[Table]) -> list[Problem]:
+def _search_senders(client: Searcher, searches: list[Search]) -> list[Found]:
+    """The reverse searches, in a worker thread, sent together; a failed one fails them all."""
+    answers, connection = client.search_all(searches)
+    for search, found in zip(searches, answers, strict=True):
+        if found.code != SUCCESS:
+            client.discard(connection)
+            raise LookupFailed(f"{search.base or '(the root)'}: {found.message}")
+    client.release(connection)
+    return answers
+
+
+@dataclass(frozen=True)
+class CaseExactValue:
+    """A value with capitals in an attribute a filter compares with the key case-exactly
+    (a docker-mailserver group address in mailGroupMember): Postfix folds keys to lower
+    case, so it never matches."""
+
+    source: str  # the table, as entries are named in explanations
+    dn: str
+    attribute: str
+    value: str
+    rule: str  # the attribute's equality rule
+
+    def why(self) -> str:
+        return (
+            f"{self.attribute}: {self.value} has capitals, and {self.attribute} is compared"
+            f" case-exactly ({self.rule}) while Postfix looks up addresses in lower case: it"
+            f" never matches; store it as {self.value.lower()}"
+        )
+
+    def problem(self) -> Problem:
+        return Problem(self.source, 0, f"{self.dn}: {self.why()}", fatal=False)
+
+
+def _case_exact_values(client: Searcher, tables: Sequence[Table]) -> list[CaseExactValue]:
     """Values with capitals in attributes the filters compare with the key under a
     case-exact rule: Postfix folds keys to lower case, so they never match."""
     wanted = {a.lower() for table in tables for a in table.query.attributes()}
     if not wanted:
         return []
     rules = equality_rules(client)
-    problems: list[Problem] = []
+    found_values: list[CaseExactValue] = []
     for table in tables:
         exact = [
             a
@@ -766,18 +935,10 @@ def _case_exact_values(client: Searcher, tables: Sequence[Table]) -> list[Proble
                     value = raw.decode("utf-8", "replace")
                     if value != value.lower():
                         rule = rules[attribute.lower()]
-                        problems.append(
-                            Problem(
-                                table.source,
-                                0,
-                                f"{dn}: {attribute}: {value} has capitals, and {attribute} is"
-                                f" compared case-exactly ({rule}) while Postfix looks up"
-                                f" addresses in lower case: it never matches; store it as"
-                                f" {value.lower()}",
-                                fatal=False,
-                            )
+                        found_values.append(
+                            CaseExactValue(table.source, dn, attribute, value, rule)
                         )
-    return problems
+    return found_values
 
 
 # -- the schema: which attributes compare case-exactly ---------------------------------

@@ -405,6 +405,8 @@ class QueryFilter:
 
         if any(_HOLE_BASE <= ord(char) < _HOLE_BASE + 0x1000 for char in text):
             raise _error(origin, setting, "characters from the private use area")
+        self.origin = origin
+        self.setting = setting
         try:
             self.node = simplified(parse(re.sub(r"%(.)", hole, text, flags=re.DOTALL)))
         except FilterSyntaxError as error:
@@ -415,6 +417,8 @@ class QueryFilter:
             if quoted(text) not in message:
                 message += f" in {quoted(text)}"
             raise _error(origin, setting, message) from None
+        #: What each hole stands for, by its index: ``%s``, ``%u`` ...
+        self.specifiers = tuple(specifiers.values())
 
     def applies_to(self, key: str) -> bool:
         return self.template.applies_to(key)
@@ -436,6 +440,134 @@ class QueryFilter:
 
     def attributes(self) -> set[str]:
         return compared_with_key(self.node)
+
+
+# -- turned around: which keys name an owner (policyd senders) ----------------------------
+
+
+class CannotReverse(ValueError):
+    """A query filter whose reverse cannot be built without listing less than the truth."""
+
+
+@dataclass(frozen=True)
+class Reversed:
+    """A query filter turned around for ``policyd senders``: ``filter`` (one ``%s``, the
+    owner) finds every entry the forward filter can find for some key among those whose
+    result attributes hold the owner, and the keys it can find them for are among the
+    values of ``keys``. It may find more; the caller checks every key with the forward
+    lookup."""
+
+    filter: str
+    keys: tuple[str, ...]
+
+
+def reverse(query: QueryFilter, results: Sequence[str]) -> Reversed:
+    """``query`` turned around for an owner held in one of ``results`` (the result
+    attributes). It works where every comparison with the key is ``(attribute=%s)`` under
+    ``&`` and ``|``; CannotReverse says why not (a substring, ``%u``/``%d``, ``!``, or a term
+    that finds entries whatever the key: those may send as any address)."""
+    if query.node == FALSE:
+        return Reversed(render(FALSE), ())  # it finds nothing, for any key
+    if not results:
+        raise CannotReverse("there are no result attributes")
+    condition, keys = _reversed(query.node, query.specifiers)
+    if not keys:
+        raise CannotReverse(f"{query.text} does not depend on the address")
+    asserted = tuple(Assertion("equality", name, (0,)) for name in results)
+    owner = asserted[0] if len(asserted) == 1 else Boolean("|", asserted)
+    node = _flattened(simplified(Boolean("&", (condition, owner))))
+    return Reversed(render(node), tuple(sorted(keys, key=str.lower)))
+
+
+def _flattened(node: Node) -> Node:
+    """The same filter without ``&`` in ``&``, ``|`` in ``|`` and one-item ``&`` or ``|``."""
+    if not isinstance(node, Boolean) or node.operator == "!":
+        return node
+    items: list[Node] = []
+    for item in map(_flattened, node.items):
+        same = isinstance(item, Boolean) and item.operator == node.operator
+        items += item.items if isinstance(item, Boolean) and same else (item,)
+    return items[0] if len(items) == 1 else Boolean(node.operator, tuple(items))
+
+
+def _reversed(node: Node, specifiers: Sequence[str]) -> tuple[Node, set[str]]:
+    """A condition every entry ``node`` finds for some key meets, and the attributes that
+    hold the key when it does (none: ``node`` does not depend on the key)."""
+    if not _holes(node):
+        return node, set()
+    if isinstance(node, Boolean):
+        if node.operator == "!":
+            shown = render(node, specifiers)
+            raise CannotReverse(f"a comparison with the address under !: {shown}")
+        parts = [_reversed(item, specifiers) for item in node.items]
+        if node.operator == "|":
+            pairs = zip(node.items, parts, strict=True)
+            free = [item for item, (_, attributes) in pairs if not attributes]
+            if free:
+                raise CannotReverse(
+                    f"{render(free[0])} finds its entries whatever the address: they may send"
+                    " as any address, which cannot be listed"
+                )
+        keys = set().union(*(attributes for _, attributes in parts))
+        return Boolean(node.operator, tuple(condition for condition, _ in parts)), keys
+    if (
+        isinstance(node, Assertion)
+        and node.kind == "equality"
+        and len(node.value) == 1
+        and isinstance(node.value[0], int)
+        and specifiers[node.value[0]] == "%s"
+    ):
+        return TRUE, {node.attribute}
+    raise CannotReverse(f"{render(node, specifiers)} is not (attribute=%s)")
+
+
+def _holes(node: Node) -> bool:
+    """True if the key is inserted anywhere in ``node``."""
+    if isinstance(node, Boolean):
+        return any(map(_holes, node.items))
+    pieces: list[tuple[Piece, ...] | None] = []
+    if isinstance(node, Assertion | Extensible):
+        pieces = [node.value]
+    elif isinstance(node, Substrings):
+        pieces = [node.initial, *node.any, node.final]
+    return any(_has_hole(piece) for piece in pieces)
+
+
+_KINDS = {"equality": "=", "greaterOrEqual": ">=", "lessOrEqual": "<=", "approxMatch": "~="}
+
+
+def render(node: Node, specifiers: Sequence[str] = ()) -> str:
+    """A filter as a query_filter template: each hole as the ``%`` sequence it stands for
+    (``%s`` where ``specifiers`` does not say), values escaped so that they read back the
+    same (``%`` too, as ``\\25``)."""
+
+    def value(pieces: tuple[Piece, ...] | None) -> str:
+        out = []
+        for piece in pieces or ():
+            if isinstance(piece, int):
+                out.append(specifiers[piece] if piece < len(specifiers) else "%s")
+            else:
+                out.append("".join(_byte(b) for b in piece))
+        return "".join(out)
+
+    if isinstance(node, Boolean):
+        return f"({node.operator}{''.join(render(item, specifiers) for item in node.items)})"
+    if isinstance(node, Assertion):
+        return f"({node.attribute}{_KINDS[node.kind]}{value(node.value)})"
+    if isinstance(node, Present):
+        return f"({node.attribute}=*)"
+    if isinstance(node, Substrings):
+        middle = "".join(f"{value(piece)}*" for piece in node.any)
+        return f"({node.attribute}={value(node.initial)}*{middle}{value(node.final)})"
+    spec = (node.attribute or "") + (":dn" if node.dn else "")
+    spec += f":{node.rule}" if node.rule else ""
+    return f"({spec}:={value(node.value)})"
+
+
+def _byte(byte: int) -> str:
+    if byte in b"*()\\%" or byte < 0x20 or byte > 0x7E:
+        return f"\\{byte:02x}"
+    return chr(byte)
 
 
 def _error(origin: Origin, setting: str, message: str) -> LoadError:
