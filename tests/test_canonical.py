@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policyd.canonical import (
     PostfixParams,
@@ -263,6 +265,44 @@ def test_resolve_gives_up_like_postfix() -> None:
 def test_lookup_form_is_rewrite_resolve_fold() -> None:
     # smtpd_resolve.c L122-126
     assert lookup_form("User%Host@LOCALHOST.", MODERN) == "user@host"
+
+
+# Plain addresses and their near misses: routing operators, quotes, dots in odd places,
+# trailing dots, a domain without a dot, address literals, 8-bit characters, a second @.
+_LOCAL = st.text(alphabet='aZ0.+-=!%|#"\\ (ß', min_size=0, max_size=6)
+# Local domains of the profiles (with and without a dot), remote ones, and odd ones.
+_DOMAINS = [
+    *("localhost", "Localhost.Policyd.Test", "mail.policyd.test", "policyd.test"),
+    *("Example.COM", "host", "example.com.", "[127.0.0.1]"),
+]
+_DOMAIN = st.one_of(st.sampled_from(_DOMAINS), st.text(alphabet="aZ0.-[]ß", max_size=8))
+
+
+@settings(max_examples=1000)
+@given(
+    local=_LOCAL,
+    domain=_DOMAIN,
+    at=st.sampled_from(["@", "", "@@"]),
+    profile=st.sampled_from(sorted(PROFILES)),
+)
+def test_the_shortcut_for_plain_addresses_is_the_full_rewrite(
+    local: str, domain: str, at: str, profile: str
+) -> None:
+    """lookup_form() skips rewriting and resolving for plain addresses; for every sender the
+    answer must be what the two steps give (or both give up)."""
+    params = PROFILES[profile].params
+    sender = f"{local}{at}{domain}"
+    try:
+        full: str | type[ResolveError] = fold(
+            resolve(rewrite_local(sender, params), params), params.smtputf8_enable
+        )
+    except ResolveError:
+        full = ResolveError
+    try:
+        quick: str | type[ResolveError] = lookup_form(sender, params)
+    except ResolveError:
+        quick = ResolveError
+    assert quick == full
 
 
 # --------------------------------------------------------------------------
