@@ -51,6 +51,13 @@ TRICKS = (
         "    for name in ATTRIBUTES:\n        request.get(name)\n    return request\n",
     ),
     Trick(
+        "a plain address skips the token-by-token rewrite",
+        "canonical.py",
+        "    if _PLAIN_ADDRESS.fullmatch(sender):\n",
+        "    if False:\n",
+        UNCACHED,
+    ),
+    Trick(
         "pattern rules indexed by the domain they end in",
         "tables.py",
         '        if all(rule.kind == "match" for rule in rules):',
