@@ -326,6 +326,13 @@ def _alive(pid: int) -> bool:
     return stat is not None and stat[1] != "Z"
 
 
+# policyd's own settings in a Postfix map file (README "SQL maps", "LDAP directories"): smtpd
+# ignores them, and postconf -n names each as an "unused parameter", which is expected.
+_POLICYD_OWN_SETTING = re.compile(
+    r"unused parameter: (senders_query|senders_filter|senders_attribute|password_file)="
+)
+
+
 def _single_line(label: str, value: str) -> str:
     """Reject values that would break a line-oriented config file."""
     if "\n" in value or "\r" in value:
@@ -887,7 +894,11 @@ class MailStack:
             check=False,
             env=_clean_env(),
         )
-        warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+        warnings = [
+            line
+            for line in result.stderr.splitlines()
+            if "warning" in line and not _POLICYD_OWN_SETTING.search(line)
+        ]
         if result.returncode != 0 or warnings:
             raise MailStackError("postconf rejected the config:\n" + result.stderr)
 
