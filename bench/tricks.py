@@ -58,6 +58,13 @@ TRICKS = (
         UNCACHED,
     ),
     Trick(
+        "a plain address at a remote domain gets its two keys directly",
+        "canonical.py",
+        "    if _PLAIN_ADDRESS.fullmatch(address) and not any(\n",
+        "    if False and not any(\n",
+        UNCACHED,
+    ),
+    Trick(
         "pattern rules indexed by the domain they end in",
         "tables.py",
         '        if all(rule.kind == "match" for rule in rules):',

@@ -670,7 +670,23 @@ def address_keys(address: str, params: PostfixParams) -> tuple[LookupKey, ...]:
 
     Partial keys (``partial=True``) are offered only to fixed-key tables: pcre, regexp, tcp
     and socketmap tables skip them (PARTIAL = DICT_FLAG_FIXED, L228-229; maps.c L193).
+
+    The common case, a plain address (:data:`_PLAIN_ADDRESS`) at a remote domain without an
+    extension, has two keys and is given them directly.
     """
+    if _PLAIN_ADDRESS.fullmatch(address) and not any(
+        ch in address for ch in params.recipient_delimiter
+    ):
+        at = address.rfind("@")
+        domain = address[at + 1 :]
+        utf8 = params.smtputf8_enable
+        if fold(domain, utf8) not in _folded((params.myorigin, *params.mydestination), utf8):
+            return (LookupKey(address, False), LookupKey(address[at:], True))
+    return address_keys_in_full(address, params)
+
+
+def address_keys_in_full(address: str, params: PostfixParams) -> tuple[LookupKey, ...]:
+    """address_keys(), step by step."""
     keys = list(_forms(address, partial=False))
     bare = strip_extension(address, params)
     if bare is not None:

@@ -11,12 +11,14 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from policyd.canonical import (
     PostfixParams,
     ResolveError,
+    address_keys,
+    address_keys_in_full,
     compat_level,
     fold,
     is_local_domain,
@@ -303,6 +305,27 @@ def test_the_shortcut_for_plain_addresses_is_the_full_rewrite(
     except ResolveError:
         quick = ResolveError
     assert quick == full
+
+
+@settings(max_examples=1000)
+@given(
+    local=_LOCAL,
+    domain=_DOMAIN,
+    at=st.sampled_from(["@", "", "@@"]),
+    profile=st.sampled_from(sorted(PROFILES)),
+    delimiter=st.sampled_from(["", "+", "+-"]),
+)
+@example(local="a+b", domain="example.com", at="@", profile="modern", delimiter="+")
+@example(local="a", domain="Mail.Policyd.Test", at="@", profile="modern", delimiter="")
+@example(local="a", domain="policyd.test", at="@", profile="legacy", delimiter="")
+def test_the_shortcut_for_plain_keys_is_the_full_list(
+    local: str, domain: str, at: str, profile: str, delimiter: str
+) -> None:
+    """address_keys() gives a plain address at a remote domain its two keys directly; for
+    every address they must be the keys the full steps give."""
+    params = dataclasses.replace(PROFILES[profile].params, recipient_delimiter=delimiter)
+    address = f"{local}{at}{domain}"
+    assert address_keys(address, params) == address_keys_in_full(address, params)
 
 
 # --------------------------------------------------------------------------
