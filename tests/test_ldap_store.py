@@ -348,8 +348,7 @@ class AnswerGate:
     def _requests(self, client: socket.socket, server: socket.socket,
                   first: threading.Event, sent: threading.Event) -> None:  # fmt: skip
         buffer, searches = b"", 0
-        while data := _recv(client):
-            server.sendall(data)
+        while (data := _recv(client)) and _send(server, data):
             buffer += data
             while (message := _ber_message(buffer)) is not None:
                 buffer = buffer[len(message) :]
@@ -365,13 +364,16 @@ class AnswerGate:
         while data := _recv(server):
             if first.is_set() and not sent.wait(10):
                 break  # the client waited for an answer before sending its next search
-            client.sendall(data)
+            if not _send(client, data):
+                break
         client.close()
 
     def close(self) -> None:
         self.listener.close()
         for sock in self.sockets:
             sock.close()
+        for thread in self.threads:  # none may outlive the test that made it
+            thread.join(10)
 
 
 def _recv(sock: socket.socket) -> bytes:
@@ -379,6 +381,15 @@ def _recv(sock: socket.socket) -> bytes:
         return sock.recv(65536)
     except OSError:
         return b""
+
+
+def _send(sock: socket.socket, data: bytes) -> bool:
+    """False once the other side or close() has closed the connection."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        return False
+    return True
 
 
 def _ber_message(buffer: bytes) -> bytes | None:
