@@ -53,6 +53,17 @@ class PostfixParams:
     resolve_null_domain: bool = False
     empty_address_recipient: str = "MAILER-DAEMON"
 
+    @functools.cached_property
+    def folded_destinations(self) -> frozenset[str]:
+        """$mydestination folded, once, not for every sender."""
+        return frozenset(fold(domain, self.smtputf8_enable) for domain in self.mydestination)
+
+    @functools.cached_property
+    def bare_key_domains(self) -> frozenset[str]:
+        """The domain names (folded) whose addresses also get bare local-part keys:
+        $myorigin and $mydestination (address literals aside)."""
+        return self.folded_destinations | {fold(self.myorigin, self.smtputf8_enable)}
+
     def __post_init__(self) -> None:
         for address in (*self.inet_interfaces, *self.proxy_interfaces):
             ipaddress.ip_address(address)  # ValueError now, not at the first address literal
@@ -465,7 +476,7 @@ def is_local_domain(domain: str, params: PostfixParams) -> bool:
     if not domain or domain.endswith("."):
         return False
     utf8 = params.smtputf8_enable
-    if fold(domain, utf8) in _folded(params.mydestination, utf8):
+    if fold(domain, utf8) in params.folded_destinations:
         return True
     literal = _literal_address(domain)
     if literal is None or not params.inet_protocols:
@@ -477,12 +488,6 @@ def is_local_domain(domain: str, params: PostfixParams) -> bool:
     return any(
         address == _in_family(ipaddress.ip_address(item), params.inet_protocols) for item in own
     )
-
-
-@functools.lru_cache(maxsize=16)
-def _folded(domains: tuple[str, ...], utf8: bool) -> frozenset[str]:
-    """$mydestination folded once, not for every sender."""
-    return frozenset(fold(domain, utf8) for domain in domains)
 
 
 def _crack_open(tokens: list[_Token], params: PostfixParams) -> str | None:
@@ -679,8 +684,7 @@ def address_keys(address: str, params: PostfixParams) -> tuple[LookupKey, ...]:
     ):
         at = address.rfind("@")
         domain = address[at + 1 :]
-        utf8 = params.smtputf8_enable
-        if fold(domain, utf8) not in _folded((params.myorigin, *params.mydestination), utf8):
+        if fold(domain, params.smtputf8_enable) not in params.bare_key_domains:
             return (LookupKey(address, False), LookupKey(address[at:], True))
     return address_keys_in_full(address, params)
 
