@@ -380,9 +380,7 @@ async def test_pgsql_hosts_reach_the_server_through_a_dead_host_a_socket_and_a_u
             "password_file": str(pgsql_server.password_file),
         },
     }
-    for name, settings in forms.items():
-        store = await open_map("pgsql", postfix_maps.render(f"{len(name)}.cf", example, **settings))
-        assert owners(await ask(store, "alice@example.com")) == ["alice@example.com"], name
+    await each_form_answers("pgsql", example, forms, postfix_maps, open_map)
 
 
 async def test_mysql_hosts_reach_the_server_through_a_dead_host_and_a_socket(
@@ -414,8 +412,19 @@ async def test_mysql_hosts_reach_the_server_through_a_dead_host_and_a_socket(
             "option_group": "policyd",
         },
     }
+    await each_form_answers("mysql", example, forms, postfix_maps, open_map)
+
+
+async def each_form_answers(
+    kind: str,
+    example: Path,
+    forms: dict[str, dict[str, Any]],
+    postfix_maps: PostfixMaps,
+    open_map: OpenMap,
+) -> None:
+    """Each way of writing the connection settings reaches the server: alice is found."""
     for name, settings in forms.items():
-        store = await open_map("mysql", postfix_maps.render(f"{len(name)}.cf", example, **settings))
+        store = await open_map(kind, postfix_maps.render(f"{len(name)}.cf", example, **settings))
         assert owners(await ask(store, "alice@example.com")) == ["alice@example.com"], name
 
 
